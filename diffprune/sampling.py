@@ -1,0 +1,105 @@
+"""The denoising loop, and the denoisers it drives.
+
+A *denoiser* is any callable ``(x_t, t, step) -> model_output`` with ``x_t: (B, C, H, W)``,
+``t: (B,)`` long timesteps and ``step`` the index of this step in the trajectory (0 = first, the
+noisiest). Plain models, timestep-expert mixtures and skip-schedule runners are all denoisers, so
+there is one sampler. A denoiser may define ``start(num_steps)``; it is called before every
+trajectory (to reset caches).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Protocol, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class Denoiser(Protocol):
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor: ...
+
+
+class ModelDenoiser:
+    """A diffusers UNet (or any ``model(x, t).sample``) as a denoiser."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        out = self.model(x, t)
+        return out.sample if hasattr(out, "sample") else out
+
+
+class ExpertMixture:
+    """Routes each step to the expert whose timestep interval holds ``t``.
+
+    ``boundaries`` are the K-1 ascending cut points: expert k serves ``b[k-1] <= t < b[k]``
+    (expert 0 serves the lowest, least noisy timesteps).
+    """
+
+    def __init__(self, experts: Sequence[nn.Module], boundaries: Sequence[int]) -> None:
+        if len(boundaries) != len(experts) - 1:
+            raise ValueError(f"{len(experts)} experts need {len(experts) - 1} boundaries, got {list(boundaries)}")
+        if list(boundaries) != sorted(boundaries):
+            raise ValueError(f"boundaries = {list(boundaries)}: must be ascending")
+        self.experts = [ModelDenoiser(e) for e in experts]
+        self.boundaries = list(boundaries)
+
+    def expert_index(self, t: int) -> int:
+        return sum(int(t) >= b for b in self.boundaries)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        k = self.expert_index(int(t.flatten()[0]))
+        return self.experts[k](x, t, step)
+
+
+def initial_noise(num_images: int, sample_shape: Sequence[int], seed: int) -> torch.Tensor:
+    """The starting noise x_T for images 0..N-1: the same seed gives the same noise for every model."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((num_images, *sample_shape), generator=g)
+
+
+@torch.no_grad()
+def sample(
+    denoiser: Denoiser | Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    scheduler,
+    *,
+    num_images: int,
+    sample_shape: Sequence[int],
+    steps: int,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Draw ``num_images`` samples; returns ``(N, C, H, W)`` in [-1, 1] on the CPU.
+
+    Deterministic for a given ``seed`` (DDIM with eta=0 is fully deterministic; DDPM draws its step
+    noise from a generator seeded by ``seed`` and the batch index).
+    """
+    if num_images < 1 or steps < 1:
+        raise ValueError(f"num_images={num_images}, steps={steps}: both must be >= 1")
+    noise = initial_noise(num_images, sample_shape, seed)
+    out = []
+    batches = range(0, num_images, batch_size)
+    bar = tqdm(total=len(batches) * steps, desc="sampling", disable=not progress, leave=False)
+    for bi, i in enumerate(batches):
+        sched = copy.deepcopy(scheduler)
+        sched.set_timesteps(steps)
+        gen = torch.Generator().manual_seed(seed * 100_003 + bi)
+        x = noise[i : i + batch_size].to(device)
+        if hasattr(denoiser, "start"):
+            denoiser.start(len(sched.timesteps))
+        for step, t in enumerate(sched.timesteps):
+            tb = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
+            # 1. predict the model output (noise, sample or v, as the scheduler expects)
+            eps = denoiser(sched.scale_model_input(x, t), tb, step)
+            # 2. x_t -> x_{t-1}
+            kwargs = {"generator": gen} if "generator" in sched.step.__code__.co_varnames else {}
+            x = sched.step(eps, t, x, **kwargs).prev_sample
+            bar.update(1)
+        out.append(x.clamp(-1, 1).cpu())
+    bar.close()
+    return torch.cat(out)
