@@ -117,6 +117,7 @@ class FinetuneConfig:
     fraction: float = _f(0.2, **_rng(0.0, 1.0, lo_open=True))  # of the teacher's training steps
     lr: float = _f(1e-3, **_rng(0.0, lo_open=True))
     batch_size: int = _f(128, **_rng(1))
+    warmup_steps: int = _f(0, **_rng(0))         # linear lr warm-up of the fine-tuning run
     ema_decay: float = _f(0.999, **_rng(0.0, 1.0, hi_open=True))
     checkpoint_every: int = _f(200, **_rng(1))
     model_name: str = _f("diffprune-diff-pruning", nonempty=True)

@@ -45,7 +45,7 @@ def atomic_path(final: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    target = tmp if is_dir else tmp / final.name
+    target = tmp / final.name  # the caller creates it (a file, or a folder when is_dir)
     try:
         yield target
         if is_dir:

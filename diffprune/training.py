@@ -135,6 +135,7 @@ def train_denoiser(
     progress: bool = True,
     desc: str = "training",
     stop_after: Optional[int] = None,
+    on_progress: Optional[Callable[[int, int], None]] = None,
 ) -> tuple[nn.Module, EMA]:
     """Train ``model`` to denoise ``images`` ``(N, C, H, W)`` in [-1, 1]; resumable.
 
@@ -144,6 +145,8 @@ def train_denoiser(
             use it to pick a sub-network; it must draw randomness only from ``generator``).
         stop_after: stop (after checkpointing) once this step is reached — used by tests that
             simulate an interrupted run.
+        on_progress: called as ``on_progress(done, total)`` at every checkpoint (orchestrators
+            show it, e.g. as a Prefect progress artifact).
 
     Returns:
         The model with its final raw weights, and the EMA of its weights.
@@ -204,6 +207,8 @@ def train_denoiser(
         done = step + 1
         if done % spec.checkpoint_every == 0 or done == spec.steps or done == stop_after:
             work.save(done, model, ema, opt, sched, gen, perm)
+            if on_progress is not None:
+                on_progress(done, spec.steps)
         if stop_after is not None and done >= stop_after:
             break
     bar.close()

@@ -1,0 +1,90 @@
+"""The Prefect flow ``prune-pipeline``: every stage of dvc.yaml, in order, as retryable tasks.
+
+A stage whose inputs (dvc.yaml deps, params) are unchanged since its last success is skipped. At the
+end the outputs are versioned (dvc commit + push to the default remote) and a table artifact of the
+metrics is published.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+
+from ..config import ConfigError, load_params
+from ..env import quiet_defaults
+from ..report import metrics_table
+from ..tasks.stages import run_stage
+from .stamps import input_key, is_fresh, stage_specs, write_stamp
+
+# The stages in run order; dvc.yaml declares the same ones (a test checks it).
+PIPELINE: list[str] = [
+    "data", "features", "teacher", "evaluate@teacher", "register@teacher",
+]
+
+
+def _needed(only: list[str], specs: dict) -> set[str]:
+    """``only`` plus every stage whose outputs they depend on."""
+    producers = {o: name for name, s in specs.items() for o in s["outs"]}
+    need, todo = set(), list(only)
+    while todo:
+        name = todo.pop()
+        if name in need:
+            continue
+        if name not in specs:
+            raise ConfigError(f"unknown stage {name!r} (known: {', '.join(specs)})")
+        need.add(name)
+        for dep in specs[name]["deps"]:
+            for out, prod in producers.items():
+                if dep == out or dep.startswith(out.rstrip("/") + "/"):
+                    todo.append(prod)
+    return need
+
+
+@flow(name="prune-pipeline", log_prints=True)
+def prune_pipeline(params_path: str = "params.yaml", root: str = ".", only: Optional[list[str]] = None,
+                   push: bool = True) -> dict:
+    """Run (or skip, when up to date) every pipeline stage; version outputs; publish the metrics."""
+    quiet_defaults()
+    log = get_run_logger()
+    rootp = Path(root).resolve()
+    params = load_params(params_path)
+    specs = stage_specs(rootp)
+    missing = [s for s in PIPELINE if s not in specs]
+    if missing:
+        raise ConfigError(f"dvc.yaml lacks pipeline stages {missing}")
+    wanted = _needed(only, specs) if only else set(PIPELINE)
+    ran, skipped = [], []
+    for name in PIPELINE:
+        if name not in wanted:
+            continue
+        spec = specs[name]
+        key = input_key(rootp, spec, params)
+        if is_fresh(rootp, name, key, spec):
+            log.info("skip %s: inputs unchanged since its last success", name)
+            skipped.append(name)
+            continue
+        if name.startswith("register@") and push:
+            _version(rootp, [s for s in PIPELINE if s in wanted and s != name and not s.startswith("register@")
+                             and PIPELINE.index(s) < PIPELINE.index(name)], push=False, log=log)
+        run_stage.with_options(name=name)(name, str(Path(params_path).resolve()), str(rootp))
+        write_stamp(rootp, name, key, spec)
+        ran.append(name)
+    if push and ran:
+        _version(rootp, [s for s in PIPELINE if s in wanted], push=True, log=log)
+    table = metrics_table(rootp)
+    create_markdown_artifact(markdown=table, key="prune-pipeline-metrics", description="diffprune metrics")
+    print(table)
+    return {"ran": ran, "skipped": skipped, "table": table}
+
+
+def _version(root: Path, stages: list[str], push: bool, log: logging.Logger) -> None:
+    from .. import versioning
+
+    if not (root / ".dvc").exists():
+        log.warning("no DVC repository at %s: outputs not versioned (run `make demo` or `dvc init`)", root)
+        return
+    versioning.commit_and_push(root, stages, push=push)

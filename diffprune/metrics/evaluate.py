@@ -1,0 +1,111 @@
+"""The shared evaluation protocol: FID (with its floor and spread over seeds), MACs per call and per
+trajectory (counted while sampling, so skipped work is not counted), parameters, latency, a sample
+grid, and fidelity to the teacher (PSNR/SSIM of samples from the same seeds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..config import EvaluateConfig
+from ..io import atomic_path
+from ..sampling import Denoiser, sample
+from .cost import MacCounter, measure_latency, num_parameters
+from .fid import Extractor, fid
+from .image import psnr, ssim
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int | None = None) -> Path:
+    """Save ``(N, C, H, W)`` images in [-1, 1] as one PNG grid (upscaled, nearest, for tiny images)."""
+    n, c, h, w = images.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    scale = scale or max(1, 64 // max(h, w))
+    rows = (n + nrow - 1) // nrow
+    pad = 1
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
+    u8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = u8[i]
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+    return Path(path)
+
+
+def trajectory_macs(denoiser: Denoiser, scheduler, modules: Sequence[nn.Module], *, sample_shape, steps: int,
+                    device="cpu") -> int:
+    """MACs executed to sample ONE image over the whole trajectory (counted, not estimated)."""
+    counters = [MacCounter(m) for m in modules]
+    for c in counters:
+        c.__enter__()
+    try:
+        sample(denoiser, scheduler, num_images=1, sample_shape=sample_shape, steps=steps, seed=0, device=device)
+    finally:
+        for c in counters:
+            c.__exit__(None, None, None)
+    return sum(c.total for c in counters)
+
+
+def evaluate(
+    denoiser: Denoiser,
+    scheduler,
+    modules: Sequence[nn.Module],
+    protocol: EvaluateConfig,
+    extractor: Extractor,
+    train_feats: np.ndarray,
+    *,
+    sample_shape: Sequence[int],
+    reference: torch.Tensor | None = None,
+    device="cpu",
+    progress: bool = True,
+) -> tuple[dict, torch.Tensor]:
+    """Run the protocol on one denoiser.
+
+    Args:
+        modules: the networks the denoiser runs (for parameter and MAC counts; experts: all of them).
+        train_feats: ``(N, D)`` features of the training images (FID reference set).
+        reference: the teacher's samples for ``protocol.seeds[0]`` ``(num_samples, C, H, W)``, for
+            fidelity; None for the teacher itself.
+
+    Returns:
+        (metrics, samples of the first seed ``(num_samples, C, H, W)``).
+    """
+    fids, first = [], None
+    for seed in protocol.seeds:
+        x = sample(denoiser, scheduler, num_images=protocol.num_samples, sample_shape=sample_shape,
+                   steps=protocol.steps, seed=seed, batch_size=protocol.batch_size, device=device, progress=progress)
+        fids.append(fid(extractor.fn(x), train_feats))
+        if first is None:
+            first = x
+    assert first is not None
+    traj = trajectory_macs(denoiser, scheduler, modules, sample_shape=sample_shape, steps=protocol.steps, device=device)
+    lat = measure_latency(
+        lambda: sample(denoiser, scheduler, num_images=protocol.latency_batch, sample_shape=sample_shape,
+                       steps=protocol.steps, seed=1234, batch_size=protocol.latency_batch, device=device),
+        repeats=protocol.latency_repeats,
+    )
+    metrics = {
+        "fid": float(np.mean(fids)),
+        "fid_std": float(np.std(fids)),
+        "fid_per_seed": [float(f) for f in fids],
+        "feature_extractor": extractor.name,
+        "trajectory_macs": int(traj),
+        "macs_per_step": float(traj) / protocol.steps,
+        "params": int(sum(num_parameters(m) for m in modules)),
+        "latency_s": lat["median_s"],
+        "latency_batch": protocol.latency_batch,
+        "sampler": protocol.sampler,
+        "steps": protocol.steps,
+        "num_samples": protocol.num_samples,
+    }
+    if reference is not None:
+        metrics["psnr_vs_teacher"] = float(psnr(first, reference))
+        metrics["ssim_vs_teacher"] = float(ssim(first, reference))
+    return metrics, first

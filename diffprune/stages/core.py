@@ -1,0 +1,220 @@
+"""The spine's stages: data -> features -> teacher -> evaluate -> register."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import ConfigError, Params, fingerprint, resolve_device, to_dict
+from ..data import cache_dataset, load_split
+from ..io import atomic_path, read_json, sha256_tree, write_json
+from ..metrics.evaluate import evaluate, save_grid
+from ..metrics.fid import get_extractor, save_feature_net, train_feature_net, fid
+from ..models.checkpoint import load_model, save_model
+from ..models.unet import build_scheduler, build_unet, load_pretrained, sampling_scheduler
+from ..sampling import ModelDenoiser, sample
+from ..targets import load_target
+from ..training import TrainSpec, spec_json, train_denoiser
+from . import safe_subpath, stage
+
+log = logging.getLogger(__name__)
+
+DATASET = "data/dataset"
+FEATURES = "models/features"
+TEACHER = "models/teacher"
+WORK = ".work"
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model the pipeline evaluates and registers."""
+
+    kind: str                        # a diffprune.targets kind
+    paths: dict[str, str]            # artifact name -> path relative to the root
+    sections: tuple[str, ...]        # params sections that define it (logged as MLflow params)
+    model_name: Callable[[Params], str]
+
+
+TARGETS: dict[str, Target] = {
+    "teacher": Target("unet", {"model": TEACHER}, ("data", "teacher"), lambda p: p.register.model_name),
+}
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGETS:
+        raise ConfigError(f"unknown model {name!r} (known: {', '.join(sorted(TARGETS))})")
+    return TARGETS[name]
+
+
+def eval_dir(root: Path, target: str) -> Path:
+    return safe_subpath(root, f"models/eval/{target}")
+
+
+def data_shape(p: Params) -> tuple[int, int, int]:
+    return (p.data.channels, p.data.image_size, p.data.image_size)
+
+
+# ----------------------------------------------------------------------------- data
+
+@stage("data")
+def run_data(p: Params, root: Path, **_: Any) -> dict:
+    """Cache the dataset (train + held-out ref splits) under data/dataset."""
+    out = cache_dataset(p.data, safe_subpath(root, DATASET))
+    write_json(safe_subpath(root, "data/dataset.params.json"), to_dict(p.data))
+    return {"dataset": str(out)}
+
+
+# ----------------------------------------------------------------------------- features
+
+@stage("features")
+def run_features(p: Params, root: Path, progress: bool = True, **_: Any) -> dict:
+    """Train the FID feature network on the train split, check it on the ref split, and compute the
+    FID floor (held-out real images vs training images)."""
+    train_x, train_y = load_split(safe_subpath(root, DATASET), "train")
+    ref_x, ref_y = load_split(safe_subpath(root, DATASET), "ref")
+    out = safe_subpath(root, FEATURES)
+    net, acc, task = train_feature_net(train_x, train_y, ref_x, ref_y, epochs=p.evaluate.feature_epochs,
+                                       seed=p.project.seed, progress=progress)
+    if acc < p.evaluate.min_feature_accuracy:
+        raise RuntimeError(f"feature network reached only {acc:.3f} held-out accuracy "
+                           f"(< evaluate.min_feature_accuracy = {p.evaluate.min_feature_accuracy})")
+    save_feature_net(net, out, {"accuracy": acc, "task": task})
+    ext = get_extractor(out, p.evaluate.inception_weights)
+    floor = fid(ext.fn(ref_x), ext.fn(train_x))
+    write_json(out / "floor.json", {"fid_floor": floor, "feature_extractor": ext.name, "accuracy": acc,
+                                    "task": task, "num_ref": len(ref_x), "num_train": len(train_x)})
+    log.info("feature net: %s held-out accuracy %.3f; FID floor %.3f", task, acc, floor)
+    return {"features": str(out), "fid_floor": floor, "accuracy": acc}
+
+
+# ----------------------------------------------------------------------------- teacher
+
+def teacher_spec(p: Params) -> TrainSpec:
+    t = p.teacher
+    return TrainSpec(steps=t.steps, batch_size=t.batch_size, lr=t.lr, ema_decay=t.ema_decay,
+                     checkpoint_every=t.checkpoint_every, seed=t.seed, warmup_steps=t.warmup_steps)
+
+
+def work_dir(root: Path, name: str, *cfgs: Any) -> Path:
+    """Resumable working folder of a training run, keyed by its config (runs never share one)."""
+    return safe_subpath(root, f"{WORK}/{name}-{fingerprint(*cfgs)}")
+
+
+def train_or_resume(model, images, scheduler, spec: TrainSpec, work: Path, *, device, progress: bool,
+                    desc: str, before_step=None, on_progress: ProgressFn | None = None):
+    """The one training entry point of every stage: resumable, returns the EMA weights in ``model``."""
+    model, ema = train_denoiser(model, images, scheduler, spec, work, device=device, progress=progress,
+                                desc=desc, before_step=before_step, on_progress=on_progress)
+    ema.copy_to(model)
+    return model.eval()
+
+
+@stage("teacher")
+def run_teacher(p: Params, root: Path, progress: bool = True, on_progress: ProgressFn | None = None, **_: Any) -> dict:
+    """Load the teacher with from_pretrained, or train it from the config (EMA, resumable)."""
+    device = resolve_device(p.project.device)
+    out = safe_subpath(root, TEACHER)
+    t0 = time.time()
+    if p.teacher.pretrained:
+        model, scheduler = load_pretrained(p.teacher.pretrained)
+        meta = {"source": p.teacher.pretrained}
+    else:
+        torch.manual_seed(p.teacher.seed)
+        images, _ = load_split(safe_subpath(root, DATASET), "train")
+        model = build_unet(p.teacher, p.data)
+        scheduler = build_scheduler(p.teacher)
+        spec = teacher_spec(p)
+        model = train_or_resume(model, images, scheduler, spec, work_dir(root, "teacher", p.data, p.teacher),
+                                device=device, progress=progress, desc="teacher", on_progress=on_progress)
+        meta = {"source": "trained", "training_options": spec_json(spec), "params": to_dict(p.teacher)}
+    meta["train_seconds"] = time.time() - t0
+    save_model(model.cpu(), out, scheduler_config=dict(scheduler.config), meta=meta)
+    # a quick look at what it draws
+    sched = sampling_scheduler(dict(scheduler.config), p.evaluate.sampler)
+    shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    x = sample(ModelDenoiser(model.to(device)), sched, num_images=64, sample_shape=shape, steps=p.evaluate.steps,
+               seed=p.project.seed, device=device)
+    save_grid(x, safe_subpath(root, "models/teacher-samples.png"))
+    return {"teacher": str(out), "seconds": meta["train_seconds"]}
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def target_paths(root: Path, target: str) -> dict[str, Path]:
+    return {k: safe_subpath(root, v) for k, v in get_target(target).paths.items()}
+
+
+@stage("evaluate")
+def run_evaluate(p: Params, root: Path, target: str = "teacher", progress: bool = True, **_: Any) -> dict:
+    """Evaluate one pipeline model with the shared protocol; writes models/eval/<target>/."""
+    device = resolve_device(p.project.device)
+    tgt = get_target(target)
+    loaded = load_target(tgt.kind, target_paths(root, target), device)
+    sched = sampling_scheduler(loaded.scheduler_config, p.evaluate.sampler)
+    feats_dir = safe_subpath(root, FEATURES)
+    ext = get_extractor(feats_dir, p.evaluate.inception_weights, device)
+    train_x, _ = load_split(safe_subpath(root, DATASET), "train")
+    train_feats = ext.fn(train_x)
+    reference = None
+    if target != "teacher":
+        ref_file = eval_dir(root, "teacher") / "samples.safetensors"
+        if not ref_file.exists():
+            raise ConfigError(f"{ref_file}: evaluate the teacher first (its samples are the fidelity reference)")
+        reference = load_file(str(ref_file))["samples"]
+    metrics, samples = evaluate(loaded.denoiser, sched, loaded.modules, p.evaluate, ext, train_feats,
+                                sample_shape=loaded.sample_shape, reference=reference, device=device,
+                                progress=progress)
+    floor = read_json(feats_dir / "floor.json")
+    metrics["fid_floor"] = floor["fid_floor"]
+    if reference is not None:
+        teacher = read_json(eval_dir(root, "teacher") / "metrics.json")
+        metrics["macs_ratio_vs_teacher"] = metrics["trajectory_macs"] / teacher["trajectory_macs"]
+        metrics["speedup_vs_teacher"] = teacher["latency_s"] / metrics["latency_s"]
+        metrics["fid_ratio_vs_teacher"] = metrics["fid"] / teacher["fid"]
+    out = eval_dir(root, target)
+    with atomic_path(out, is_dir=True) as tmp:
+        tmp.mkdir(parents=True)
+        save_file({"samples": samples.contiguous()}, str(tmp / "samples.safetensors"))
+        save_grid(samples[: p.evaluate.grid_size], tmp / "grid.png")
+        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "protocol.json", to_dict(p.evaluate))
+    return {"eval": str(out), "metrics": metrics}
+
+
+# ----------------------------------------------------------------------------- register
+
+@stage("register")
+def run_register(p: Params, root: Path, target: str = "teacher", **_: Any) -> dict:
+    """Log the evaluated model to MLflow and register it (idempotent by content hash)."""
+    from .. import tracking, versioning  # glue modules; imported lazily to keep library imports light
+
+    tgt = get_target(target)
+    paths = target_paths(root, target)
+    for name, path in paths.items():
+        if not path.exists():
+            raise ConfigError(f"{path}: the {target} model's {name} is missing (run its stages first)")
+    ev = eval_dir(root, target)
+    metrics = read_json(ev / "metrics.json")
+    content = fingerprint({k: sha256_tree(v) for k, v in sorted(paths.items())})
+    dvc_hashes = versioning.stage_hashes(root) if (root / "dvc.lock").exists() else {}
+    tags = {f"dvc.{k}": v for k, v in dvc_hashes.items() if k in (DATASET, *tgt.paths.values())}
+    tracking.configure(root=root)
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    info = tracking.register_model(
+        name=tgt.model_name(p), kind=tgt.kind, model_paths=paths,
+        params={s: to_dict(p.section(s)) for s in (*tgt.sections, "evaluate")},
+        metrics=numeric, artifacts=[ev / "grid.png", ev / "metrics.json"],
+        tags={**tags, "feature_extractor": metrics["feature_extractor"], "target": target},
+        experiment=p.register.experiment, content_hash=content,
+    )
+    write_json(safe_subpath(root, f"models/registry/{target}.json"), info)
+    return info

@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny seeded models and a tiny pipeline config in a temporary project folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from diffprune.env import quiet_defaults
+
+quiet_defaults()
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_TEACHER = {
+    "block_out_channels": [8, 16, 16],
+    "attention": [False, True, False],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "steps": 6,
+    "batch_size": 16,
+    "checkpoint_every": 3,
+    "warmup_steps": 1,
+}
+
+TINY_PARAMS = {
+    "project": {"device": "cpu", "seed": 0},
+    "data": {"source": "digits", "image_size": 8, "max_images": 240, "ref_fraction": 0.25},
+    "teacher": TINY_TEACHER,
+    "evaluate": {"steps": 4, "num_samples": 40, "batch_size": 40, "seeds": [0], "grid_size": 16,
+                 "latency_batch": 4, "latency_repeats": 1, "feature_epochs": 2, "min_feature_accuracy": 0.0},
+    "register": {"model_name": "tiny-teacher", "experiment": "tiny"},
+}
+
+
+@pytest.fixture
+def tiny_unet():
+    from diffprune.config import DataConfig, TeacherConfig
+    from diffprune.models.unet import build_unet
+
+    torch.manual_seed(0)
+    return build_unet(TeacherConfig(**{k: v for k, v in TINY_TEACHER.items() if k in
+                                       ("block_out_channels", "attention", "layers_per_block", "norm_num_groups")}),
+                      DataConfig()).eval()
+
+
+@pytest.fixture
+def tiny_scheduler():
+    from diffprune.config import TeacherConfig
+    from diffprune.models.unet import build_scheduler
+
+    return build_scheduler(TeacherConfig())
+
+
+def make_project(root: Path, overrides: dict | None = None, stages: bool = True) -> Path:
+    """A project folder with dvc.yaml and a tiny params.yaml."""
+    root.mkdir(parents=True, exist_ok=True)
+    params = {k: dict(v) for k, v in TINY_PARAMS.items()}
+    for k, v in (overrides or {}).items():
+        params.setdefault(k, {}).update(v)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    if stages:
+        shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    return root
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "proj")

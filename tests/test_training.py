@@ -1,0 +1,68 @@
+import torch
+
+from diffprune.training import TrainSpec, train_denoiser
+
+
+def _images(n=32):
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
+
+
+def _fresh(tiny_unet_factory):
+    torch.manual_seed(0)
+    return tiny_unet_factory()
+
+
+def test_resume_continues_where_it_stopped_and_matches_uninterrupted(tmp_path, tiny_unet, tiny_scheduler):
+    import copy
+
+    spec = TrainSpec(steps=6, batch_size=8, lr=1e-3, ema_decay=0.9, checkpoint_every=2, seed=3, warmup_steps=1)
+    images = _images()
+    init = copy.deepcopy(tiny_unet.state_dict())
+
+    full, full_ema = train_denoiser(copy.deepcopy(tiny_unet), images, tiny_scheduler, spec, tmp_path / "a", progress=False)
+
+    m1 = copy.deepcopy(tiny_unet)
+    m1.load_state_dict(init)
+    train_denoiser(m1, images, tiny_scheduler, spec, tmp_path / "b", progress=False, stop_after=4)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["step-00000002", "step-00000004"]
+
+    seen = []
+    m2 = copy.deepcopy(tiny_unet)
+    m2.load_state_dict(init)  # a brand-new process would start from scratch weights
+    resumed, resumed_ema = train_denoiser(m2, images, tiny_scheduler, spec, tmp_path / "b", progress=False,
+                                          on_progress=lambda d, t: seen.append(d))
+    assert seen == [6], "the resumed run must start at step 4 and only do steps 5-6"
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    for k, v in full_ema.state_dict().items():
+        assert torch.equal(v, resumed_ema.state_dict()[k]), k
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_unet, tiny_scheduler):
+    import copy
+
+    spec = TrainSpec(steps=4, batch_size=8, lr=1e-3, ema_decay=0.9, checkpoint_every=2, seed=3)
+    train_denoiser(copy.deepcopy(tiny_unet), _images(), tiny_scheduler, spec, tmp_path / "w", progress=False)
+    newest = tmp_path / "w" / "step-00000004" / "state.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    seen = []
+    train_denoiser(copy.deepcopy(tiny_unet), _images(), tiny_scheduler, spec, tmp_path / "w", progress=False,
+                   on_progress=lambda d, t: seen.append(d))
+    assert seen == [4], "must resume from step 2 (the last good checkpoint) and redo steps 3-4"
+
+
+def test_training_lowers_the_loss(tmp_path, tiny_unet, tiny_scheduler):
+    from diffprune.training import denoising_loss
+
+    images = _images(64)
+    g = torch.Generator().manual_seed(9)
+    noise = torch.randn(images.shape, generator=g)
+    t = torch.randint(0, 1000, (64,), generator=g)
+    with torch.no_grad():
+        before = denoising_loss(tiny_unet, images, t, noise, tiny_scheduler).item()
+    spec = TrainSpec(steps=40, batch_size=32, lr=3e-3, ema_decay=0.0, checkpoint_every=40, seed=0)
+    model, _ = train_denoiser(tiny_unet, images, tiny_scheduler, spec, tmp_path / "w", progress=False)
+    with torch.no_grad():
+        after = denoising_loss(model.eval(), images, t, noise, tiny_scheduler).item()
+    assert after < before
