@@ -132,7 +132,7 @@ def sample_cmd(
             from . import tracking
 
             tracking.configure(root=root.resolve())
-            images = tracking.predict(model, num_images=n, seed=seed, steps=steps)  # (N, H, W, C) uint8
+            images = tracking.generate(model, num_images=n, seed=seed, steps=steps)  # (N, H, W, C) uint8
         else:
             from .models.unet import sampling_scheduler
             from .sampling import sample

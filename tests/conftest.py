@@ -34,7 +34,8 @@ TINY_PARAMS = {
     "data": {"source": "digits", "image_size": 8, "max_images": 240, "ref_fraction": 0.25},
     "teacher": TINY_TEACHER,
     "evaluate": {"steps": 4, "num_samples": 40, "batch_size": 40, "seeds": [0], "grid_size": 16,
-                 "latency_batch": 4, "latency_repeats": 1, "feature_epochs": 2, "min_feature_accuracy": 0.0},
+                 "latency_batch": 4, "latency_repeats": 1, "feature_epochs": 2, "min_feature_accuracy": 0.0,
+                 "inception_weights": None},
     "register": {"model_name": "tiny-teacher", "experiment": "tiny"},
 }
 
@@ -58,8 +59,9 @@ def tiny_scheduler():
     return build_scheduler(TeacherConfig())
 
 
-def make_project(root: Path, overrides: dict | None = None, stages: bool = True) -> Path:
-    """A project folder with dvc.yaml and a tiny params.yaml."""
+def make_project(root: Path, overrides: dict | None = None, stages: bool = True, code: bool = False) -> Path:
+    """A project folder with dvc.yaml and a tiny params.yaml (and a copy of the package: the code
+    files dvc.yaml lists as dependencies, for ``dvc repro``)."""
     root.mkdir(parents=True, exist_ok=True)
     params = {k: dict(v) for k, v in TINY_PARAMS.items()}
     for k, v in (overrides or {}).items():
@@ -67,6 +69,8 @@ def make_project(root: Path, overrides: dict | None = None, stages: bool = True)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     if stages:
         shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    if code:
+        shutil.copytree(REPO / "diffprune", root / "diffprune", ignore=shutil.ignore_patterns("__pycache__"))
     return root
 
 

@@ -210,11 +210,13 @@ def run_register(p: Params, root: Path, target: str = "teacher", **_: Any) -> di
     tracking.configure(root=root)
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     info = tracking.register_model(
-        name=tgt.model_name(p), kind=tgt.kind, model_paths=paths,
+        name=tgt.model_name(p), kind=tgt.kind, model_dir=paths["model"],
+        extra_dirs={k: v for k, v in paths.items() if k != "model"},
+        sampler=p.evaluate.sampler, steps=p.evaluate.steps, batch_size=p.evaluate.batch_size,
         params={s: to_dict(p.section(s)) for s in (*tgt.sections, "evaluate")},
         metrics=numeric, artifacts=[ev / "grid.png", ev / "metrics.json"],
         tags={**tags, "feature_extractor": metrics["feature_extractor"], "target": target},
         experiment=p.register.experiment, content_hash=content,
     )
-    write_json(safe_subpath(root, f"models/registry/{target}.json"), info)
-    return info
+    write_json(safe_subpath(root, f"models/registry/{target}.json"), dict(info))
+    return dict(info)

@@ -1,0 +1,266 @@
+"""DiP-GO: block graph, SuperNet, skip-schedule sampler, schedules and pruner training (tiny, CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from diffprune.config import DataConfig, DipgoConfig, TeacherConfig
+from diffprune.metrics.cost import MacCounter, unet_macs
+from diffprune.models.unet import build_scheduler, build_unet, sampling_scheduler
+from diffprune.pruning.dipgo import (
+    OUTPUT,
+    ConsistencyLoss,
+    GatedRunner,
+    GatePruner,
+    Schedule,
+    SkipScheduleDenoiser,
+    block_costs,
+    block_graph,
+    deepcache_for_ratio,
+    deepcache_schedule,
+    random_schedule,
+    save_heatmap,
+    schedule_from_scores,
+    schedule_macs,
+    skip_savings,
+    ste_gates,
+    train_pruner,
+)
+from diffprune.pruning.dipgo.pruner import run_trajectory
+from diffprune.sampling import ModelDenoiser, sample
+
+SHAPE = (1, 8, 8)
+T = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = build_unet(
+        TeacherConfig(block_out_channels=[8, 16, 16], attention=[False, True, False], norm_num_groups=4),
+        DataConfig(image_size=8),
+    )
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def sched_config():
+    return dict(build_scheduler(TeacherConfig()).config)
+
+
+@pytest.fixture(scope="module")
+def ddim(sched_config):
+    return sampling_scheduler(sched_config, "ddim")
+
+
+def _all_keep(model, steps: int = T) -> Schedule:
+    g = block_graph(model)
+    return Schedule(keep=[[True] * len(g.block_names)] * steps, block_names=g.block_names, consumers=g.consumers)
+
+
+def _no_hooks(model) -> bool:
+    return all(
+        not m._forward_hooks and not m._forward_pre_hooks and "forward" not in vars(m)
+        and not hasattr(m, "_diffusers_hook")
+        for m in model.modules()
+    )
+
+
+# ------------------------------------------------------------------------- block graph
+
+def test_graph_blocks_and_consumers(model):
+    g = block_graph(model)
+    assert g.block_names == ["down_0", "down_1", "down_2", "mid", "up_0", "up_1", "up_2"]
+    c = dict(zip(g.block_names, g.consumers))
+    names = g.block_names
+    # the residual stack: up_2 reads down_0's resnet output, up_1 down_0's downsample and down_1's resnet
+    assert [names[i] for i in c["down_0"]] == ["down_1", "up_1", "up_2"]
+    assert [names[i] for i in c["mid"]] == ["up_0"]
+    assert c["up_2"] == [OUTPUT]
+
+
+def test_graph_forward_equals_model(model):
+    g = block_graph(model)
+    x, t = torch.randn(3, *SHAPE), torch.tensor([5, 500, 999])
+    with torch.no_grad():
+        assert torch.equal(g.forward(x, t, lambda k, compute: compute()), model(x, t).sample)
+
+
+def test_block_costs_sum_to_model_macs(model):
+    costs = block_costs(model, SHAPE)
+    assert costs.full == unet_macs(model, SHAPE)
+    assert all(c > 0 for c in costs.blocks) and costs.always > 0
+
+
+def test_gamma_counts_blocks_made_unnecessary(model):
+    g = block_graph(model)
+    costs = block_costs(model, SHAPE)
+    gamma = dict(zip(g.block_names, skip_savings(g.consumers, costs)))
+    own = dict(zip(g.block_names, costs.blocks))
+    # reusing up_0 frees mid and down_2, which feed only it
+    assert gamma["up_0"] == own["up_0"] + own["mid"] + own["down_2"]
+    assert gamma["mid"] < gamma["up_0"] and gamma["down_2"] < gamma["up_0"]
+    assert gamma["up_0"] < gamma["up_1"] < gamma["up_2"] == sum(costs.blocks)
+    assert gamma["down_1"] == own["down_1"]  # down_0 still feeds up_1 and up_2
+
+
+# ------------------------------------------------------------------------- skip-schedule sampler
+
+def test_all_compute_schedule_reproduces_plain_sampler(model, ddim):
+    kw = dict(num_images=3, sample_shape=SHAPE, steps=T, seed=1)
+    plain = sample(ModelDenoiser(model), ddim, **kw)
+    skip = sample(SkipScheduleDenoiser(model, _all_keep(model)), ddim, **kw)
+    assert torch.equal(plain, skip)
+
+
+@pytest.mark.parametrize("kind", ["deepcache", "random"])
+def test_executed_macs_equal_schedule_macs(model, ddim, kind):
+    if kind == "deepcache":
+        s = deepcache_schedule(model, T, interval=3, branch=1, sample_shape=SHAPE)
+    else:
+        s = random_schedule(model, T, 0.5, SHAPE, seed=3, tolerance=0.05)
+    with MacCounter(model) as counter:
+        sample(SkipScheduleDenoiser(model, s), ddim, num_images=2, sample_shape=SHAPE, steps=T, batch_size=1)
+    predicted = schedule_macs(model, s, SHAPE)
+    assert counter.total == 2 * predicted
+    assert predicted < block_costs(model, SHAPE).full * T
+    assert s.macs_ratio == pytest.approx(predicted / (block_costs(model, SHAPE).full * T))
+
+
+def test_skipping_schedule_changes_samples(model, ddim):
+    s = deepcache_schedule(model, T, interval=2, branch=1, sample_shape=SHAPE)
+    kw = dict(num_images=2, sample_shape=SHAPE, steps=T, seed=0)
+    assert not torch.equal(sample(ModelDenoiser(model), ddim, **kw), sample(SkipScheduleDenoiser(model, s), ddim, **kw))
+
+
+def test_model_untouched_after_sampling_and_reset(model, ddim):
+    x, t = torch.randn(2, *SHAPE), torch.tensor([10, 700])
+    with torch.no_grad():
+        before = model(x, t).sample
+    den = SkipScheduleDenoiser(model, deepcache_schedule(model, T, 2, 0, SHAPE))
+    sample(den, ddim, num_images=1, sample_shape=SHAPE, steps=T)
+    assert any(b is not None for b in den.runner.backup)
+    den.reset()
+    assert all(b is None for b in den.runner.backup)
+    assert _no_hooks(model)
+    with torch.no_grad():
+        assert torch.equal(model(x, t).sample, before)
+
+
+def test_denoiser_rejects_wrong_length_and_names(model, ddim):
+    s = _all_keep(model)
+    with pytest.raises(ValueError, match="schedule has 6"):
+        sample(SkipScheduleDenoiser(model, s), ddim, num_images=1, sample_shape=SHAPE, steps=T + 1)
+    bad = dataclasses.replace(s, block_names=[f"b{i}" for i in range(len(s.block_names))])
+    with pytest.raises(ValueError, match="do not match"):
+        SkipScheduleDenoiser(model, bad)
+
+
+def test_soft_supernet_forward_equals_hard_schedule(model, ddim):
+    """Training's SuperNet with 0/1 gates computes exactly what the skip-schedule sampler runs."""
+    s = random_schedule(model, T, 0.5, SHAPE, seed=0, tolerance=0.05)
+    g = block_graph(model)
+    sch = sampling_scheduler(dict(ddim.config), "ddim")
+    sch.set_timesteps(T)
+    noise = torch.randn(2, *SHAPE)
+    gates = s.keep_tensor().float()
+    r = GatedRunner(g)
+    with torch.no_grad():
+        soft = run_trajectory(lambda x, t, i: r.step_soft(x, t, gates[i]), sch, noise)
+        r.reset()
+        hard = run_trajectory(lambda x, t, i: r.step_hard(x, t, s.keep[i]), sch, noise)
+    assert torch.equal(soft, hard)
+
+
+# ------------------------------------------------------------------------- schedules
+
+def test_schedule_validation_and_json_roundtrip(model, tmp_path):
+    s = random_schedule(model, T, 0.6, SHAPE, seed=1, tolerance=0.05)
+    path = s.save(tmp_path / "schedule.json")
+    back = Schedule.load(path)
+    assert back == s and back.keep_tensor().shape == (T, 7)
+    with pytest.raises(ValueError, match="step 0"):
+        Schedule(keep=[[False] * 7] * 2, block_names=s.block_names)
+    with pytest.raises(ValueError, match="expected 7"):
+        Schedule(keep=[[True] * 6], block_names=s.block_names)
+
+
+def test_heatmap_png(model, tmp_path):
+    s = deepcache_schedule(model, T, 3, 1, SHAPE)
+    p = save_heatmap(s, tmp_path / "h" / "heatmap.png")
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [q.name for q in p.parent.iterdir()] == ["heatmap.png"]  # no temporary left behind
+
+
+def test_deepcache_schedule_structure(model):
+    s = deepcache_schedule(model, T, interval=3, branch=1, sample_shape=SHAPE)
+    ex = s.executed()
+    assert ex[0] == ex[3] == [True] * 7
+    # shallow path only: down_0 (feeds up_2's skip) and up_2
+    assert ex[1] == [True, False, False, False, False, False, True]
+    with pytest.raises(ValueError, match="branch"):
+        deepcache_schedule(model, T, 2, 3, SHAPE)
+    best = deepcache_for_ratio(model, T, 0.5, SHAPE)
+    assert best.method == "deepcache" and abs(best.macs_ratio - 0.5) < 0.2
+
+
+@pytest.mark.parametrize("target", [0.2, 0.45, 0.7])
+def test_bisection_reaches_target_within_tolerance(model, target):
+    g = block_graph(model)
+    steps = 20
+    scores = torch.rand(steps, 7, generator=torch.Generator().manual_seed(0))
+    s = schedule_from_scores(scores, g, block_costs(model, SHAPE), target, tolerance=0.0125)
+    assert abs(s.macs_ratio - target) <= 0.0125
+    assert all(s.keep[0])
+    assert schedule_macs(model, s, SHAPE) == pytest.approx(s.macs_ratio * block_costs(model, SHAPE).full * steps)
+
+
+def test_bisection_unreachable_target_raises(model):
+    g = block_graph(model)
+    with pytest.raises(ValueError, match="minimum possible"):
+        schedule_from_scores(torch.rand(4, 7), g, block_costs(model, SHAPE), 0.05)
+
+
+# ------------------------------------------------------------------------- pruner
+
+def test_initial_pruner_keeps_everything():
+    p = GatePruner(num_steps=T, num_blocks=7, dim=16)
+    gates = ste_gates(p())
+    assert gates.shape == (T, 7) and torch.equal(gates, torch.ones(T, 7))
+    assert (p.keep_scores() > 0.5).all()
+
+
+def test_ste_gates_are_hard_forward_soft_backward():
+    logits = torch.tensor([[[0.0, 1.0], [0.0, 1.0]], [[2.0, 0.0], [0.0, 3.0]]], requires_grad=True)
+    g = ste_gates(logits)
+    assert g.tolist() == [[1.0, 1.0], [0.0, 1.0]]
+    g[1, 0].backward()
+    assert logits.grad[1, 0, 1] > 0 and logits.grad[0].abs().sum() == 0  # step 0 is a constant
+
+
+def test_consistency_loss_kinds():
+    a, b = torch.rand(2, 1, 8, 8) * 2 - 1, torch.rand(2, 1, 8, 8) * 2 - 1
+    for kind in ("ssim", "l1", "l2"):
+        assert ConsistencyLoss(kind)(a, a).abs() < 1e-6 < ConsistencyLoss(kind)(a, b)
+    with pytest.raises(NotImplementedError, match="unknown consistency loss"):
+        ConsistencyLoss("lpips")
+
+
+def test_training_reduces_kept_ratio_toward_target(model, sched_config, tmp_path):
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    cfg = DipgoConfig(target_ratio=0.5, steps=12, batch_size=2, dim=16, tolerance=0.05, alpha_s=4.0)
+    schedule, info = train_pruner(model, sched_config, cfg, steps=T, sample_shape=SHAPE, progress=False)
+    kept = [h["kept_ratio"] for h in info["history"]]
+    assert kept[0] == 1.0 and min(kept) < 1.0
+    assert abs(schedule.macs_ratio - 0.5) <= 0.05
+    assert schedule.num_steps == T and schedule.method == "dipgo"
+    # the teacher is untouched: same weights, same requires_grad flags, no hooks
+    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+    assert [p.requires_grad for p in model.parameters()] == flags and not model.training
+    assert _no_hooks(model)
+    schedule.save(tmp_path / "s.json")
+    assert Schedule.load(tmp_path / "s.json").keep == schedule.keep

@@ -1,0 +1,131 @@
+"""End-to-end: the Prefect flow on a tiny config, DVC reproduction, the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO, make_project
+
+BIN = Path(sys.executable).parent
+
+
+def test_flow_and_dvc_list_the_same_stages():
+    from diffprune.flows.pipeline import PIPELINE
+    from diffprune.flows.stamps import stage_specs
+
+    assert PIPELINE == list(stage_specs(REPO))
+
+
+def _env(root: Path) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    env["PREFECT_HOME"] = str(root / ".prefect")
+    return env
+
+
+def _cli(*args, cwd: Path, check=False):
+    return subprocess.run([str(BIN / "diffprune"), *args], cwd=cwd, capture_output=True, text=True,
+                          env=_env(cwd), timeout=300, check=check)
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+    """Run the whole flow once through Prefect (test harness server) on a tiny config."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from diffprune.flows.pipeline import prune_pipeline
+
+    root = make_project(tmp_path_factory.mktemp("flow") / "proj")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    with prefect_test_harness(server_startup_timeout=600):
+        first = prune_pipeline(params_path=str(root / "params.yaml"), root=str(root), push=False)
+        second = prune_pipeline(params_path=str(root / "params.yaml"), root=str(root), push=False)
+    return root, first, second
+
+
+def test_flow_runs_every_stage_then_skips_them(flow_run):
+    from diffprune.flows.pipeline import PIPELINE
+
+    root, first, second = flow_run
+    assert first["ran"] == PIPELINE
+    assert second["ran"] == [] and second["skipped"] == PIPELINE
+    m = json.loads((root / "models/eval/teacher/metrics.json").read_text())
+    assert m["fid"] > 0 and m["trajectory_macs"] > 0 and m["params"] > 0
+    assert m["feature_extractor"].startswith("featnet")
+    assert "teacher" in first["table"] and "FID" in first["table"]
+    assert (root / "models/eval/teacher/grid.png").stat().st_size > 0
+
+
+def test_flow_registers_the_teacher_in_mlflow(flow_run):
+    from mlflow import MlflowClient
+
+    from diffprune import tracking
+
+    root, _, _ = flow_run
+    tracking.configure(root=root)
+    versions = MlflowClient().search_model_versions("name='tiny-teacher'")
+    assert len(versions) == 1, "two runs of the same content must register one version"
+    v = versions[0]
+    assert v.tags.get("content_hash") and v.tags.get("git_commit")
+    reg = json.loads((root / "models/registry/teacher.json").read_text())
+    assert int(reg["version"]) == int(v.version)
+
+
+def test_changed_param_reruns_only_what_depends_on_it(flow_run):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from diffprune.flows.pipeline import prune_pipeline
+
+    root, _, _ = flow_run
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"]["num_samples"] = 30
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    with prefect_test_harness(server_startup_timeout=600):
+        third = prune_pipeline(params_path=str(root / "params.yaml"), root=str(root), push=False)
+    assert "data" in third["skipped"] and "teacher" in third["skipped"]
+    assert "evaluate@teacher" in third["ran"]
+
+
+def test_dvc_repro_reproduces_the_pipeline(tmp_path):
+    root = make_project(tmp_path / "proj", code=True)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    env = _env(root)
+    subprocess.run([str(BIN / "dvc"), "init", "-q"], cwd=root, check=True, env=env)
+    # the teacher and what it needs (the flow test above covers every stage through Prefect)
+    r = subprocess.run([str(BIN / "dvc"), "repro", "teacher"], cwd=root, capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert {"data", "teacher"} <= set(lock["stages"])
+    assert (root / "models/teacher/model.safetensors").exists()
+    r = subprocess.run([str(BIN / "dvc"), "status", "teacher"], cwd=root, capture_output=True, text=True,
+                       env=env)
+    assert "up to date" in r.stdout.lower()
+
+
+def test_cli_bad_param_is_one_line_and_nonzero(tmp_path):
+    root = make_project(tmp_path / "proj", {"teacher": {"lr": "fast"}})
+    r = _cli("stage", "teacher", cwd=root)
+    assert r.returncode == 2
+    assert "teacher.lr = 'fast'" in r.stderr and "Traceback" not in r.stderr
+    assert not (root / "models").exists()
+
+
+def test_cli_missing_checkpoint_is_one_line(tmp_path):
+    root = make_project(tmp_path / "proj")
+    r = _cli("sample", str(root / "nope"), "-n", "2", "-o", str(root / "g.png"), cwd=root)
+    assert r.returncode == 2 and "not a diffprune checkpoint" in r.stderr
+    assert not (root / "g.png").exists()
+
+
+def test_cli_unknown_stage(tmp_path):
+    root = make_project(tmp_path / "proj")
+    r = _cli("stage", "bogus", cwd=root)
+    assert r.returncode == 2 and "unknown stage 'bogus'" in r.stderr

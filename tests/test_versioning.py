@@ -1,0 +1,79 @@
+"""DVC glue: init, local remote, commit of flow-written outputs, push, hashes, status."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffprune import versioning
+from diffprune.versioning import VersioningError
+
+DVC_YAML = """\
+stages:
+  make:
+    cmd: {python} -c "import pathlib; p = pathlib.Path('out'); p.mkdir(exist_ok=True); (p / 'a.txt').write_text('v1')"
+    outs:
+      - out
+"""
+
+
+@pytest.fixture
+def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    root = tmp_path / "repo"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    (root / "dvc.yaml").write_text(DVC_YAML.format(python=sys.executable))
+    return root
+
+
+def test_commit_push_hashes_status(repo: Path, tmp_path: Path) -> None:
+    versioning.ensure_repo(repo)
+    versioning.ensure_repo(repo)  # idempotent
+    assert (repo / ".dvc").is_dir()
+    assert versioning.default_remote(repo) is None
+    remote = tmp_path / "remote"
+    assert versioning.configure_remote(repo, remote) == "local"
+    assert versioning.default_remote(repo) == "local"
+    assert "local" in (repo / ".dvc" / "config.local").read_text()  # machine-local, not committed
+
+    versioning.run_dvc(repo, "repro", "--quiet")
+    first = versioning.stage_hashes(repo)
+    assert list(first) == ["out"] and first["out"].endswith(".dir")
+
+    # The flow rewrites the output outside `dvc repro`: status sees it, commit records it.
+    (repo / "out" / "a.txt").write_text("v2")
+    assert versioning.status(repo) != {}
+    result = versioning.commit_and_push(repo, ["make"])
+    assert result["pushed"] and result["remote"] == "local"
+    assert result["hashes"] == versioning.stage_hashes(repo, ["make"])
+    assert result["hashes"]["out"] != first["out"]
+    assert (repo / "dvc.lock").exists()
+    assert any(p.is_file() for p in remote.rglob("*"))  # objects reached the remote
+    assert versioning.status(repo) == {}
+    assert versioning.status(repo, cloud=True) == {}
+
+
+def test_subdir_without_remote_commits_only(repo: Path) -> None:
+    project = repo / "project"  # a DVC project below the git top folder
+    project.mkdir()
+    (repo / "dvc.yaml").rename(project / "dvc.yaml")
+    versioning.ensure_repo(project)
+    assert (project / ".dvc").is_dir() and not (repo / ".dvc").exists()
+    versioning.run_dvc(project, "repro", "--quiet")
+    result = versioning.commit_and_push(project)
+    assert result == {"hashes": versioning.stage_hashes(project), "remote": None, "pushed": False}
+    assert list(result["hashes"]) == ["out"]
+
+
+def test_errors_name_the_command(repo: Path, tmp_path: Path) -> None:
+    with pytest.raises(VersioningError, match="not inside a git repository"):
+        versioning.ensure_repo(tmp_path)  # tmp_path itself is no git repo
+    versioning.ensure_repo(repo)
+    with pytest.raises(VersioningError, match=r"`dvc commit --force --quiet nosuchstage` failed"):
+        versioning.commit_and_push(repo, ["nosuchstage"])
+    with pytest.raises(VersioningError, match="dvc.lock: not found"):
+        versioning.stage_hashes(repo)
