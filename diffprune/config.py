@@ -118,7 +118,7 @@ class FinetuneConfig:
     lr: float = _f(1e-3, **_rng(0.0, lo_open=True))
     batch_size: int = _f(128, **_rng(1))
     warmup_steps: int = _f(0, **_rng(0))         # linear lr warm-up of the fine-tuning run
-    ema_decay: float = _f(0.999, **_rng(0.0, 1.0, hi_open=True))
+    ema_decay: float = _f(0.99, **_rng(0.0, 1.0, hi_open=True))  # horizon ~100 steps: runs are short
     checkpoint_every: int = _f(200, **_rng(1))
     model_name: str = _f("diffprune-diff-pruning", nonempty=True)
     seed: int = _f(0, **_rng(0))
@@ -140,6 +140,50 @@ class DipgoConfig:
 
 
 @dataclass(frozen=True)
+class IntervalsConfig:
+    grid: int = _f(20, **_rng(2))            # G timesteps, evenly spaced over the training schedule
+    k: int = _f(2, **_rng(1))                # number of contiguous intervals (experts)
+    batches: int = _f(4, **_rng(1))          # gradient averaged over this many batches (fixed seeds)
+    batch_size: int = _f(64, **_rng(1))
+    seed: int = _f(0, **_rng(0))
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    fraction: float = _f(0.2, **_rng(0.0, 1.0, lo_open=True))  # per expert, of the teacher's steps
+    lr: float = _f(1e-3, **_rng(0.0, lo_open=True))
+    batch_size: int = _f(128, **_rng(1))
+    ema_decay: float = _f(0.995, **_rng(0.0, 1.0, hi_open=True))
+    checkpoint_every: int = _f(100, **_rng(1))
+    min_width: float = _f(0.5, **_rng(0.0, 1.0, lo_open=True))  # smallest width keep-ratio sampled
+    depth_drop_prob: float = _f(0.2, **_rng(0.0, 1.0, hi_open=True))
+    seed: int = _f(0, **_rng(0))
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    budget: float = _f(0.5, **_rng(0.0, 1.0, lo_open=True))  # of the teacher's trajectory MACs
+    steps: int = _f(200, **_rng(1))
+    lr: float = _f(1e-2, **_rng(0.0, lo_open=True))
+    resource_weight: float = _f(2.0, **_rng(0.0))
+    temperature: float = _f(0.5, **_rng(0.0, lo_open=True))
+    hidden: int = _f(64, **_rng(1))
+    batch_size: int = _f(64, **_rng(1))
+    seed: int = _f(0, **_rng(0))
+
+
+@dataclass(frozen=True)
+class PruneExpertsConfig:
+    fraction: float = _f(0.1, **_rng(0.0, 1.0, lo_open=True))  # fine-tune per expert, of teacher steps
+    lr: float = _f(5e-4, **_rng(0.0, lo_open=True))
+    batch_size: int = _f(128, **_rng(1))
+    ema_decay: float = _f(0.995, **_rng(0.0, 1.0, hi_open=True))
+    checkpoint_every: int = _f(100, **_rng(1))
+    model_name: str = _f("diffprune-experts", nonempty=True)
+    seed: int = _f(0, **_rng(0))
+
+
+@dataclass(frozen=True)
 class Params:
     project: ProjectConfig = field(default_factory=ProjectConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -149,6 +193,10 @@ class Params:
     taylor: TaylorConfig = field(default_factory=TaylorConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     dipgo: DipgoConfig = field(default_factory=DipgoConfig)
+    intervals: IntervalsConfig = field(default_factory=IntervalsConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    prune_experts: PruneExpertsConfig = field(default_factory=PruneExpertsConfig)
 
     def section(self, name: str) -> Any:
         try:

@@ -220,3 +220,33 @@ def run_register(p: Params, root: Path, target: str = "teacher", **_: Any) -> di
     )
     write_json(safe_subpath(root, f"models/registry/{target}.json"), dict(info))
     return dict(info)
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+@dataclass(frozen=True)
+class Baseline:
+    """Paths of the spine's outputs that methods and benchmarks start from."""
+
+    root: Path
+    dataset: Path
+    features: Path
+    teacher: Path
+    teacher_eval: Path
+
+
+def ensure_baseline(root: Path, p: Params, progress: bool = True) -> Baseline:
+    """Run data, features, teacher and evaluate@teacher under ``root`` where their outputs are missing
+    (a finished ``make demo`` in ``root`` is reused as is)."""
+    root = Path(root).resolve()
+    steps: list[tuple[Path, Callable[[], dict]]] = [
+        (safe_subpath(root, DATASET), lambda: run_data(p, root)),
+        (safe_subpath(root, FEATURES) / "floor.json", lambda: run_features(p, root, progress=progress)),
+        (safe_subpath(root, TEACHER) / "model.safetensors", lambda: run_teacher(p, root, progress=progress)),
+        (eval_dir(root, "teacher") / "metrics.json", lambda: run_evaluate(p, root, "teacher", progress=progress)),
+    ]
+    for out, run in steps:
+        if not out.exists():
+            run()
+    return Baseline(root, safe_subpath(root, DATASET), safe_subpath(root, FEATURES), safe_subpath(root, TEACHER),
+                    eval_dir(root, "teacher"))

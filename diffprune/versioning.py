@@ -1,0 +1,175 @@
+"""Data and model versioning with DVC: the one module of the project that runs ``dvc``.
+
+The Prefect flow produces the outputs that ``dvc.yaml`` declares; this module then records them:
+``dvc commit -f`` writes their hashes into ``dvc.lock`` and ``dvc push`` copies them to the default
+remote. Commands run as subprocesses of the ``dvc`` next to the running interpreter (the same
+environment), with analytics off. Any failing command raises :class:`VersioningError` naming the
+command and the end of its error output.
+
+Typical use (a Prefect task or the CLI)::
+
+    ensure_repo(root)
+    configure_remote(root, root / ".dvc-remote")
+    result = commit_and_push(root)          # {"hashes": {"models/teacher": "…​.dir"}, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Sequence, TypedDict
+
+import yaml
+
+LOCK_FILE = "dvc.lock"
+
+
+class VersioningError(RuntimeError):
+    """A ``dvc`` (or ``git``) command failed, or the repository is not set up for DVC."""
+
+
+class CommitResult(TypedDict):
+    """What :func:`commit_and_push` did: the recorded hashes and where they were pushed."""
+
+    hashes: dict[str, str]    # out path (relative to the repo root) -> md5 ("….dir" for folders)
+    remote: str | None        # the default remote pushed to; None when none is configured
+    pushed: bool
+
+
+def _dvc_command() -> list[str]:
+    """The ``dvc`` of this environment: next to ``sys.executable``, else ``python -m dvc``."""
+    exe = Path(sys.executable).parent / "dvc"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "dvc"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def run_dvc(root: str | Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``dvc ARGS`` in ``root``; raise :class:`VersioningError` when it fails and ``check``."""
+    cmd = [*_dvc_command(), *args]
+    proc = subprocess.run(cmd, cwd=Path(root), env=_env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise VersioningError(
+            f"`dvc {' '.join(args)}` failed in {root} (exit {proc.returncode}):\n"
+            f"{_tail(proc.stderr or proc.stdout)}"
+        )
+    return proc
+
+
+def _git_toplevel(root: Path) -> Path | None:
+    """The top folder of the git work tree holding ``root``; None outside git."""
+    if shutil.which("git") is None:
+        return None
+    proc = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True)
+    return Path(proc.stdout.strip()).resolve() if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def ensure_repo(root: str | Path) -> Path:
+    """Make ``root`` (which must be inside a git work tree) a DVC repository; returns ``root``.
+
+    Runs ``dvc init`` only when ``root/.dvc`` is missing (``--subdir`` when ``root`` is below the
+    git top folder), and turns analytics off in the local (untracked) config. Idempotent.
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise VersioningError(f"{root}: not a directory")
+    top = _git_toplevel(root)
+    if top is None:
+        raise VersioningError(f"{root}: not inside a git repository (run `git init` first)")
+    if not (root / ".dvc").is_dir():
+        run_dvc(root, "init", "--quiet", *(["--subdir"] if top != root else []))
+    run_dvc(root, "config", "--local", "core.analytics", "false")
+    return root
+
+
+def configure_remote(root: str | Path, remote_dir: str | Path, name: str = "local") -> str:
+    """Set the local folder ``remote_dir`` as the default remote ``name`` (in ``.dvc/config.local``).
+
+    The setting is machine-local (not committed), so every clone chooses its own storage.
+    Returns the remote's name.
+    """
+    if not name or any(c.isspace() for c in name):
+        raise VersioningError(f"remote name = {name!r}: must be a non-empty word")
+    remote = Path(remote_dir).resolve()
+    remote.mkdir(parents=True, exist_ok=True)
+    run_dvc(root, "remote", "add", "--local", "--default", "--force", name, str(remote))
+    return name
+
+
+def default_remote(root: str | Path) -> str | None:
+    """The name of the default remote, or None when there is none."""
+    proc = run_dvc(root, "config", "core.remote", check=False)
+    name = proc.stdout.strip()
+    return name if proc.returncode == 0 and name else None
+
+
+def commit_and_push(root: str | Path, stages: Sequence[str] | None = None, *,
+                    push: bool = True) -> CommitResult:
+    """Record the current outputs of ``stages`` (all when None) in ``dvc.lock`` and push them.
+
+    ``dvc commit -f`` hashes the outputs the flow just wrote (no stage is re-run), then
+    ``dvc push`` uploads them to the default remote when one is configured and ``push`` is set.
+    """
+    targets = list(stages or [])
+    run_dvc(root, "commit", "--force", "--quiet", *targets)
+    remote = default_remote(root)
+    pushed = False
+    if push and remote is not None:
+        run_dvc(root, "push", "--quiet", *targets)
+        pushed = True
+    return {"hashes": stage_hashes(root, targets or None), "remote": remote, "pushed": pushed}
+
+
+def stage_hashes(root: str | Path, stages: Sequence[str] | None = None) -> dict[str, str]:
+    """Out path -> md5 recorded in ``root/dvc.lock`` (for ``stages`` only, when given).
+
+    Folder outputs have DVC's ``"<md5>.dir"`` hashes. Paths are as written in ``dvc.lock``
+    (relative to the repository root).
+    """
+    lock = Path(root) / LOCK_FILE
+    if not lock.exists():
+        raise VersioningError(f"{lock}: not found (run `dvc repro` or commit_and_push first)")
+    try:
+        doc = yaml.safe_load(lock.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise VersioningError(f"{lock}: not valid YAML: {e}") from e
+    recorded: dict[str, Any] = doc.get("stages") or {}
+    if stages is not None:
+        unknown = [s for s in stages if s not in recorded]
+        if unknown:
+            raise VersioningError(f"stages {unknown}: not in {lock} (recorded: {sorted(recorded)})")
+    hashes: dict[str, str] = {}
+    for name, stage in recorded.items():
+        if stages is not None and name not in stages:
+            continue
+        for out in stage.get("outs") or []:
+            digest = out.get("md5") or out.get("etag") or out.get("checksum")
+            if digest:
+                hashes[str(out["path"])] = str(digest)
+    return hashes
+
+
+def status(root: str | Path, *, cloud: bool = False) -> dict[str, Any]:
+    """``dvc status --json`` as a dict: empty when everything is up to date.
+
+    With ``cloud``, compares the cache with the default remote instead (``dvc status -c``).
+    """
+    args = ["status", "--json"] + (["--cloud"] if cloud else [])
+    out = run_dvc(root, *args).stdout.strip()
+    start = out.find("{")
+    try:
+        return json.loads(out[start:]) if start >= 0 else {}
+    except json.JSONDecodeError as e:
+        raise VersioningError(f"`dvc {' '.join(args)}` printed unparseable JSON: {_tail(out, 5)}") from e
