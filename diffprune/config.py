@@ -129,10 +129,12 @@ class DipgoConfig:
     target_ratio: float = _f(0.33, **_rng(0.0, 1.0, lo_open=True))  # kept MACs / full MACs
     steps: int = _f(300, **_rng(1))
     lr: float = _f(0.1, **_rng(0.0, lo_open=True))
+    momentum: float = _f(0.9, **_rng(0.0, 1.0, hi_open=True))  # SGD momentum
     weight_decay: float = _f(1e-4, **_rng(0.0))
     alpha_s: float = _f(1.0, **_rng(0.0))
     dim: int = _f(64, **_rng(1))
     batch_size: int = _f(16, **_rng(1))
+    pool_size: int = _f(256, **_rng(0))  # noises whose full-model samples are drawn once; 0 = fresh each step
     loss: str = _f("ssim", choices=("ssim", "l1", "l2"))
     tolerance: float = _f(0.0125, **_rng(0.0, 1.0, lo_open=True))
     model_name: str = _f("diffprune-dipgo", nonempty=True)

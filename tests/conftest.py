@@ -13,8 +13,8 @@ import yaml
 from diffprune.env import quiet_defaults
 
 quiet_defaults()
-os.environ.setdefault("OMP_NUM_THREADS", "2")
-torch.set_num_threads(2)
+# one thread count for this process and the CLI subprocesses, so float reductions match bit for bit
+torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "2")))
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -246,7 +246,8 @@ def test_importances_choose_different_channels(pruned_tiny) -> None:
 
 def test_random_importance_is_seeded(pruned_tiny) -> None:
     teacher, _, _ = pruned_tiny
-    runs = [prune_unet(teacher, _scheduler(), _images(teacher), _cfg(importance="random", seed=s))[0] for s in (0, 0, 1)]
+    runs = [prune_unet(teacher, _scheduler(), _images(teacher), _cfg(importance="random", seed=s))[0]
+            for s in (0, 0, 1)]
     weights = [r.conv_in.weight for r in runs]
     assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
 

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Optional
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_table_artifact
 
 from ..config import ConfigError, load_params
 from ..env import quiet_defaults
-from ..report import metrics_table
+from ..report import collect, metrics_table
 from ..tasks.stages import run_stage
 from .stamps import input_key, is_fresh, stage_specs, write_stamp
 
@@ -76,8 +76,10 @@ def prune_pipeline(params_path: str = "params.yaml", root: str = ".", only: Opti
     if push and ran:
         _version(rootp, [s for s in PIPELINE if s in wanted], push=True, log=log)
     table = metrics_table(rootp)
-    create_markdown_artifact(markdown=table, key="prune-pipeline-metrics", description="diffprune metrics")
-    print(table)
+    rows = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in collect(rootp)]
+    if rows:
+        create_table_artifact(table=rows, key="prune-pipeline-metrics", description="diffprune: metrics of every model")
+    log.info("metrics:\n%s", table)
     return {"ran": ran, "skipped": skipped, "table": table}
 
 
