@@ -37,6 +37,10 @@ TINY_PARAMS = {
                  "latency_batch": 4, "latency_repeats": 1, "feature_epochs": 2, "min_feature_accuracy": 0.0,
                  "inception_weights": None},
     "register": {"model_name": "tiny-teacher", "experiment": "tiny"},
+    "taylor": {"importance": "diff-pruning", "ratio": 0.3, "threshold": 0.05, "batch_size": 16, "max_timesteps": 20,
+               "seed": 0},
+    "finetune": {"fraction": 0.5, "batch_size": 16, "checkpoint_every": 2, "model_name": "tiny-pruned",
+                 "lr": 0.001, "warmup_steps": 0, "ema_decay": 0.9, "seed": 0},
 }
 
 

@@ -60,6 +60,9 @@ def test_flow_runs_every_stage_then_skips_them(flow_run):
     assert m["fid"] > 0 and m["trajectory_macs"] > 0 and m["params"] > 0
     assert m["feature_extractor"].startswith("featnet")
     assert "teacher" in first["table"] and "FID" in first["table"]
+    pruned = json.loads((root / "models/eval/finetune/metrics.json").read_text())
+    assert pruned["params"] < m["params"] and pruned["trajectory_macs"] < m["trajectory_macs"]
+    assert 0 < pruned["macs_ratio_vs_teacher"] < 1 and "psnr_vs_teacher" in pruned
     assert (root / "models/eval/teacher/grid.png").stat().st_size > 0
 
 
@@ -70,6 +73,7 @@ def test_flow_registers_the_teacher_in_mlflow(flow_run):
 
     root, _, _ = flow_run
     tracking.configure(root=root)
+    assert len(MlflowClient().search_model_versions("name='tiny-pruned'")) == 1
     versions = MlflowClient().search_model_versions("name='tiny-teacher'")
     assert len(versions) == 1, "two runs of the same content must register one version"
     v = versions[0]
@@ -89,8 +93,8 @@ def test_changed_param_reruns_only_what_depends_on_it(flow_run):
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     with prefect_test_harness(server_startup_timeout=600):
         third = prune_pipeline(params_path=str(root / "params.yaml"), root=str(root), push=False)
-    assert "data" in third["skipped"] and "teacher" in third["skipped"]
-    assert "evaluate@teacher" in third["ran"]
+    assert {"data", "teacher", "taylor", "finetune"} <= set(third["skipped"])
+    assert {"evaluate@teacher", "evaluate@finetune"} <= set(third["ran"])
 
 
 def test_dvc_repro_reproduces_the_pipeline(tmp_path):

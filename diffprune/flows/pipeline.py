@@ -22,7 +22,9 @@ from .stamps import input_key, is_fresh, stage_specs, write_stamp
 
 # The stages in run order; dvc.yaml declares the same ones (a test checks it).
 PIPELINE: list[str] = [
-    "data", "features", "teacher", "evaluate@teacher", "register@teacher",
+    "data", "features", "teacher", "taylor", "finetune",
+    "evaluate@teacher", "evaluate@finetune",
+    "register@teacher", "register@finetune",
 ]
 
 
