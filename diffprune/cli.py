@@ -84,6 +84,7 @@ def run_cmd(
     except _user_errors() as e:
         _fail(e)
     typer.echo(result["table"])
+    typer.echo(f"\nran: {', '.join(result['ran']) or '-'}\nskipped (unchanged): {', '.join(result['skipped']) or '-'}")
 
 
 @app.command("report")

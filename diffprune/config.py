@@ -147,7 +147,13 @@ class IntervalsConfig:
     k: int = _f(2, **_rng(1))                # number of contiguous intervals (experts)
     batches: int = _f(4, **_rng(1))          # gradient averaged over this many batches (fixed seeds)
     batch_size: int = _f(64, **_rng(1))
+    min_size: int = _f(1, **_rng(1))         # fewest grid points per interval
     seed: int = _f(0, **_rng(0))
+
+    def __post_init__(self) -> None:
+        if self.k * self.min_size > self.grid:
+            raise ConfigError(f"intervals.k = {self.k!r}: k * min_size ({self.k} * {self.min_size}) exceeds "
+                              f"grid = {self.grid}")
 
 
 @dataclass(frozen=True)
@@ -157,7 +163,7 @@ class ExpertsConfig:
     batch_size: int = _f(128, **_rng(1))
     ema_decay: float = _f(0.995, **_rng(0.0, 1.0, hi_open=True))
     checkpoint_every: int = _f(100, **_rng(1))
-    min_width: float = _f(0.5, **_rng(0.0, 1.0, lo_open=True))  # smallest width keep-ratio sampled
+    min_width: float = _f(0.25, **_rng(0.0, 1.0, lo_open=True))  # smallest width keep-ratio sampled
     depth_drop_prob: float = _f(0.2, **_rng(0.0, 1.0, hi_open=True))
     seed: int = _f(0, **_rng(0))
 

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -50,7 +51,7 @@ def atomic_path(final: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
         yield target
         if is_dir:
             if final.exists():
-                old = final.with_name(f".{final.name}.old.{os.getpid()}")
+                old = final.with_name(f".{final.name}.old.{uuid.uuid4().hex}")
                 os.replace(final, old)
                 os.replace(target, final)
                 shutil.rmtree(old, ignore_errors=True)

@@ -45,7 +45,15 @@ def _dipgo(paths: dict[str, Path], device) -> Loaded:
     return Loaded(SkipScheduleDenoiser(model, schedule), [model], load_scheduler_config(paths["model"]), _shape(model))
 
 
-KINDS: dict[str, Callable[[dict[str, Path], object], Loaded]] = {"unet": _unet, "dipgo": _dipgo}
+def _experts(paths: dict[str, Path], device) -> Loaded:
+    from .pruning.experts import load_mixture
+
+    mixture = load_mixture(paths["model"], device)
+    experts = list(mixture.experts)
+    return Loaded(mixture.denoiser(), experts, load_scheduler_config(paths["model"]), _shape(experts[0]))
+
+
+KINDS: dict[str, Callable[[dict[str, Path], object], Loaded]] = {"unet": _unet, "dipgo": _dipgo, "experts": _experts}
 
 
 def load_target(kind: str, paths: dict[str, str | Path], device="cpu") -> Loaded:

@@ -41,6 +41,16 @@ TINY_PARAMS = {
                "seed": 0},
     "finetune": {"fraction": 0.5, "batch_size": 16, "checkpoint_every": 2, "model_name": "tiny-pruned",
                  "lr": 0.001, "warmup_steps": 0, "ema_decay": 0.9, "seed": 0},
+    "dipgo": {"target_ratio": 0.5, "steps": 3, "batch_size": 2, "pool_size": 4, "dim": 8, "model_name": "tiny-dipgo",
+              "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0001, "alpha_s": 1.0, "loss": "ssim", "tolerance": 0.0125,
+              "seed": 0},
+    "intervals": {"grid": 6, "k": 2, "batches": 1, "batch_size": 8, "min_size": 1, "seed": 0},
+    "experts": {"fraction": 0.5, "batch_size": 8, "checkpoint_every": 2, "lr": 0.001, "ema_decay": 0.9,
+                "min_width": 0.25, "depth_drop_prob": 0.2, "seed": 0},
+    "router": {"budget": 0.7, "steps": 2, "batch_size": 4, "hidden": 8, "lr": 0.01, "resource_weight": 2.0,
+               "temperature": 0.5, "seed": 0},
+    "prune_experts": {"fraction": 0.34, "batch_size": 8, "checkpoint_every": 2, "lr": 0.0005, "ema_decay": 0.9,
+                      "model_name": "tiny-experts", "seed": 0},
 }
 
 

@@ -162,3 +162,25 @@ def test_cli_refuses_bad_params_and_writes_nothing(tmp_path, override):
     (name, _), = vals.items()
     assert f"{section}.{name}" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in root.iterdir()) == ["dvc.yaml", "params.yaml"]
+
+
+def test_two_runs_at_once_with_the_same_config_compute_each_stage_once(tmp_path):
+    """Both runs finish; every stage is computed by exactly one of them and reused by the other."""
+    from diffprune.flows.pipeline import PIPELINE
+
+    root = make_project(tmp_path / "proj")
+    procs = []
+    for i in range(2):
+        env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp_path / f"prefect{i}")}
+        procs.append(subprocess.Popen([str(BIN / "diffprune"), "run", "--no-push"], cwd=root, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
+
+    def listed(out: str, label: str) -> set[str]:
+        line = next(l for l in out.splitlines() if l.startswith(label))
+        return {s.strip() for s in line.split(":", 1)[1].split(",") if s.strip() not in ("", "-")}
+
+    ran = [listed(o[0], "ran:") for o in outs]
+    assert ran[0] | ran[1] == set(PIPELINE)
+    assert not ran[0] & ran[1], f"stages computed twice: {ran[0] & ran[1]}"

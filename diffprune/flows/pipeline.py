@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+from filelock import FileLock
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
@@ -22,9 +23,10 @@ from .stamps import input_key, is_fresh, stage_specs, write_stamp
 
 # The stages in run order; dvc.yaml declares the same ones (a test checks it).
 PIPELINE: list[str] = [
-    "data", "features", "teacher", "taylor", "finetune",
-    "evaluate@teacher", "evaluate@finetune",
-    "register@teacher", "register@finetune",
+    "data", "features", "teacher", "taylor", "finetune", "dipgo",
+    "intervals", "experts", "router", "prune-experts",
+    "evaluate@teacher", "evaluate@finetune", "evaluate@dipgo", "evaluate@experts",
+    "register@teacher", "register@finetune", "register@dipgo", "register@experts",
 ]
 
 
@@ -64,16 +66,19 @@ def prune_pipeline(params_path: str = "params.yaml", root: str = ".", only: Opti
         if name not in wanted:
             continue
         spec = specs[name]
-        key = input_key(rootp, spec, params)
-        if is_fresh(rootp, name, key, spec):
-            log.info("skip %s: inputs unchanged since its last success", name)
-            skipped.append(name)
-            continue
-        if name.startswith("register@") and push:
-            _version(rootp, [s for s in PIPELINE if s in wanted and s != name and not s.startswith("register@")
-                             and PIPELINE.index(s) < PIPELINE.index(name)], push=False, log=log)
-        run_stage.with_options(name=name)(name, str(Path(params_path).resolve()), str(rootp))
-        write_stamp(rootp, name, key, spec)
+        # one run at a time per stage and workspace: a concurrent run with the same inputs waits,
+        # then finds the stage fresh and reuses its outputs instead of computing them again
+        with _lock(rootp, name):
+            key = input_key(rootp, spec, params)
+            if is_fresh(rootp, name, key, spec):
+                log.info("skip %s: inputs unchanged since its last success", name)
+                skipped.append(name)
+                continue
+            if name.startswith("register@") and push:
+                _version(rootp, [s for s in PIPELINE if s in wanted and s != name and not s.startswith("register@")
+                                 and PIPELINE.index(s) < PIPELINE.index(name)], push=False, log=log)
+            _run(name, str(Path(params_path).resolve()), rootp)
+            write_stamp(rootp, name, key, spec)
         ran.append(name)
     if push and ran:
         _version(rootp, [s for s in PIPELINE if s in wanted], push=True, log=log)
@@ -85,10 +90,34 @@ def prune_pipeline(params_path: str = "params.yaml", root: str = ".", only: Opti
     return {"ran": ran, "skipped": skipped, "table": table}
 
 
+# stages made of independent per-expert parts: one task per expert, run concurrently, then the
+# stage itself (which skips the finished experts and assembles what they share)
+PER_EXPERT = {"experts", "prune-experts"}
+
+
+def _run(name: str, params_path: str, root: Path) -> None:
+    if name in PER_EXPERT:
+        from ..io import read_json
+
+        k = len(read_json(root / "models/intervals/intervals.json")["boundaries"]) + 1
+        futures = [run_stage.with_options(name=f"{name}[{e}]").submit(name, params_path, str(root), expert=e)
+                   for e in range(k)]
+        for f in futures:
+            f.result()
+    run_stage.with_options(name=name)(name, params_path, str(root))
+
+
+def _lock(root: Path, name: str) -> FileLock:
+    path = root / ".work" / "locks" / f"{name.replace('@', '--')}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
+
+
 def _version(root: Path, stages: list[str], push: bool, log: logging.Logger) -> None:
     from .. import versioning
 
     if not (root / ".dvc").exists():
         log.warning("no DVC repository at %s: outputs not versioned (run `make demo` or `dvc init`)", root)
         return
-    versioning.commit_and_push(root, stages, push=push)
+    with _lock(root, "dvc"):  # DVC allows one command at a time per repository
+        versioning.commit_and_push(root, stages, push=push)

@@ -42,6 +42,10 @@ def _load_all() -> None:
         from . import dipgo  # noqa: F401
     except ImportError:  # pragma: no cover
         pass
+    try:
+        from . import experts  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def safe_subpath(root: Path, rel: str | Path) -> Path:

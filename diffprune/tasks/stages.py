@@ -45,11 +45,15 @@ def _small(out: dict) -> dict:
     retry_condition_fn=lambda task, task_run, state: not isinstance(state.result(raise_on_failure=False), ConfigError),
     persist_result=False,
 )
-def run_stage(name: str, params_path: str, root: str) -> dict:
-    """Run pipeline stage ``name`` (``evaluate@teacher`` = stage evaluate on target teacher)."""
+def run_stage(name: str, params_path: str, root: str, expert: int | None = None) -> dict:
+    """Run pipeline stage ``name`` (``evaluate@teacher`` = stage evaluate on target teacher); per-expert
+    stages take ``expert`` to train one expert only."""
     base, _, target = name.partition("@")
-    kwargs: dict[str, Any] = {"on_progress": _progress_reporter(name), "progress": True}
+    kwargs: dict[str, Any] = {"on_progress": _progress_reporter(name if expert is None else f"{name}[{expert}]"),
+                              "progress": True}
     if target:
         kwargs["target"] = target
+    if expert is not None:
+        kwargs["expert"] = expert
     out = get_stage(base)(load_params(params_path), Path(root), **kwargs)
     return _small(out)

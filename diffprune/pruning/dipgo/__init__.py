@@ -1,0 +1,30 @@
+"""DiP-GO: a diffusion pruner via few-step gradient optimisation (NeurIPS 2024, arXiv 2410.16942).
+
+The learned result is data - a ``[T x N]`` skip schedule over the model's blocks - which
+:class:`SkipScheduleDenoiser` runs inside the common sampler with real savings.
+"""
+
+from .graph import OUTPUT, BlockGraph, UNet2DGraph, block_graph, executed_blocks, needed_blocks
+from .pruner import ConsistencyLoss, GatePruner, ste_gates, train_pruner
+from .schedule import (
+    BlockCosts,
+    Schedule,
+    block_costs,
+    deepcache_for_ratio,
+    deepcache_schedule,
+    random_schedule,
+    save_heatmap,
+    schedule_from_scores,
+    schedule_macs,
+    skip_savings,
+    trajectory_macs,
+)
+from .supernet import GatedRunner, SkipScheduleDenoiser
+
+__all__ = [
+    "OUTPUT", "BlockGraph", "UNet2DGraph", "block_graph", "executed_blocks", "needed_blocks",
+    "ConsistencyLoss", "GatePruner", "ste_gates", "train_pruner",
+    "BlockCosts", "Schedule", "block_costs", "deepcache_for_ratio", "deepcache_schedule", "random_schedule",
+    "save_heatmap", "schedule_from_scores", "schedule_macs", "skip_savings", "trajectory_macs",
+    "GatedRunner", "SkipScheduleDenoiser",
+]

@@ -1,0 +1,364 @@
+"""Skip schedules as data: a ``[T x N]`` boolean table, its cost, its builders and its heatmap.
+
+``keep[t][k]`` is the gate of block k at sampling step t: True = compute the block, False = reuse
+its backup (its output at the last step it was computed). Step 0 always computes everything. A
+block whose consumers all reuse their backups is not needed and not computed, whatever its gate;
+:meth:`Schedule.executed` gives what really runs. Builders:
+
+* :func:`schedule_from_scores` - keep the highest-scoring gates until the MACs hit a target
+  (DiP-GO's post-processing: bisection on a score threshold);
+* :func:`deepcache_schedule` - DeepCache's uniform schedule (full step every ``interval`` steps,
+  otherwise reuse the up block at depth ``branch`` and compute only the shallow path);
+* :func:`random_schedule` - random scores at a given MACs ratio (a baseline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ...io import atomic_path, read_json, write_json
+from ...metrics.cost import MacCounter
+from .graph import BlockGraph, block_graph, executed_blocks, needed_blocks
+
+SCHEMA = "diffprune.dipgo.schedule/v1"
+
+
+@dataclass
+class Schedule:
+    """Which block runs at which sampling step.
+
+    Attributes:
+        keep: ``[T][N]`` gates, True = compute block k at step t (row 0 must be all True).
+        block_names: the N block names, in the graph's execution order.
+        consumers: per block, the indices of its consumers (``"<output>"`` = the head); lets
+            :meth:`executed` and the heatmap work without the model. Empty = unknown.
+        target_ratio: the MACs ratio asked for, if any.
+        macs_ratio: trajectory MACs of this schedule / those of the full model, if computed.
+        method: who built it ("dipgo", "deepcache", "random", ...).
+        meta: free-form extra information (JSON-serialisable).
+    """
+
+    keep: list[list[bool]]
+    block_names: list[str]
+    consumers: list[list[int | str]] = field(default_factory=list)
+    target_ratio: Optional[float] = None
+    macs_ratio: Optional[float] = None
+    method: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.keep, torch.Tensor):
+            self.keep = self.keep.bool().tolist()
+        self.keep = [[bool(v) for v in row] for row in self.keep]
+        n = len(self.block_names)
+        if not self.keep:
+            raise ValueError("Schedule.keep is empty: needs at least one step")
+        for t, row in enumerate(self.keep):
+            if len(row) != n:
+                raise ValueError(f"Schedule.keep[{t}] has {len(row)} gates, expected {n} ({self.block_names})")
+        if not all(self.keep[0]):
+            raise ValueError(f"Schedule.keep[0] = {self.keep[0]}: step 0 must compute every block")
+        if self.consumers and len(self.consumers) != n:
+            raise ValueError(f"Schedule.consumers has {len(self.consumers)} entries, expected {n}")
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.keep)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_names)
+
+    def keep_tensor(self) -> torch.Tensor:
+        """The gates as a ``(T, N)`` bool tensor."""
+        return torch.tensor(self.keep, dtype=torch.bool)
+
+    def executed(self) -> list[list[bool]]:
+        """``[T][N]``: blocks that really run (gate on and needed). Needs :attr:`consumers`."""
+        if not self.consumers:
+            raise ValueError("Schedule.executed(): consumers unknown; build the schedule from a model")
+        return [executed_blocks(self.consumers, row) for row in self.keep]
+
+    # -- serialisation -----------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["keep"] = [[int(v) for v in row] for row in self.keep]
+        d["schema"] = SCHEMA
+        d["num_steps"] = self.num_steps
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Schedule":
+        if d.get("schema") != SCHEMA:
+            raise ValueError(f"schedule schema = {d.get('schema')!r}: expected {SCHEMA!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def save(self, path: str | Path) -> Path:
+        """Write the schedule as JSON, atomically."""
+        return write_json(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Schedule":
+        return cls.from_json(read_json(path))
+
+
+# --------------------------------------------------------------------------------- costs
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """MACs of one network call on ONE image: ``always`` (time embedding, stem, head) + per block."""
+
+    always: int
+    blocks: tuple[int, ...]
+
+    @property
+    def full(self) -> int:
+        return self.always + sum(self.blocks)
+
+    def step_macs(self, executed: Sequence[bool]) -> int:
+        return self.always + sum(c for c, e in zip(self.blocks, executed) if e)
+
+
+@torch.no_grad()
+def block_costs(model: nn.Module | BlockGraph, sample_shape: Sequence[int]) -> BlockCosts:
+    """Per-block MACs of one call on a batch of one ``sample_shape = (C, H, W)`` image."""
+    graph = block_graph(model)
+    p = next(graph.model.parameters())
+    x = torch.zeros((1, *sample_shape), device=p.device, dtype=p.dtype)
+    t = torch.ones((1,), device=p.device, dtype=torch.long)
+    counters = [MacCounter(m) for m in graph.block_modules]
+    with MacCounter(graph.model) as total:
+        for c in counters:
+            c.__enter__()
+        try:
+            graph.forward(x, t, lambda k, compute: compute())
+        finally:
+            for c in counters:
+                c.__exit__(None, None, None)
+    blocks = tuple(c.total for c in counters)
+    return BlockCosts(always=total.total - sum(blocks), blocks=blocks)
+
+
+def skip_savings(consumers: Sequence[Sequence[int | str]], costs: BlockCosts) -> list[int]:
+    """gamma_k: MACs one step saves when only block k reuses its backup.
+
+    Counts block k and every block made unnecessary with it (e.g. reusing an up block's output
+    frees the deeper blocks that feed only it), so gamma_deep < gamma_up for such pairs.
+    """
+    n = len(consumers)
+    gamma = []
+    for k in range(n):
+        keep = [j != k for j in range(n)]
+        ex = executed_blocks(consumers, keep)
+        gamma.append(sum(c for c, e in zip(costs.blocks, ex) if not e))
+    return gamma
+
+
+def trajectory_macs(consumers: Sequence[Sequence[int | str]], costs: BlockCosts, keep: Sequence[Sequence[bool]]) -> int:
+    """MACs of a whole trajectory on one image for gates ``keep: [T][N]``."""
+    return sum(costs.step_macs(executed_blocks(consumers, row)) for row in keep)
+
+
+def schedule_macs(model: nn.Module | BlockGraph, schedule: Schedule, sample_shape: Sequence[int]) -> int:
+    """MACs the skip-schedule sampler executes for one image over the whole trajectory."""
+    graph = block_graph(model)
+    check_block_names(graph, schedule)
+    return trajectory_macs(graph.consumers, block_costs(graph, sample_shape), schedule.keep)
+
+
+def check_block_names(graph: BlockGraph, schedule: Schedule) -> None:
+    """Raise ``ValueError`` unless ``schedule`` was made for ``graph``'s blocks."""
+    if list(schedule.block_names) != graph.block_names:
+        raise ValueError(f"schedule blocks {schedule.block_names} do not match the model's {graph.block_names}")
+
+
+# ------------------------------------------------------------------------------ builders
+
+def schedule_from_scores(
+    scores: torch.Tensor,
+    graph: BlockGraph,
+    costs: BlockCosts,
+    target_ratio: float,
+    tolerance: float = 0.0125,
+    *,
+    method: str = "dipgo",
+    strict: bool = True,
+) -> Schedule:
+    """Threshold keep scores ``(T, N)`` so the trajectory MACs ratio lands on ``target_ratio``.
+
+    Gates ``scores[1:]`` are ranked by score (ties by step, then block, so the result is
+    deterministic) and a bisection finds how many of the top-ranked gates to keep - the same as
+    bisecting a threshold between consecutive scores; kept MACs grow with the count, so the search
+    is monotone. When the gate at the threshold is too coarse to land in the band (it frees or
+    needs many blocks), the next-ranked gates that still fit are added. Step 0 always computes
+    everything. Raises ``ValueError`` when the closest schedule misses the target by
+    more than ``tolerance`` and ``strict``.
+    """
+    T, N = scores.shape
+    if N != len(graph.block_names):
+        raise ValueError(f"scores have {N} blocks, the graph has {len(graph.block_names)}")
+    if not 0.0 < target_ratio <= 1.0:
+        raise ValueError(f"target_ratio = {target_ratio}: expected in (0, 1]")
+    consumers = graph.consumers
+    full = costs.full * T
+    flat = scores[1:].detach().float().flatten().cpu()
+    order = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))  # descending score
+
+    def gates(chosen: Sequence[int]) -> list[list[bool]]:
+        keep = [[True] * N] + [[False] * N for _ in range(T - 1)]
+        for i in chosen:
+            keep[1 + i // N][i % N] = True
+        return keep
+
+    def ratio(chosen: Sequence[int]) -> float:
+        return trajectory_macs(consumers, costs, gates(chosen)) / full
+
+    # 1. bisection: the largest prefix of the ranking (= the lowest threshold) still below target
+    lo, hi = 0, len(order)
+    if ratio(order[:hi]) < target_ratio:
+        lo = hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if ratio(order[:mid]) < target_ratio:
+            lo = mid
+        else:
+            hi = mid
+    chosen = list(order[:lo])
+    best = min((chosen, order[:hi]), key=lambda c: abs(ratio(c) - target_ratio))
+    # 2. if the next gate overshoots the band (a coarse, MACs-heavy gate), fill with the next
+    #    highest-scoring gates that still fit in it
+    if abs(ratio(best) - target_ratio) > tolerance:
+        for i in order[lo:]:
+            r = ratio(chosen + [i])
+            if r <= target_ratio + tolerance:
+                chosen.append(i)
+                if r >= target_ratio - tolerance:
+                    break
+        best = min((best, chosen), key=lambda c: abs(ratio(c) - target_ratio))
+    achieved = ratio(best)
+    if strict and abs(achieved - target_ratio) > tolerance:
+        raise ValueError(
+            f"target_ratio = {target_ratio}: closest reachable MACs ratio is {achieved:.4f} "
+            f"(tolerance {tolerance}); minimum possible is {ratio([]):.4f}"
+        )
+    return Schedule(
+        keep=gates(best), block_names=graph.block_names, consumers=consumers,
+        target_ratio=target_ratio, macs_ratio=achieved, method=method,
+        meta={"kept_gates": len(best) + N, "tolerance": tolerance},
+    )
+
+
+def deepcache_schedule(
+    model: nn.Module | BlockGraph,
+    num_steps: int,
+    interval: int,
+    branch: int,
+    sample_shape: Sequence[int],
+) -> Schedule:
+    """DeepCache's uniform schedule on a UNet graph.
+
+    Every ``interval`` steps (0, N, 2N, ...) the full model runs; at the other steps the up block at
+    depth ``branch`` reuses its backup (depth 0 = the last, full-resolution up block; depth L-1 =
+    the first, deepest one), so only the shallow path above it is computed: the up blocks after it
+    and the down blocks feeding their skip connections.
+    """
+    graph = block_graph(model)
+    ups = [i for i, n in enumerate(graph.block_names) if n.startswith("up_")]
+    if interval < 1:
+        raise ValueError(f"interval = {interval}: expected >= 1")
+    if not 0 <= branch < len(ups):
+        raise ValueError(f"branch = {branch}: expected in [0, {len(ups) - 1}] (up-block depth)")
+    cached = ups[len(ups) - 1 - branch]
+    N = len(graph.block_names)
+    keep = [[True] * N if t % interval == 0 else [k != cached for k in range(N)] for t in range(num_steps)]
+    costs = block_costs(graph, sample_shape)
+    ratio = trajectory_macs(graph.consumers, costs, keep) / (costs.full * num_steps)
+    return Schedule(
+        keep=keep, block_names=graph.block_names, consumers=graph.consumers, macs_ratio=ratio,
+        method="deepcache", meta={"interval": interval, "branch": branch},
+    )
+
+
+def deepcache_for_ratio(
+    model: nn.Module | BlockGraph, num_steps: int, target_ratio: float, sample_shape: Sequence[int]
+) -> Schedule:
+    """The DeepCache (interval, branch) whose MACs ratio is closest to ``target_ratio``."""
+    graph = block_graph(model)
+    n_up = sum(n.startswith("up_") for n in graph.block_names)
+    best: Optional[Schedule] = None
+    for interval in range(1, num_steps + 1):
+        for branch in range(n_up):
+            s = deepcache_schedule(graph, num_steps, interval, branch, sample_shape)
+            if best is None or abs(s.macs_ratio - target_ratio) < abs(best.macs_ratio - target_ratio):
+                best = s
+    assert best is not None
+    best.target_ratio = target_ratio
+    return best
+
+
+def random_schedule(
+    model: nn.Module | BlockGraph,
+    num_steps: int,
+    target_ratio: float,
+    sample_shape: Sequence[int],
+    *,
+    seed: int = 0,
+    tolerance: float = 0.0125,
+) -> Schedule:
+    """Uniformly random gates, thresholded to ``target_ratio`` like DiP-GO's scores."""
+    graph = block_graph(model)
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand((num_steps, len(graph.block_names)), generator=g)
+    s = schedule_from_scores(scores, graph, block_costs(graph, sample_shape), target_ratio, tolerance, method="random")
+    s.meta["seed"] = seed
+    return s
+
+
+# ------------------------------------------------------------------------------- heatmap
+
+def save_heatmap(schedule: Schedule, png_path: str | Path, title: Optional[str] = None) -> Path:
+    """Draw the schedule as a ``[T x N]`` heatmap PNG (steps down, blocks across), atomically.
+
+    Colours: computed, reused (backup), not needed (freed by a consumer's reuse). Without
+    :attr:`Schedule.consumers` only computed/reused are shown.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    # state per cell: 2 = computed, 0 = reused (backup), 1 = not needed
+    if schedule.consumers:
+        rows = []
+        for row in schedule.keep:
+            needed = needed_blocks(schedule.consumers, row)
+            rows.append([2 if (n and k) else (0 if n else 1) for n, k in zip(needed, row)])
+        state = torch.tensor(rows)
+    else:
+        state = torch.tensor(schedule.keep, dtype=torch.int64) * 2
+    colours = ["#f4a261", "#d9d9d9", "#2a9d8f"]  # reused, not needed, computed
+    fig, ax = plt.subplots(figsize=(2.5 + 0.45 * schedule.num_blocks, 1.5 + 0.1 * schedule.num_steps))
+    ax.imshow(state.numpy(), cmap=ListedColormap(colours), vmin=0, vmax=2, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(schedule.num_blocks), schedule.block_names, rotation=45, ha="right")
+    ax.set_ylabel("sampling step")
+    ratio = f"MACs ratio {schedule.macs_ratio:.3f}" if schedule.macs_ratio is not None else ""
+    ax.set_title(title or f"{schedule.method or 'schedule'} {ratio}".strip(), fontsize=9)
+    ax.legend(
+        handles=[Patch(color=colours[2], label="computed"), Patch(color=colours[0], label="reused"),
+                 Patch(color=colours[1], label="not needed")],
+        loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False,
+    )
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return Path(png_path)

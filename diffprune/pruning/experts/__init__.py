@@ -1,0 +1,56 @@
+"""Mixture of efficient diffusion experts (Ganjdanesh et al., ECCV 2024, arXiv 2409.15557).
+
+1. :mod:`.intervals`: gradient-alignment matrix over a timestep grid, exact contiguous clustering.
+2. :mod:`.elastic`: elastic depth/width of a UNet by hooks; importance ordering; random sub-networks.
+3. :mod:`.router`: the Expert Routing Agent that shares a MACs budget between the experts.
+4. :mod:`.prune`: physical pruning to the selected sub-networks; the mixture as one checkpoint.
+"""
+
+from .elastic import (
+    ElasticController,
+    ElasticSpace,
+    ElasticUnit,
+    SubnetConfig,
+    elastic_hook,
+    elastic_space,
+    importance_orders,
+    reorder_units,
+    sample_subnet,
+    unit_importance,
+)
+from .intervals import (
+    Segmentation,
+    alignment_matrix,
+    cutoff_curve,
+    cuts_to_boundaries,
+    grid_edges,
+    objective,
+    save_alignment_heatmap,
+    segment,
+    timestep_gradients,
+    timestep_grid,
+    uniform_boundaries,
+    uniform_cuts,
+)
+from .prune import ExpertMixtureModel, SkippedBlock, load_mixture, prune_to_config, save_mixture
+from .router import (
+    ExpertRoutingAgent,
+    RelaxedSubnet,
+    RouterResult,
+    calibrate,
+    relax,
+    select,
+    steps_per_expert,
+    train_router,
+    trajectory_macs,
+)
+
+__all__ = [
+    "ElasticController", "ElasticSpace", "ElasticUnit", "SubnetConfig", "elastic_hook", "elastic_space",
+    "importance_orders", "reorder_units", "sample_subnet", "unit_importance",
+    "Segmentation", "alignment_matrix", "cutoff_curve", "cuts_to_boundaries", "grid_edges", "objective",
+    "save_alignment_heatmap", "segment", "timestep_gradients", "timestep_grid", "uniform_boundaries", "uniform_cuts",
+    "ExpertMixtureModel", "SkippedBlock", "load_mixture", "prune_to_config", "save_mixture",
+    "ExpertRoutingAgent", "RelaxedSubnet", "RouterResult", "calibrate", "relax", "select", "steps_per_expert",
+    "train_router", "trajectory_macs",
+]

@@ -1,0 +1,175 @@
+"""Physical pruning of an expert to its selected sub-network, and the mixture as one checkpoint.
+
+:func:`prune_to_config` removes what the masks only hid: the trailing (least important) groups of
+each resnet's hidden width and the trailing heads of each attention become smaller real layers
+(Torch-Pruning's layer pruning functions, then the attribute repair and consistency check of
+:mod:`diffprune.pruning.taylor`), and dropped sub-blocks are replaced by :class:`SkippedBlock`.
+The result computes what the masked expert computed, with exactly
+:meth:`~diffprune.pruning.experts.elastic.ElasticSpace.macs` MACs.
+
+:class:`ExpertMixtureModel` holds the ``K`` (pruned) experts and their interval boundaries in one
+module, so :func:`~diffprune.models.checkpoint.save_model` / ``load_model`` round-trip the whole
+mixture (shapes, dropped blocks and heads included) as one pickle-free checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch_pruning as tp
+from diffusers import UNet2DModel
+from torch import nn
+
+from ...io import ArtifactError
+from ...models.checkpoint import MODEL_CLASSES, load_model, register_replacement, save_model
+from ...sampling import ExpertMixture
+from ..taylor import check_pruned, repair_attributes
+from .elastic import RESNET, ElasticSpace, SubnetConfig
+
+
+@register_replacement
+class SkippedBlock(nn.Module):
+    """A dropped residual sub-block: returns its input ``(B, C, H, W)`` unchanged, costs nothing.
+
+    Args:
+        channels: width of the residual stream it sits on (recorded for the checkpoint).
+        kind: ``"resnet"`` or ``"attention"``, the sub-block it replaces.
+    """
+
+    def __init__(self, channels: int, kind: str) -> None:
+        super().__init__()
+        self.channels = int(channels)
+        self.kind = str(kind)
+
+    def structure_init(self) -> dict[str, Any]:
+        return {"channels": self.channels, "kind": self.kind}
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, channels={self.channels}"
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)):
+        parent[int(child)] = new
+    else:
+        setattr(parent, child, new)
+
+
+def _trailing(unit_size: int, keep: int, units: int) -> list[int]:
+    """Channel indices of units ``keep .. units-1`` (the least important ones)."""
+    return list(range(keep * unit_size, units * unit_size))
+
+
+@torch.no_grad()
+def prune_to_config(model: nn.Module, space: ElasticSpace, cfg: SubnetConfig,
+                    sample_shape: Sequence[int] | None = None) -> nn.Module:
+    """A physically pruned copy of an (importance-ordered) expert; ``model`` is left untouched.
+
+    Args:
+        model: the elastic expert, the full architecture of ``space``.
+        cfg: the sub-network to keep.
+        sample_shape: ``(C, H, W)``; when given, the pruned net is checked on a dummy input.
+
+    Raises:
+        ValueError: ``cfg`` lies outside ``space``.
+        diffprune.pruning.taylor.PruningError: the pruned network is inconsistent.
+    """
+    space.check(cfg)
+    net = copy.deepcopy(model)
+    for u, keep, on in zip(space.units, cfg.width, cfg.depth):
+        m = net.get_submodule(u.name)
+        if not on:  # depth: the whole residual sub-block goes
+            _set_submodule(net, u.name, SkippedBlock(u.channels, u.kind))
+            continue
+        if keep == u.units:
+            continue
+        idxs = _trailing(u.unit_size, keep, u.units)
+        if u.kind == RESNET:  # width: conv1 outputs = time_emb_proj outputs = norm2 groups = conv2 inputs
+            tp.prune_conv_out_channels(m.conv1, idxs)
+            tp.prune_linear_out_channels(m.time_emb_proj, idxs)
+            tp.prune_groupnorm_out_channels(m.norm2, idxs)
+            m.norm2.num_groups = keep  # whole groups removed: the group size is unchanged
+            tp.prune_conv_in_channels(m.conv2, idxs)
+        else:  # heads: q/k/v outputs and to_out inputs, whole heads
+            for lin in (m.to_q, m.to_k, m.to_v):
+                tp.prune_linear_out_channels(lin, idxs)
+            tp.prune_linear_in_channels(m.to_out[0], idxs)
+    repair_attributes(net)
+    if sample_shape is not None:
+        check_pruned(net, tuple(sample_shape), what="pruned expert")
+    return net
+
+
+# ----------------------------------------------------------------------------- the mixture
+
+class ExpertMixtureModel(nn.Module):
+    """``K`` timestep experts and the ``K - 1`` ascending boundaries of their intervals.
+
+    Expert ``k`` serves ``boundaries[k-1] <= t < boundaries[k]`` (expert 0 the least noisy steps).
+    :meth:`denoiser` gives the :class:`~diffprune.sampling.ExpertMixture` the sampler runs.
+
+    Args:
+        experts: diffusers ``UNet2DModel`` s built from one config (they may be pruned differently).
+        boundaries: ``K - 1`` ascending timesteps.
+    """
+
+    def __init__(self, experts: Sequence[nn.Module], boundaries: Sequence[int]) -> None:
+        super().__init__()
+        if len(boundaries) != len(experts) - 1 or list(boundaries) != sorted(boundaries):
+            raise ValueError(f"{len(experts)} experts need {len(experts) - 1} ascending boundaries, "
+                             f"got {list(boundaries)}")
+        self.experts = nn.ModuleList(experts)
+        self.boundaries = [int(b) for b in boundaries]
+        base = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(experts[0].config).items()}
+        self.config = {
+            "num_experts": len(experts),
+            "boundaries": self.boundaries,
+            "unet": base,
+            "sample_size": base["sample_size"],
+            "in_channels": base["in_channels"],
+            "out_channels": base["out_channels"],
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ExpertMixtureModel":
+        """The unpruned skeleton of a saved mixture (checkpoint loading then reshapes it)."""
+        unet = dict(config["unet"])
+        return cls([UNet2DModel.from_config(unet) for _ in range(int(config["num_experts"]))], config["boundaries"])
+
+    def denoiser(self) -> ExpertMixture:
+        return ExpertMixture(list(self.experts), self.boundaries)
+
+
+MODEL_CLASSES["ExpertMixtureModel"] = ExpertMixtureModel.from_config
+
+
+# diffusers deprecates reading config values as attributes of a nested UNet2DModel (the checkpoint's
+# structure walk does that for every submodule); the values it reads are still right.
+_NESTED_CONFIG_WARNING = r"Accessing config attribute .* directly via 'UNet2DModel'"
+
+
+def save_mixture(mixture: ExpertMixtureModel, path: str | Path, *, scheduler_config: dict | None = None,
+                 meta: dict | None = None) -> Path:
+    """:func:`~diffprune.models.checkpoint.save_model` for a mixture (atomic, pickle-free)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NESTED_CONFIG_WARNING, category=FutureWarning)
+        return save_model(mixture, path, scheduler_config=scheduler_config, meta=meta)
+
+
+def load_mixture(path: str | Path, device: str | torch.device = "cpu") -> ExpertMixtureModel:
+    """Load a mixture saved by :func:`save_mixture`; refuses any other checkpoint."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NESTED_CONFIG_WARNING, category=FutureWarning)
+        model = load_model(path, device)
+    if not isinstance(model, ExpertMixtureModel):
+        raise ArtifactError(f"{path}: holds a {type(model).__name__}, not an ExpertMixtureModel")
+    return model

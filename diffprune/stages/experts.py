@@ -1,0 +1,410 @@
+"""Stages of the mixture of efficient experts: intervals -> experts -> router -> prune-experts.
+
+- ``intervals``: gradient-alignment matrix of the teacher over a timestep grid, the exact best
+  contiguous K-segmentation, boundaries in timesteps (``models/intervals/``).
+- ``experts``: one elastic (depth + width) fine-tune of the teacher per interval
+  (``models/experts/elastic/expert-K/``); ``expert=k`` trains only expert ``k`` (one task per expert).
+- ``router``: the Expert Routing Agent picks every expert's sub-network under the MACs budget
+  (``models/experts/router/``).
+- ``prune-experts``: each expert cut physically to its sub-network and fine-tuned briefly
+  (``models/experts/pruned/expert-K/``); with ``expert=None`` also the mixture checkpoint
+  (``models/experts/mixture/``) and ``models/experts/summary.json``.
+
+A per-expert output records a key of everything it was made from; a rerun skips an expert whose
+output is up to date, and training resumes from its last checkpoint otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from diffusers import DDPMScheduler
+from safetensors.torch import save_file
+
+from ..config import ConfigError, Params, fingerprint, resolve_device, to_dict
+from ..data import load_split
+from ..io import ArtifactError, atomic_path, read_json, write_json
+from ..metrics.cost import unet_macs
+from ..models.checkpoint import load_model, load_scheduler_config, read_config, save_model, verify
+from ..models.unet import sampling_scheduler
+from ..pruning.experts import (
+    ElasticController,
+    ElasticSpace,
+    ExpertMixtureModel,
+    SubnetConfig,
+    alignment_matrix,
+    cuts_to_boundaries,
+    cutoff_curve,
+    elastic_hook,
+    elastic_space,
+    importance_orders,
+    objective,
+    prune_to_config,
+    reorder_units,
+    save_alignment_heatmap,
+    save_mixture,
+    segment,
+    steps_per_expert,
+    timestep_gradients,
+    timestep_grid,
+    train_router,
+    trajectory_macs,
+    uniform_boundaries,
+    uniform_cuts,
+    unit_importance,
+)
+from ..training import TrainSpec, spec_json
+from . import core, safe_subpath, stage
+
+log = logging.getLogger(__name__)
+
+INTERVALS = "models/intervals"
+ELASTIC = "models/experts/elastic"
+ROUTER = "models/experts/router"
+PRUNED = "models/experts/pruned"
+MIXTURE = "models/experts/mixture"
+SUMMARY = "models/experts/summary.json"
+
+core.TARGETS["experts"] = core.Target(
+    "experts", {"model": MIXTURE}, ("intervals", "experts", "router", "prune_experts"),
+    lambda p: p.prune_experts.model_name,
+)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _teacher(root: Path, device: torch.device) -> tuple[torch.nn.Module, DDPMScheduler, dict]:
+    path = safe_subpath(root, core.TEACHER)
+    if not (path / "config.json").exists():
+        raise ConfigError(f"{path}: no teacher checkpoint (run the teacher stage first)")
+    cfg = load_scheduler_config(path)
+    return load_model(path, device), DDPMScheduler.from_config(cfg), cfg
+
+
+def _shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    c = model.config
+    size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+    return (c.in_channels, size, size)
+
+
+def _steps(fraction: float, teacher_steps: int) -> int:
+    """``ceil(fraction * teacher_steps)`` training steps, at least 1."""
+    return max(1, math.ceil(round(fraction * teacher_steps, 6)))
+
+
+def _read_intervals(root: Path) -> dict:
+    path = safe_subpath(root, INTERVALS) / "intervals.json"
+    if not path.exists():
+        raise ConfigError(f"{path}: missing (run the intervals stage first)")
+    return read_json(path)
+
+
+def _interval_ranges(doc: dict) -> list[tuple[int, int]]:
+    edges = [0, *doc["boundaries"], int(doc["num_train_timesteps"])]
+    return [(edges[k], edges[k + 1]) for k in range(len(edges) - 1)]
+
+
+def _which(expert: Optional[int], k: int) -> list[int]:
+    if expert is None:
+        return list(range(k))
+    if not isinstance(expert, int) or not 0 <= expert < k:
+        raise ConfigError(f"expert = {expert!r}: expected an index in [0, {k})")
+    return [expert]
+
+
+def _up_to_date(path: Path, key: str) -> bool:
+    """Whether ``path`` is an intact checkpoint made from inputs with this ``key``."""
+    if not (path / "config.json").exists():
+        return False
+    try:
+        return verify(path).get("meta", {}).get("key") == key
+    except ArtifactError:
+        return False
+
+
+def _expert_dir(root: Path, base: str, k: int) -> Path:
+    return safe_subpath(root, f"{base}/expert-{k}")
+
+
+def _sampling_timesteps(scheduler_config: dict, p: Params) -> list[int]:
+    sched = sampling_scheduler(scheduler_config, p.evaluate.sampler)
+    sched.set_timesteps(p.evaluate.steps)
+    return [int(t) for t in sched.timesteps]
+
+
+# ----------------------------------------------------------------------------- intervals
+
+@stage("intervals")
+def run_intervals(p: Params, root: Path, progress: bool = True, **_: Any) -> dict:
+    """Gradient alignment of the teacher's timesteps and the best contiguous K intervals."""
+    cfg = p.intervals
+    device = resolve_device(p.project.device)
+    teacher, sched, _sc = _teacher(root, device)
+    T = int(sched.config.num_train_timesteps)
+    if cfg.grid > T:
+        raise ConfigError(f"intervals.grid = {cfg.grid!r}: more grid points than the {T} training timesteps")
+    images, _ = load_split(safe_subpath(root, core.DATASET), "train")
+    ts = timestep_grid(T, cfg.grid)
+    # 1. per-timestep gradients (G, P) and their cosine alignment (G, G)
+    grads = timestep_gradients(teacher, sched, images, ts, batches=cfg.batches, batch_size=cfg.batch_size,
+                               seed=cfg.seed, device=device)
+    a = alignment_matrix(grads).numpy()  # (G, G) float64
+    # 2. the exact best contiguous segmentation, and the uniform one for comparison
+    seg = segment(a, cfg.k, cfg.min_size)
+    ucuts = uniform_cuts(cfg.grid, cfg.k)
+    doc = {
+        "num_train_timesteps": T,
+        "grid": ts,
+        "alignment": a.tolist(),
+        "k": cfg.k,
+        "cuts": list(seg.cuts),
+        "boundaries": cuts_to_boundaries(seg.cuts, T, cfg.grid),
+        "objective": seg.objective,
+        "uniform_cuts": ucuts,
+        "uniform_boundaries": uniform_boundaries(T, cfg.k),
+        "uniform_objective": objective(a, ucuts),
+        "cutoff_curve": cutoff_curve(a),
+        "params": to_dict(cfg),
+    }
+    out = safe_subpath(root, INTERVALS)
+    with atomic_path(out, is_dir=True) as tmp:
+        tmp.mkdir(parents=True)
+        write_json(tmp / "intervals.json", doc)
+        save_alignment_heatmap(a, ts, tmp / "alignment.png", cuts=seg.cuts, uniform=ucuts, curve=doc["cutoff_curve"],
+                               cut_timesteps=cuts_to_boundaries(range(1, cfg.grid), T, cfg.grid),
+                               title=f"gradient alignment, K={cfg.k}: J={seg.objective:.4f} "
+                                     f"(uniform {doc['uniform_objective']:.4f})")
+    log.info("intervals: boundaries %s, J = %.4f (uniform %.4f)", doc["boundaries"], seg.objective,
+             doc["uniform_objective"])
+    return {"intervals": str(out), "boundaries": doc["boundaries"], "objective": seg.objective}
+
+
+# ----------------------------------------------------------------------------- experts
+
+def train_expert(p: Params, root: Path, k: int, *, progress: bool = True,
+                 on_progress: core.ProgressFn | None = None) -> Path:
+    """Fine-tune the teacher on interval ``k`` with elastic depth and width; returns its folder."""
+    doc = _read_intervals(root)
+    lo, hi = _interval_ranges(doc)[k]
+    device = resolve_device(p.project.device)
+    teacher_dir = safe_subpath(root, core.TEACHER)
+    key = fingerprint(read_config(teacher_dir)["sha256"], [lo, hi], p.data, p.experts, {"expert": k})
+    out = _expert_dir(root, ELASTIC, k)
+    if _up_to_date(out, key):
+        log.info("expert %d is up to date", k)
+        return out
+    model, sched, sched_cfg = _teacher(root, device)
+    images, _ = load_split(safe_subpath(root, core.DATASET), "train")
+    cfg = p.experts
+    # 1. the elastic space, and the channels of every unit put in importance order on this interval
+    space = elastic_space(model, _shape(model), cfg.min_width)
+    orders = importance_orders(unit_importance(model, space, sched, images, t_min=lo, t_max=hi,
+                                               batch_size=cfg.batch_size, seed=cfg.seed + k))
+    reorder_units(model, space, orders)
+    # 2. fine-tune on [lo, hi), a random sub-network every step (drawn from the training generator)
+    spec = TrainSpec(steps=_steps(cfg.fraction, p.teacher.steps), batch_size=cfg.batch_size, lr=cfg.lr,
+                     ema_decay=cfg.ema_decay, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed + k,
+                     t_min=lo, t_max=hi)
+    with ElasticController(model, space) as ctrl:
+        model = core.train_or_resume(model, images, sched, spec, core.work_dir(root, f"experts-{k}", key),
+                                     device=device, progress=progress, desc=f"expert {k} [{lo}, {hi})",
+                                     before_step=elastic_hook(ctrl, cfg.depth_drop_prob), on_progress=on_progress)
+    meta = {"key": key, "expert": k, "interval": [lo, hi], "space": space.to_json(),
+            "importance_order": [o.tolist() for o in orders], "training_options": spec_json(spec),
+            "params": to_dict(cfg)}
+    save_model(model.cpu(), out, scheduler_config=sched_cfg, meta=meta)
+    return out
+
+
+@stage("experts")
+def run_experts(p: Params, root: Path, progress: bool = True, on_progress: core.ProgressFn | None = None,
+                expert: Optional[int] = None, **_: Any) -> dict:
+    """Train the elastic expert of every interval (``expert=k``: only expert ``k``)."""
+    k_count = len(_read_intervals(root)["boundaries"]) + 1
+    outs = [train_expert(p, root, k, progress=progress, on_progress=on_progress) for k in _which(expert, k_count)]
+    return {"experts": [str(o) for o in outs]}
+
+
+# ----------------------------------------------------------------------------- router
+
+def _load_elastic(root: Path, k_count: int, device: torch.device) -> tuple[list[torch.nn.Module], ElasticSpace]:
+    experts, space = [], None
+    for k in range(k_count):
+        path = _expert_dir(root, ELASTIC, k)
+        if not (path / "config.json").exists():
+            raise ConfigError(f"{path}: missing (run the experts stage for every expert first)")
+        s = ElasticSpace.from_json(read_config(path)["meta"]["space"])
+        if space is not None and s != space:
+            raise ArtifactError(f"{path}: its elastic space differs from expert 0's")
+        space = s
+        experts.append(load_model(path, device))
+    assert space is not None
+    return experts, space
+
+
+def _save_router_plot(history: list[dict], space: ElasticSpace, configs: Sequence[SubnetConfig], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1, 2]})
+    ax1.plot([h["denoise"] for h in history], label="denoising loss (sum)")
+    ax1.plot([h["ratio"] for h in history], label="MACs / teacher")
+    ax1.set_xlabel("router step")
+    ax1.legend(fontsize=7)
+    keep = [[(w / u.units if d else 0.0) for u, w, d in zip(space.units, c.width, c.depth)] for c in configs]
+    im = ax2.imshow(keep, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    ax2.set_yticks(range(len(configs)), [f"expert {k}" for k in range(len(configs))])
+    ax2.set_xticks(range(len(space.units)), [u.name.replace("_blocks", "").replace("attentions", "attn")
+                                             .replace("resnets", "res") for u in space.units], rotation=60,
+                   ha="right", fontsize=6)
+    ax2.set_title("kept width per sub-block (0 = dropped)", fontsize=9)
+    fig.colorbar(im, ax=ax2, fraction=0.03)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+@stage("router")
+def run_router(p: Params, root: Path, progress: bool = True, **_: Any) -> dict:
+    """Train the Expert Routing Agent on the frozen elastic experts; select their sub-networks."""
+    device = resolve_device(p.project.device)
+    doc = _read_intervals(root)
+    intervals = _interval_ranges(doc)
+    experts, space = _load_elastic(root, len(intervals), device)
+    sched_cfg = load_scheduler_config(_expert_dir(root, ELASTIC, 0))
+    sched = DDPMScheduler.from_config(sched_cfg)
+    ts = _sampling_timesteps(sched_cfg, p)
+    steps = steps_per_expert(ts, doc["boundaries"])
+    images, _ = load_split(safe_subpath(root, core.DATASET), "train")
+    r = p.router
+    res = train_router(experts, space, intervals, steps, images, sched, budget=r.budget, train_steps=r.steps, lr=r.lr,
+                       resource_weight=r.resource_weight, tau=r.temperature, hidden=r.hidden,
+                       batch_size=r.batch_size, seed=r.seed, device=device, progress=progress)
+    full = space.full_macs()
+    traj = trajectory_macs(res.macs, steps)
+    out_doc = {
+        "budget": r.budget,
+        "ratio": res.ratio,
+        "offset": res.offset,
+        "intervals": [list(iv) for iv in intervals],
+        "boundaries": doc["boundaries"],
+        "sampling_timesteps": ts,
+        "steps_per_expert": steps,
+        "configs": [c.to_json() for c in res.configs],
+        "learned_configs": [c.to_json() for c in res.learned],
+        "macs_per_expert": res.macs,
+        "macs_teacher": full,
+        "macs_share": [m * n / traj if traj else 0.0 for m, n in zip(res.macs, steps)],
+        "unit_names": [u.name for u in space.units],
+        "history": res.history,
+        "params": to_dict(r),
+    }
+    out = safe_subpath(root, ROUTER)
+    with atomic_path(out, is_dir=True) as tmp:
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in res.agent.state_dict().items()},
+                  str(tmp / "router.safetensors"))
+        write_json(tmp / "router.json", out_doc)
+        _save_router_plot(res.history, space, res.configs, tmp / "router.png")
+    log.info("router: MACs ratio %.3f (budget %.3f), per expert %s", res.ratio, r.budget, res.macs)
+    return {"router": str(out), "ratio": res.ratio, "macs_per_expert": res.macs}
+
+
+# ----------------------------------------------------------------------------- prune-experts
+
+def prune_expert(p: Params, root: Path, k: int, *, progress: bool = True,
+                 on_progress: core.ProgressFn | None = None) -> Path:
+    """Cut elastic expert ``k`` to its selected sub-network and fine-tune it on its interval."""
+    rdoc_path = safe_subpath(root, ROUTER) / "router.json"
+    if not rdoc_path.exists():
+        raise ConfigError(f"{rdoc_path}: missing (run the router stage first)")
+    rdoc = read_json(rdoc_path)
+    lo, hi = rdoc["intervals"][k]
+    cfg = SubnetConfig.from_json(rdoc["configs"][k])
+    src = _expert_dir(root, ELASTIC, k)
+    key = fingerprint(read_config(src)["sha256"], cfg.to_json(), [lo, hi], p.data, p.prune_experts, {"expert": k})
+    out = _expert_dir(root, PRUNED, k)
+    if _up_to_date(out, key):
+        log.info("pruned expert %d is up to date", k)
+        return out
+    device = resolve_device(p.project.device)
+    model = load_model(src, device)
+    space = ElasticSpace.from_json(read_config(src)["meta"]["space"])
+    shape = _shape(model)
+    # 1. physical pruning; its real MACs must be what the router budgeted
+    pruned = prune_to_config(model, space, cfg, shape)
+    macs = unet_macs(pruned, shape)
+    if macs != space.macs(cfg):
+        raise RuntimeError(f"expert {k}: pruned network runs {macs} MACs, the router budgeted {space.macs(cfg)}")
+    # 2. a short fine-tune on the expert's interval
+    c = p.prune_experts
+    spec = TrainSpec(steps=_steps(c.fraction, p.teacher.steps), batch_size=c.batch_size, lr=c.lr,
+                     ema_decay=c.ema_decay, checkpoint_every=c.checkpoint_every, seed=c.seed + k, t_min=lo, t_max=hi)
+    images, _ = load_split(safe_subpath(root, core.DATASET), "train")
+    sched_cfg = load_scheduler_config(src)
+    pruned = core.train_or_resume(pruned, images, DDPMScheduler.from_config(sched_cfg), spec,
+                                  core.work_dir(root, f"prune-experts-{k}", key), device=device, progress=progress,
+                                  desc=f"pruned expert {k} [{lo}, {hi})", on_progress=on_progress)
+    meta = {"key": key, "expert": k, "interval": [lo, hi], "config": cfg.to_json(), "macs": macs,
+            "macs_teacher": space.full_macs(), "training_options": spec_json(spec), "params": to_dict(c)}
+    save_model(pruned.cpu(), out, scheduler_config=sched_cfg, meta=meta)
+    return out
+
+
+def assemble_mixture(p: Params, root: Path) -> dict:
+    """Put the pruned experts and the boundaries into one checkpoint; write the summary."""
+    rdoc = read_json(safe_subpath(root, ROUTER) / "router.json")
+    k_count = len(rdoc["intervals"])
+    experts, macs = [], []
+    for k in range(k_count):
+        path = _expert_dir(root, PRUNED, k)
+        if not (path / "config.json").exists():
+            raise ConfigError(f"{path}: missing (run prune-experts for every expert first)")
+        experts.append(load_model(path))
+        macs.append(unet_macs(experts[-1], _shape(experts[-1])))
+    steps = rdoc["steps_per_expert"]
+    teacher_traj = rdoc["macs_teacher"] * sum(steps)
+    traj = trajectory_macs(macs, steps)
+    summary = {
+        "boundaries": rdoc["boundaries"],
+        "steps_per_expert": steps,
+        "macs_per_expert": macs,
+        "macs_teacher": rdoc["macs_teacher"],
+        "trajectory_macs": traj,
+        "trajectory_macs_ratio": traj / teacher_traj,
+        "macs_share": [m * n / traj if traj else 0.0 for m, n in zip(macs, steps)],
+        "params_per_expert": [sum(q.numel() for q in e.parameters()) for e in experts],
+        "budget": rdoc["budget"],
+    }
+    mixture = ExpertMixtureModel(experts, rdoc["boundaries"])
+    out = safe_subpath(root, MIXTURE)
+    save_mixture(mixture, out, scheduler_config=load_scheduler_config(_expert_dir(root, PRUNED, 0)),
+                 meta=summary | {"params": {s: to_dict(p.section(s)) for s in ("intervals", "experts", "router",
+                                                                                 "prune_experts")}})
+    write_json(safe_subpath(root, SUMMARY), summary)
+    return summary
+
+
+@stage("prune-experts")
+def run_prune_experts(p: Params, root: Path, progress: bool = True, on_progress: core.ProgressFn | None = None,
+                      expert: Optional[int] = None, **_: Any) -> dict:
+    """Prune and fine-tune every expert (``expert=k``: only expert ``k``, no mixture); then, with
+    ``expert=None``, assemble the mixture (experts already up to date are not redone)."""
+    rdoc_path = safe_subpath(root, ROUTER) / "router.json"
+    if not rdoc_path.exists():
+        raise ConfigError(f"{rdoc_path}: missing (run the router stage first)")
+    k_count = len(read_json(rdoc_path)["intervals"])
+    outs = [prune_expert(p, root, k, progress=progress, on_progress=on_progress) for k in _which(expert, k_count)]
+    result: dict[str, Any] = {"experts": [str(o) for o in outs]}
+    if expert is None:
+        summary = assemble_mixture(p, root)
+        result |= {"mixture": str(safe_subpath(root, MIXTURE)),
+                   "trajectory_macs_ratio": summary["trajectory_macs_ratio"]}
+    return result

@@ -1,0 +1,354 @@
+"""Mixture of efficient experts: intervals, elastic sub-networks, router, physical pruning, stages."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffprune.config import ConfigError, IntervalsConfig, load_params
+from diffprune.metrics.cost import unet_macs
+from diffprune.models.checkpoint import load_model, save_model
+from diffprune.pruning.experts import (
+    ElasticController,
+    ExpertMixtureModel,
+    SkippedBlock,
+    SubnetConfig,
+    alignment_matrix,
+    cuts_to_boundaries,
+    cutoff_curve,
+    elastic_hook,
+    elastic_space,
+    importance_orders,
+    load_mixture,
+    objective,
+    prune_to_config,
+    relax,
+    reorder_units,
+    sample_subnet,
+    save_mixture,
+    segment,
+    steps_per_expert,
+    timestep_gradients,
+    timestep_grid,
+    train_router,
+    uniform_cuts,
+    unit_importance,
+)
+from diffprune.sampling import ExpertMixture
+from diffprune.training import TrainSpec, train_denoiser
+
+from .conftest import make_project
+
+SHAPE = (1, 8, 8)
+
+
+def _images(n: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, *SHAPE, generator=g) * 2 - 1
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(3, *SHAPE, generator=g), torch.tensor([3, 420, 977])
+
+
+def _out(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x, t).sample
+
+
+@pytest.fixture
+def ordered(tiny_unet, tiny_scheduler):
+    """The tiny UNet with its channels put in importance order, and its elastic space."""
+    space = elastic_space(tiny_unet, SHAPE, min_width=0.5)
+    scores = unit_importance(tiny_unet, space, tiny_scheduler, _images(), t_min=0, t_max=500, batch_size=8, seed=0)
+    reorder_units(tiny_unet, space, importance_orders(scores))
+    return tiny_unet, space
+
+
+def _configs(space, n: int = 6, seed: int = 1) -> list[SubnetConfig]:
+    g = torch.Generator().manual_seed(seed)
+    return [space.full(), space.smallest()] + [sample_subnet(space, g, 0.5) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------- intervals
+
+def test_alignment_is_cosine_of_timestep_gradients_symmetric_with_unit_diagonal(tiny_unet, tiny_scheduler):
+    ts = timestep_grid(1000, 4)
+    assert ts == [124, 374, 624, 874]
+    before = copy.deepcopy(tiny_unet.state_dict())
+    kw = dict(batches=2, batch_size=4, seed=0)
+    grads = timestep_gradients(tiny_unet, tiny_scheduler, _images(), ts, **kw)
+    assert grads.shape == (4, sum(p.numel() for p in tiny_unet.parameters()))
+    a = alignment_matrix(grads)
+    assert torch.equal(a, a.T)
+    assert torch.allclose(a.diagonal(), torch.ones(4, dtype=torch.float64), atol=1e-9)
+    assert float(a.abs().max()) <= 1 + 1e-9
+    assert float(a[0, 3]) == pytest.approx(float(F.cosine_similarity(grads[0], grads[3], dim=0)), abs=1e-5)
+    assert float(a[0, 1]) < 1 - 1e-4, "different timesteps should not have identical gradients"
+    # deterministic, and the teacher is left as it was (weights, no gradients)
+    assert torch.equal(timestep_gradients(tiny_unet, tiny_scheduler, _images(), ts, **kw), grads)
+    assert all(torch.equal(v, before[k]) for k, v in tiny_unet.state_dict().items())
+    assert all(p.grad is None for p in tiny_unet.parameters())
+
+
+def _brute_force(a: np.ndarray, k: int, min_size: int) -> tuple[tuple[int, ...], float]:
+    g = a.shape[0]
+    best: tuple[tuple[int, ...], float] = ((), -np.inf)
+    for cuts in itertools.combinations(range(1, g), k - 1):
+        sizes = np.diff([0, *cuts, g])
+        if sizes.min() < min_size:
+            continue
+        j = objective(a, cuts)
+        if j > best[1]:
+            best = (tuple(cuts), j)
+    return best
+
+
+def test_dp_segmentation_equals_brute_force_on_random_matrices():
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        g = int(rng.integers(4, 10))
+        x = rng.normal(size=(g, 5))
+        a = np.corrcoef(x) if trial % 2 else rng.uniform(-1, 1, size=(g, g))
+        a = (a + a.T) / 2
+        np.fill_diagonal(a, 1.0)
+        for k in range(1, min(g, 5) + 1):
+            for min_size in (1, 2):
+                if k * min_size > g:
+                    continue
+                seg = segment(a, k, min_size)
+                cuts, j = _brute_force(a, k, min_size)
+                assert seg.cuts == cuts, (trial, k, min_size)
+                assert seg.objective == pytest.approx(j, abs=1e-12)
+        # K = 2 is the paper's cutoff: the argmax of J(t1)
+        assert segment(a, 2).cuts == (int(np.argmax(cutoff_curve(a))) + 1,)
+
+
+def test_dp_recovers_planted_unequal_clusters_that_uniform_misses():
+    sizes = [2, 7, 3]
+    g = sum(sizes)
+    a = np.full((g, g), 0.1)
+    start = 0
+    for s in sizes:
+        a[start:start + s, start:start + s] = 0.9
+        start += s
+    np.fill_diagonal(a, 1.0)
+    seg = segment(a, 3)
+    assert seg.cuts == (2, 9)
+    assert seg.objective > objective(a, uniform_cuts(g, 3)) + 0.05
+    assert cuts_to_boundaries(seg.cuts, 1000, g) == [2 * 1000 // 12, 9 * 1000 // 12]
+
+
+def test_interval_config_rejects_more_intervals_than_grid_points():
+    with pytest.raises(ConfigError, match="intervals.k"):
+        IntervalsConfig(grid=4, k=3, min_size=2)
+
+
+# ----------------------------------------------------------------------------- routing
+
+class _Const(nn.Module):
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x, float(self.k))
+
+
+def test_every_timestep_is_routed_to_exactly_one_expert():
+    grid, T = 10, 1000
+    cuts = segment(np.eye(grid) * 0.5 + 0.5, 4).cuts
+    bounds = cuts_to_boundaries(cuts, T, grid)
+    edges = [0, *bounds, T]
+    mixture = ExpertMixture([_Const(k) for k in range(4)], bounds)
+    x = torch.zeros(2, *SHAPE)
+    for t in range(T):
+        owners = [k for k in range(4) if edges[k] <= t < edges[k + 1]]
+        assert len(owners) == 1, t
+        assert mixture.expert_index(t) == owners[0]
+        out = mixture(x, torch.full((2,), t), step=0)
+        assert torch.all(out == owners[0])
+    # each grid point lies in the interval of its own segment
+    for k, (lo, hi) in enumerate(zip([0, *cuts], [*cuts, grid])):
+        assert all(mixture.expert_index(t) == k for t in timestep_grid(T, grid)[lo:hi])
+    assert steps_per_expert(list(range(999, -1, -20)), bounds) == [
+        sum(edges[k] <= t < edges[k + 1] for t in range(999, -1, -20)) for k in range(4)]
+
+
+# ----------------------------------------------------------------------------- elastic / prune
+
+def test_reordering_by_importance_keeps_the_function(tiny_unet, tiny_scheduler):
+    x, t = _inputs()
+    ref = _out(tiny_unet, x, t)
+    space = elastic_space(tiny_unet, SHAPE, 0.5)
+    orders = [torch.randperm(u.units, generator=torch.Generator().manual_seed(i)) for i, u in enumerate(space.units)]
+    reorder_units(tiny_unet, space, orders)
+    assert torch.allclose(_out(tiny_unet, x, t), ref, atol=1e-5)
+    assert any(not torch.equal(o, torch.arange(len(o))) for o in orders)
+
+
+def test_all_gates_on_equals_the_unpruned_expert_exactly(ordered):
+    model, space = ordered
+    x, t = _inputs()
+    ref = _out(model, x, t)
+    with ElasticController(model, space) as ctrl:
+        ctrl.set(space.full())
+        assert torch.equal(_out(model, x, t), ref)
+        on = torch.full((len(space.units),), 20.0)
+        sub = relax(space, on, on, tau=0.5)  # router: straight-through masks, all on
+        assert sub.hard() == space.full()
+        ctrl.set_relaxed(sub.width_masks, sub.gates)
+        assert torch.equal(_out(model, x, t), ref)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()), "hooks left behind"
+    assert torch.equal(_out(prune_to_config(model, space, space.full(), SHAPE), x, t), ref)
+
+
+def test_pruned_expert_macs_match_the_router_prediction_and_its_outputs_the_masked_net(ordered):
+    model, space = ordered
+    x, t = _inputs()
+    teacher_macs = unet_macs(model, SHAPE)
+    assert space.full_macs() == teacher_macs
+    g = torch.Generator().manual_seed(3)
+    for cfg in _configs(space):
+        pruned = prune_to_config(model, space, cfg, SHAPE)
+        assert unet_macs(pruned, SHAPE) == space.macs(cfg), cfg
+        assert sum(isinstance(m, SkippedBlock) for m in pruned.modules()) == cfg.depth.count(False)
+        with ElasticController(model, space) as ctrl:
+            ctrl.set(cfg)
+            masked = _out(model, x, t)
+        assert torch.allclose(_out(pruned, x, t), masked, atol=1e-5), cfg
+        # the router's differentiable MACs equal the real ones in the forward pass
+        wl, dl = torch.randn(len(space.units), generator=g), torch.randn(len(space.units), generator=g)
+        sub = relax(space, wl, dl, tau=0.5, gen=g)
+        assert float(sub.macs) == space.macs(sub.hard()) == unet_macs(prune_to_config(model, space, sub.hard()), SHAPE)
+    assert space.macs(space.smallest()) < 0.75 * teacher_macs
+
+
+def test_pruned_expert_and_mixture_round_trip_bit_identically(ordered, tmp_path):
+    from diffprune.targets import load_target
+
+    model, space = ordered
+    x, t = _inputs()
+    cfg = _configs(space)[1]  # the smallest: fewest heads, every droppable block dropped
+    pruned = prune_to_config(model, space, cfg, SHAPE)
+    save_model(pruned, tmp_path / "e")
+    back = load_model(tmp_path / "e")
+    assert torch.equal(_out(back, x, t), _out(pruned, x, t))
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in pruned.state_dict().items())
+
+    mixture = ExpertMixtureModel([pruned, model], [500])
+    save_mixture(mixture, tmp_path / "mix", scheduler_config={"num_train_timesteps": 1000})
+    again = load_mixture(tmp_path / "mix")
+    assert again.boundaries == [500]
+    for a, b in zip(mixture.experts, again.experts):
+        assert torch.equal(_out(a, x, t), _out(b, x, t))
+    loaded = load_target("experts", {"model": tmp_path / "mix"})
+    assert loaded.sample_shape == SHAPE and len(loaded.modules) == 2
+    tt = torch.full((3,), 100)
+    with torch.no_grad():
+        assert torch.equal(loaded.denoiser(x, tt, 0), _out(pruned, x, tt))
+        assert torch.equal(loaded.denoiser(x, tt + 800, 0), _out(model, x, tt + 800))
+
+
+def test_elastic_training_with_a_hook_is_reproducible_and_resumes_exactly(ordered, tiny_scheduler, tmp_path):
+    model, space = ordered
+    spec = TrainSpec(steps=4, batch_size=8, lr=1e-3, ema_decay=0.9, checkpoint_every=1, seed=2, t_min=0, t_max=400)
+    seen: list[list[SubnetConfig]] = []
+
+    def run(work: Path, stop_after=None):
+        net = copy.deepcopy(model)
+        configs: list[SubnetConfig] = []
+        with ElasticController(net, space) as ctrl:
+            hook = elastic_hook(ctrl, 0.5)
+
+            def before(step, gen):
+                hook(step, gen)
+                configs.append(ctrl.current)
+
+            net, _ = train_denoiser(net, _images(), tiny_scheduler, spec, work, progress=False, stop_after=stop_after,
+                                    before_step=before)
+        seen.append(configs)
+        return net.state_dict()
+
+    a = run(tmp_path / "a")
+    b = run(tmp_path / "b")
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert seen[0] == seen[1] and len(set(seen[0])) > 1, "sub-networks must vary from step to step, reproducibly"
+    run(tmp_path / "c", stop_after=2)
+    c = run(tmp_path / "c")
+    assert seen[3] == seen[0][2:], "a resumed run draws the same sub-networks as the uninterrupted one"
+    assert all(torch.equal(v, c[k]) for k, v in a.items())
+
+
+def test_router_respects_the_budget_and_is_deterministic(ordered, tiny_scheduler):
+    model, space = ordered
+    experts = [model, copy.deepcopy(model)]
+    kw = dict(budget=0.8, train_steps=3, lr=0.05, resource_weight=2.0, tau=0.5, hidden=8, batch_size=4, seed=0)
+    steps = [3, 5]
+    r1 = train_router(experts, space, [(0, 500), (500, 1000)], steps, _images(), tiny_scheduler, **kw)
+    r2 = train_router(experts, space, [(0, 500), (500, 1000)], steps, _images(), tiny_scheduler, **kw)
+    assert r1.configs == r2.configs and r1.history == r2.history
+    assert len(r1.history) == 3
+    assert r1.ratio <= 0.8
+    assert r1.ratio == pytest.approx(sum(space.macs(c) * n for c, n in zip(r1.configs, steps))
+                                     / (space.full_macs() * sum(steps)))
+    for c in r1.configs:
+        space.check(c)
+    assert r1.agent.width_head.weight.abs().sum() > 0, "the agent must have been trained"
+    assert all(p.requires_grad for p in model.parameters()) and not any(
+        m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "experts must be left as they were"
+
+
+# ----------------------------------------------------------------------------- stages
+
+def test_stages_end_to_end_build_a_mixture_within_budget(tmp_path):
+    from diffprune.stages import core
+    from diffprune.stages.core import run_data, run_teacher
+    from diffprune.stages.experts import (
+        MIXTURE, run_experts, run_intervals, run_prune_experts, run_router,
+    )
+    from diffprune.io import read_json
+    from diffprune.targets import load_target
+
+    root = make_project(tmp_path / "proj", {
+        "intervals": {"grid": 6, "k": 2, "batches": 1, "batch_size": 8},
+        "experts": {"fraction": 0.5, "batch_size": 8, "checkpoint_every": 2},
+        "router": {"steps": 2, "batch_size": 4, "hidden": 8, "budget": 0.8},
+        "prune_experts": {"fraction": 0.34, "batch_size": 8, "checkpoint_every": 2},
+    }, stages=False)
+    p = load_params(root / "params.yaml")
+    run_data(p, root)
+    run_teacher(p, root, progress=False)
+    iv = run_intervals(p, root, progress=False)
+    doc = read_json(root / "models/intervals/intervals.json")
+    assert len(iv["boundaries"]) == 1 and (root / "models/intervals/alignment.png").stat().st_size > 0
+    assert doc["objective"] >= doc["uniform_objective"] - 1e-12
+    run_experts(p, root, progress=False, expert=1)
+    first = load_model(root / "models/experts/elastic/expert-1")
+    out = run_experts(p, root, progress=False)  # expert 1 is up to date and kept as is
+    assert len(out["experts"]) == 2
+    assert all(torch.equal(v, load_model(root / "models/experts/elastic/expert-1").state_dict()[k])
+               for k, v in first.state_dict().items())
+    with pytest.raises(ConfigError, match="expert = 5"):
+        run_experts(p, root, progress=False, expert=5)
+    r = run_router(p, root, progress=False)
+    assert r["ratio"] <= 0.8
+    res = run_prune_experts(p, root, progress=False)
+    assert res["trajectory_macs_ratio"] == pytest.approx(r["ratio"])
+    loaded = load_target(core.TARGETS["experts"].kind, {"model": root / MIXTURE})
+    assert [unet_macs(e, SHAPE) for e in loaded.modules] == read_json(root / "models/experts/router/router.json")[
+        "macs_per_expert"]
+    from diffprune.models.unet import sampling_scheduler
+    from diffprune.sampling import sample
+
+    x = sample(loaded.denoiser, sampling_scheduler(loaded.scheduler_config, "ddim"), num_images=2,
+               sample_shape=loaded.sample_shape, steps=3)
+    assert x.shape == (2, *SHAPE) and torch.isfinite(x).all()
