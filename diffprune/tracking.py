@@ -347,7 +347,8 @@ def register_model(
             artifacts={SPEC_ARTIFACT: str(spec), CHECKPOINT_ARTIFACT: str(model_dir)}
             | {k: str(v) for k, v in extra.items()},
             signature=_signature(model_dir),
-            input_example=pd.DataFrame({"num_images": [1], "seed": [0], "steps": [1]}),
+            # the model's own step count: a skip schedule only runs with the steps it was made for
+            input_example=pd.DataFrame({"num_images": [1], "seed": [0], "steps": [int(steps)]}),
             pip_requirements=_requirements(),
             model_config={"device": "auto"},
         )
