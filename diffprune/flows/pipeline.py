@@ -7,6 +7,8 @@ metrics is published.
 
 from __future__ import annotations
 
+# Absolute imports: Prefect deployments load this file by path (prefect.yaml's entrypoint).
+
 import logging
 from pathlib import Path
 from typing import Optional
@@ -15,11 +17,11 @@ from filelock import FileLock
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from ..config import ConfigError, load_params
-from ..env import quiet_defaults
-from ..report import collect, metrics_table
-from ..tasks.stages import run_stage
-from .stamps import input_key, is_fresh, stage_specs, write_stamp
+from diffprune.config import ConfigError, load_params
+from diffprune.env import quiet_defaults
+from diffprune.report import collect, metrics_table
+from diffprune.tasks.stages import run_stage
+from diffprune.flows.stamps import input_key, is_fresh, stage_specs, write_stamp
 
 # The stages in run order; dvc.yaml declares the same ones (a test checks it).
 PIPELINE: list[str] = [
@@ -97,7 +99,7 @@ PER_EXPERT = {"experts", "prune-experts"}
 
 def _run(name: str, params_path: str, root: Path) -> None:
     if name in PER_EXPERT:
-        from ..io import read_json
+        from diffprune.io import read_json
 
         k = len(read_json(root / "models/intervals/intervals.json")["boundaries"]) + 1
         futures = [run_stage.with_options(name=f"{name}[{e}]").submit(name, params_path, str(root), expert=e)
@@ -114,7 +116,7 @@ def _lock(root: Path, name: str) -> FileLock:
 
 
 def _version(root: Path, stages: list[str], push: bool, log: logging.Logger) -> None:
-    from .. import versioning
+    from diffprune import versioning
 
     if not (root / ".dvc").exists():
         log.warning("no DVC repository at %s: outputs not versioned (run `make demo` or `dvc init`)", root)
