@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -269,3 +270,39 @@ def test_training_needs_a_deterministic_sampler(model, sched_config):
     with pytest.raises(NotImplementedError, match="deterministic sampler"):
         train_pruner(model, sched_config, DipgoConfig(steps=1), steps=T, sample_shape=SHAPE, sampler="ddpm",
                      progress=False)
+
+
+def test_pruner_training_resumes_to_the_same_schedule(tmp_path, monkeypatch):
+    """Interrupted pruner training (state checkpointed every 2 steps) resumes and ends identically."""
+    import shutil
+
+    from diffprune.config import DataConfig, DipgoConfig, TeacherConfig
+    from diffprune.models.unet import build_scheduler, build_unet
+    from diffprune.pruning.dipgo import train_pruner
+
+    torch.manual_seed(0)
+    model = build_unet(TeacherConfig(block_out_channels=[8, 16, 16], attention=[False, True, False],
+                                     norm_num_groups=4), DataConfig()).eval()
+    sc = dict(build_scheduler(TeacherConfig()).config)
+    cfg = DipgoConfig(target_ratio=0.5, steps=4, batch_size=2, pool_size=4, dim=8)
+    kw = dict(steps=4, sample_shape=(1, 8, 8), progress=False, checkpoint_every=2)
+    full, full_info = train_pruner(model, sc, cfg, work_dir=tmp_path / "a", **kw)
+    import diffprune.pruning.dipgo.pruner as pr
+
+    real_save = pr._save_state
+
+    def save_then_die(root, step, *a):
+        real_save(root, step, *a)
+        raise KeyboardInterrupt("killed after the checkpoint at step 2")
+
+    monkeypatch.setattr(pr, "_save_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_pruner(model, sc, cfg, work_dir=tmp_path / "b", **kw)
+    monkeypatch.setattr(pr, "_save_state", real_save)
+    state = tmp_path / "b" / "pruner-state"
+    assert json.loads((state / "meta.json").read_text())["step"] == 2
+    resumed, info = train_pruner(model, sc, cfg, work_dir=tmp_path / "b", **kw)
+    assert [h["step"] for h in info["history"]] == [0, 1, 2, 3]
+    assert resumed.keep == full.keep
+    assert info["scores"] == full_info["scores"]  # the trained pruner itself, bit for bit
+    assert [h["loss"] for h in info["history"]] == [h["loss"] for h in full_info["history"]]

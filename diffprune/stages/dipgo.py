@@ -11,7 +11,8 @@ from ..io import atomic_path, write_json
 from ..models.checkpoint import load_model, load_scheduler_config
 from ..pruning.dipgo import save_heatmap, train_pruner
 from . import safe_subpath, stage
-from .core import TARGETS, TEACHER, Target, data_shape
+from ..models.checkpoint import read_config
+from .core import TARGETS, TEACHER, Target, data_shape, work_dir
 
 SCHEDULE_DIR = "models/dipgo"
 
@@ -29,7 +30,10 @@ def run_dipgo(p: Params, root: Path, progress: bool = True, **_: Any) -> dict:
     t0 = time.time()
     schedule, info = train_pruner(teacher, load_scheduler_config(teacher_dir), p.dipgo, steps=p.evaluate.steps,
                                   sample_shape=data_shape(p), device=device, progress=progress,
-                                  sampler=p.evaluate.sampler)
+                                  sampler=p.evaluate.sampler,
+                                  # resumable: keyed by the config and the teacher's weights
+                                  work_dir=work_dir(root, "dipgo", p.dipgo, p.evaluate.steps, p.evaluate.sampler,
+                                                    read_config(teacher_dir)["sha256"]))
     seconds = time.time() - t0
     out = safe_subpath(root, SCHEDULE_DIR)
     with atomic_path(out, is_dir=True) as tmp:

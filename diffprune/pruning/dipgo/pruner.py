@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ...config import DipgoConfig
+from ...io import ArtifactError, atomic_path, read_json, sha256_file
 from ...metrics.image import ssim
 from ...models.unet import sampling_scheduler
 from .graph import BlockGraph, block_graph
@@ -159,6 +163,8 @@ def train_pruner(
     progress: bool = True,
     sampler: str = "ddim",
     train_steps: int | None = None,
+    work_dir: str | Path | None = None,
+    checkpoint_every: int = 20,
 ) -> tuple[Schedule, dict[str, Any]]:
     """Learn a ``[steps x N]`` skip schedule for ``model`` at ``cfg.target_ratio`` of its MACs.
 
@@ -173,6 +179,8 @@ def train_pruner(
         progress: show a progress bar.
         sampler: inference scheduler name (deterministic DDIM by default).
         train_steps: overrides ``cfg.steps`` (for quick runs).
+        work_dir: where the pruner's training state is checkpointed every ``checkpoint_every``
+            steps; a rerun resumes from it and ends with the same schedule as an uninterrupted run.
 
     Returns:
         The post-processed :class:`Schedule` and an info dict (timings, loss history, gamma).
@@ -214,7 +222,10 @@ def train_pruner(
             pool_noise = torch.randn((cfg.pool_size, *sample_shape), generator=gen).to(device)
             pool_target = torch.cat([full_samples(z) for z in pool_noise.split(max(cfg.batch_size, 64))])
         pool_time = time.perf_counter() - t0
-        bar = tqdm(range(n_iter), desc="dipgo", disable=not progress, leave=False)
+        start = 0
+        if work_dir is not None and (resumed := _load_state(Path(work_dir))) is not None:
+            start, history = _restore(resumed, pruner, opt, lr_sched, gen)
+        bar = tqdm(range(start, n_iter), initial=start, total=n_iter, desc="dipgo", disable=not progress, leave=False)
         for it in bar:
             # 1. noise and the full model's final sample from it
             if cfg.pool_size:
@@ -240,6 +251,8 @@ def train_pruner(
             history.append({"step": it, "loss": loss.item(), "consistency": l_cons.item(),
                             "sparsity": l_sparse.item(), "kept_ratio": kept})
             bar.set_postfix(loss=f"{loss.item():.4f}", kept=f"{kept:.3f}")
+            if work_dir is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == n_iter):
+                _save_state(Path(work_dir), it + 1, pruner, opt, lr_sched, gen, history)
         runner.reset()
     train_time = time.perf_counter() - t0
 
@@ -265,3 +278,49 @@ def train_pruner(
     }
     return schedule, info
 
+
+
+# ----------------------------------------------------------------------------- resumable state
+
+def _save_state(root: Path, step: int, pruner: nn.Module, opt: torch.optim.Optimizer, lr_sched, gen: torch.Generator,
+                history: list[dict[str, float]]) -> None:
+    """Pruner, optimizer (momentum), LR schedule, RNG and history as safetensors + JSON (no pickle)."""
+    tensors = {f"pruner.{k}": v.detach().cpu().contiguous() for k, v in pruner.state_dict().items()}
+    osd = opt.state_dict()
+    for pid, st in osd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous()
+    tensors["rng.generator"] = gen.get_state()
+    meta = {"step": step, "param_groups": osd["param_groups"], "lr_sched": lr_sched.state_dict(), "history": history}
+    with atomic_path(root / "pruner-state", is_dir=True) as tmp:
+        tmp.mkdir(parents=True)
+        save_file(tensors, str(tmp / "state.safetensors"))
+        meta["sha256"] = sha256_file(tmp / "state.safetensors")
+        (tmp / "meta.json").write_text(json.dumps(meta, default=str))
+
+
+def _load_state(root: Path) -> tuple[dict, dict] | None:
+    ck = root / "pruner-state"
+    try:
+        meta = read_json(ck / "meta.json")
+        if sha256_file(ck / "state.safetensors") != meta["sha256"]:
+            raise ArtifactError(f"{ck / 'state.safetensors'}: content hash mismatch")
+        return meta, load_file(str(ck / "state.safetensors"))
+    except (ArtifactError, OSError, KeyError, ValueError):
+        return None
+
+
+def _restore(state: tuple[dict, dict], pruner: nn.Module, opt: torch.optim.Optimizer, lr_sched,
+             gen: torch.Generator) -> tuple[int, list[dict[str, float]]]:
+    meta, t = state
+    pruner.load_state_dict({k[7:]: v for k, v in t.items() if k.startswith("pruner.")})
+    ostate: dict = {}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            ostate.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": ostate, "param_groups": meta["param_groups"]})
+    lr_sched.load_state_dict(meta["lr_sched"])
+    gen.set_state(t["rng.generator"])
+    return int(meta["step"]), list(meta["history"])
