@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 from diffusers import UNet2DModel
+from diffusers.configuration_utils import ConfigMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -52,7 +53,7 @@ def _structure(model: nn.Module) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, m in model.named_modules():
         rec: dict[str, Any] = {"type": type(m).__name__}
-        for a in _ATTRS if name else ():  # the root's attributes live in its config
+        for a in () if isinstance(m, ConfigMixin) else _ATTRS:  # a diffusers model's attributes live in its config
             v = getattr(m, a, None)
             if isinstance(v, int) and not isinstance(v, bool):
                 rec[a] = v
@@ -83,7 +84,8 @@ def _rebuild(rec: dict[str, Any], old: nn.Module) -> nn.Module:
     raise ArtifactError(f"checkpoint records a module of type {t!r} that cannot be rebuilt (was {type(old).__name__})")
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule ``name`` (dotted, list indices allowed) of ``root`` with ``new``."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     if isinstance(parent, (nn.ModuleList, nn.Sequential)):
@@ -105,9 +107,9 @@ def apply_structure(model: nn.Module, structure: dict[str, dict[str, Any]]) -> n
         except AttributeError:
             continue
         if cur != rec and rec["type"] in ("Conv2d", "Linear", "GroupNorm") or rec["type"] != cur["type"]:
-            _set_module(model, name, _rebuild(rec, mod))
+            set_module(model, name, _rebuild(rec, mod))
             continue
-        for a in _ATTRS if name else ():
+        for a in () if isinstance(mod, ConfigMixin) else _ATTRS:
             if a in rec and getattr(mod, a, None) != rec[a]:
                 setattr(mod, a, rec[a])
     return model

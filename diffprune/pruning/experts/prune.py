@@ -15,7 +15,6 @@ mixture (shapes, dropped blocks and heads included) as one pickle-free checkpoin
 from __future__ import annotations
 
 import copy
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,7 +24,7 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from ...io import ArtifactError
-from ...models.checkpoint import MODEL_CLASSES, load_model, register_replacement, save_model
+from ...models.checkpoint import MODEL_CLASSES, load_model, register_replacement, save_model, set_module
 from ...sampling import ExpertMixture
 from ..taylor import check_pruned, repair_attributes
 from .elastic import RESNET, ElasticSpace, SubnetConfig
@@ -55,15 +54,6 @@ class SkippedBlock(nn.Module):
         return f"{self.kind}, channels={self.channels}"
 
 
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    if isinstance(parent, (nn.ModuleList, nn.Sequential)):
-        parent[int(child)] = new
-    else:
-        setattr(parent, child, new)
-
-
 def _trailing(unit_size: int, keep: int, units: int) -> list[int]:
     """Channel indices of units ``keep .. units-1`` (the least important ones)."""
     return list(range(keep * unit_size, units * unit_size))
@@ -88,7 +78,7 @@ def prune_to_config(model: nn.Module, space: ElasticSpace, cfg: SubnetConfig,
     for u, keep, on in zip(space.units, cfg.width, cfg.depth):
         m = net.get_submodule(u.name)
         if not on:  # depth: the whole residual sub-block goes
-            _set_submodule(net, u.name, SkippedBlock(u.channels, u.kind))
+            set_module(net, u.name, SkippedBlock(u.channels, u.kind))
             continue
         if keep == u.units:
             continue
@@ -152,24 +142,15 @@ class ExpertMixtureModel(nn.Module):
 MODEL_CLASSES["ExpertMixtureModel"] = ExpertMixtureModel.from_config
 
 
-# diffusers deprecates reading config values as attributes of a nested UNet2DModel (the checkpoint's
-# structure walk does that for every submodule); the values it reads are still right.
-_NESTED_CONFIG_WARNING = r"Accessing config attribute .* directly via 'UNet2DModel'"
-
-
 def save_mixture(mixture: ExpertMixtureModel, path: str | Path, *, scheduler_config: dict | None = None,
                  meta: dict | None = None) -> Path:
     """:func:`~diffprune.models.checkpoint.save_model` for a mixture (atomic, pickle-free)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_NESTED_CONFIG_WARNING, category=FutureWarning)
-        return save_model(mixture, path, scheduler_config=scheduler_config, meta=meta)
+    return save_model(mixture, path, scheduler_config=scheduler_config, meta=meta)
 
 
 def load_mixture(path: str | Path, device: str | torch.device = "cpu") -> ExpertMixtureModel:
     """Load a mixture saved by :func:`save_mixture`; refuses any other checkpoint."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_NESTED_CONFIG_WARNING, category=FutureWarning)
-        model = load_model(path, device)
+    model = load_model(path, device)
     if not isinstance(model, ExpertMixtureModel):
         raise ArtifactError(f"{path}: holds a {type(model).__name__}, not an ExpertMixtureModel")
     return model
