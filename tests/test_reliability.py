@@ -184,3 +184,32 @@ def test_two_runs_at_once_with_the_same_config_compute_each_stage_once(tmp_path)
     ran = [listed(o[0], "ran:") for o in outs]
     assert ran[0] | ran[1] == set(PIPELINE)
     assert not ran[0] & ran[1], f"stages computed twice: {ran[0] & ran[1]}"
+
+
+def test_a_run_of_another_config_is_refused_while_one_is_live(tmp_path):
+    """A second config never overwrites a live run's outputs: it is refused, and the first finishes."""
+    import json
+
+    root = make_project(tmp_path / "proj")
+    other = yaml.safe_load((root / "params.yaml").read_text())
+    other["teacher"]["steps"] = 7
+    (root / "other.yaml").write_text(yaml.safe_dump(other))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp_path / "prefect-a")}
+    a = subprocess.Popen([str(BIN / "diffprune"), "run", "--no-push"], cwd=root, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    claim = root / ".work/locks/workspace.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and a.poll() is None:
+        if claim.exists() and a.pid in json.loads(claim.read_text())["pids"]:
+            break
+        time.sleep(0.1)
+    assert a.poll() is None, "run A must still be running when B starts"
+    env_b = {**env, "PREFECT_HOME": str(tmp_path / "prefect-b")}
+    b = subprocess.run([str(BIN / "diffprune"), "run", "--no-push", "--params", "other.yaml"], cwd=root,
+                       env=env_b, capture_output=True, text=True, timeout=300)
+    out_a = a.communicate(timeout=600)
+    assert b.returncode == 2 and "in use by run(s)" in b.stderr, b.stderr[-1500:]
+    assert a.returncode == 0, out_a[1][-1500:]
+    meta = json.loads((root / "models/teacher/config.json").read_text())["meta"]
+    assert meta["training_options"]["steps"] == 6, "the teacher on disk is run A's"
+    assert json.loads(claim.read_text())["pids"] == []

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 # Absolute imports: Prefect deployments load this file by path (prefect.yaml's entrypoint).
 
+import contextlib
+import json
 import logging
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from filelock import FileLock
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from diffprune.config import ConfigError, load_params
+from diffprune.config import ConfigError, fingerprint, load_params
+from diffprune.io import write_json
 from diffprune.env import quiet_defaults
 from diffprune.report import collect, metrics_table
 from diffprune.tasks.stages import run_stage
@@ -58,6 +62,11 @@ def prune_pipeline(params_path: str = "params.yaml", root: str = ".", only: Opti
     log = get_run_logger()
     rootp = Path(root).resolve()
     params = load_params(params_path)
+    with _claim_workspace(rootp, params):
+        return _pipeline(rootp, params_path, params, only, push, log)
+
+
+def _pipeline(rootp: Path, params_path: str, params, only: Optional[list[str]], push: bool, log) -> dict:
     specs = stage_specs(rootp)
     missing = [s for s in PIPELINE if s not in specs]
     if missing:
@@ -107,6 +116,37 @@ def _run(name: str, params_path: str, root: Path) -> None:
         for f in futures:
             f.result()
     run_stage.with_options(name=name)(name, params_path, str(root))
+
+
+@contextlib.contextmanager
+def _claim_workspace(root: Path, params) -> Iterator[None]:
+    """Runs of the SAME config may share a workspace (they reuse each other's stages); a run of a
+    different config is refused while another is live, instead of overwriting its outputs."""
+    claim = root / ".work" / "locks" / "workspace.json"
+    mine = fingerprint(params)
+    with _lock(root, "workspace"):
+        doc = json.loads(claim.read_text()) if claim.exists() else {"config": mine, "pids": []}
+        live = [pid for pid in doc["pids"] if _alive(pid)]
+        if live and doc["config"] != mine:
+            raise ConfigError(f"workspace {root} is in use by run(s) {live} of another config "
+                              f"({doc['config']}, this one is {mine}); run it in another --root")
+        write_json(claim, {"config": mine, "pids": [*live, os.getpid()]})
+    try:
+        yield
+    finally:
+        with _lock(root, "workspace"):
+            doc = json.loads(claim.read_text())
+            write_json(claim, {**doc, "pids": [p for p in doc["pids"] if p != os.getpid() and _alive(p)]})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def _lock(root: Path, name: str) -> FileLock:
