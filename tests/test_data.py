@@ -66,3 +66,13 @@ def test_offline_hub_id_fails_at_once(tmp_path, monkeypatch):
 def test_unknown_source_that_is_not_an_id(tmp_path):
     with pytest.raises(ConfigError, match="data.source"):
         cache_dataset(DataConfig(source="no/such/dir/here"), tmp_path / "out")
+
+
+def test_corrupted_dataset_cache_is_refused_naming_the_file(tmp_path):
+    from diffprune.io import ArtifactError
+
+    cache_dataset(DataConfig(max_images=40, ref_fraction=0.25), tmp_path / "ds")
+    arrow = next((tmp_path / "ds" / "train").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:-64])
+    with pytest.raises(ArtifactError, match=arrow.name):
+        load_split(tmp_path / "ds", "train")

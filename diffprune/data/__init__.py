@@ -7,6 +7,7 @@ deterministic function of the source and :class:`~diffprune.config.DataConfig`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..config import ConfigError, DataConfig
-from ..io import atomic_path
+from ..io import ArtifactError, atomic_path, read_json, sha256_file
 
+CHECKSUMS = "checksums.json"
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -129,7 +131,20 @@ def cache_dataset(cfg: DataConfig, out_dir: str | Path) -> Path:
         )
     with atomic_path(out_dir, is_dir=True) as tmp:
         datasets.DatasetDict(dd).save_to_disk(str(tmp))
+        files = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / CHECKSUMS).write_text(json.dumps(files, indent=1))
     return Path(out_dir)
+
+
+def verify_dataset(path: Path) -> None:
+    """Refuse a cached dataset whose files are missing, truncated or changed (naming the file)."""
+    sums = path / CHECKSUMS
+    if not sums.exists():
+        raise ArtifactError(f"{sums}: missing (not a diffprune dataset cache, or written by an interrupted run)")
+    for name, digest in read_json(sums).items():
+        f = path / name
+        if not f.exists() or sha256_file(f) != digest:
+            raise ArtifactError(f"{f}: missing or content hash mismatch (corrupted dataset cache; rerun the data stage)")
 
 
 def load_split(path: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +154,7 @@ def load_split(path: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no cached dataset here (run the data stage first)")
+    verify_dataset(path)
     dd = datasets.load_from_disk(str(path))
     if split not in dd:
         raise DataError(f"{path}: no split {split!r} (have {list(dd)})")
