@@ -213,3 +213,14 @@ def test_a_run_of_another_config_is_refused_while_one_is_live(tmp_path):
     meta = json.loads((root / "models/teacher/config.json").read_text())["meta"]
     assert meta["training_options"]["steps"] == 6, "the teacher on disk is run A's"
     assert json.loads(claim.read_text())["pids"] == []
+
+
+def test_timestep_grid_larger_than_the_schedule_is_refused(tmp_path, tiny_unet, tiny_scheduler):
+    from diffprune.models.checkpoint import save_model
+    from diffprune.stages import get_stage
+
+    root = make_project(tmp_path / "proj", {"intervals": {"grid": 5000}})
+    save_model(tiny_unet, root / "models/teacher", scheduler_config=dict(tiny_scheduler.config))
+    with pytest.raises(ConfigError, match="intervals.grid = 5000"):
+        get_stage("intervals")(load_params(root / "params.yaml"), root, progress=False)
+    assert not (root / "models/intervals").exists()
