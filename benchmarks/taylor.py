@@ -206,8 +206,15 @@ def main(
     root: Annotated[Path, typer.Option(help="project folder holding params.yaml, data/ and models/")] = REPO,
     out: Annotated[Path, typer.Option(help="folder for taylor.json and taylor.md")] = REPO / "benchmarks/results",
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    ratios: Annotated[str, typer.Option(help="comma-separated channel ratios")] = ",".join(map(str, RATIOS)),
+    importances: Annotated[str, typer.Option(help="comma-separated importances")] = ",".join(IMPORTANCES),
 ) -> None:
     """Run the benchmark and write its JSON + Markdown results."""
+    chosen = [i.strip() for i in importances.split(",") if i.strip()]
+    unknown = sorted(set(chosen) - set(IMPORTANCES))
+    if unknown:
+        raise typer.BadParameter(f"--importances: unknown {unknown} (known: {', '.join(IMPORTANCES)})")
+    ratio_list = [float(r) for r in ratios.split(",") if r.strip()]
     quiet_defaults()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if quick:
@@ -217,8 +224,8 @@ def main(
     p = bench_params(root, quick)
     b = setup(root, p, progress)
     runs = []
-    for ratio in RATIOS:
-        for importance in IMPORTANCES:
+    for ratio in ratio_list:
+        for importance in chosen:
             log.info("ratio %.1f, importance %s", ratio, importance)
             runs.append(run_one(b, importance, ratio, progress))
     doc = {
