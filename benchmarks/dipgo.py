@@ -33,7 +33,6 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 import typer
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffprune.config import Params, fingerprint, load_params, resolve_device, to_dict
@@ -54,6 +53,8 @@ from diffprune.pruning.dipgo import (
 )
 from diffprune.sampling import Denoiser, ModelDenoiser
 from diffprune.stages.core import ensure_baseline, work_dir
+
+from benchmarks.common import cached_teacher_eval, fmt_fid
 
 log = logging.getLogger("benchmarks.dipgo")
 
@@ -117,18 +118,9 @@ def setup(root: Path, out: Path, p: Params, progress: bool) -> Bench:
               (cfg.in_channels, cfg.sample_size, cfg.sample_size), extractor, extractor.fn(images), None, {},
               fingerprint(read_config(base.teacher)["sha256"], p.data, p.teacher, p.evaluate))
     cache = work_dir(root, "bench-dipgo-teacher", b.key)
-    if (cache / "metrics.json").exists():
-        b.teacher_metrics = read_json(cache / "metrics.json")
-        b.teacher_samples = load_file(str(cache / "samples.safetensors"))["samples"]
-    else:
-        protocol = p.evaluate
-        sched = sampling_scheduler(b.scheduler_config, protocol.sampler)
-        b.teacher_metrics, b.teacher_samples = evaluate(
-            ModelDenoiser(teacher), sched, [teacher], protocol, extractor, b.train_feats,
-            sample_shape=b.sample_shape, device=device, progress=False)
-        with atomic_path(cache / "samples.safetensors") as tmp:
-            save_file({"samples": b.teacher_samples.contiguous()}, str(tmp))
-        write_json(cache / "metrics.json", b.teacher_metrics)  # written last: marks the cache complete
+    b.teacher_metrics, b.teacher_samples = cached_teacher_eval(cache, lambda: evaluate(
+        ModelDenoiser(teacher), sampling_scheduler(b.scheduler_config, p.evaluate.sampler), [teacher], p.evaluate,
+        extractor, b.train_feats, sample_shape=b.sample_shape, device=device, progress=False))
     b.teacher_metrics["fid_floor"] = read_json(base.features / "floor.json")["fid_floor"]
     return b
 
@@ -224,10 +216,6 @@ def plot(doc: dict, png: Path) -> Path:
     return png
 
 
-def _fid(m: dict) -> str:
-    return f"{m['fid']:.2f} ± {m['fid_std']:.2f}"
-
-
 def to_markdown(doc: dict) -> str:
     """The results as a readable table (one block per target ratio, the teacher first)."""
     t = doc["teacher"]
@@ -237,7 +225,7 @@ def to_markdown(doc: dict) -> str:
         "# DiP-GO vs baselines at equal trajectory MACs"
         + (" (QUICK smoke setting: numbers are meaningless)" if doc["quick"] else ""),
         "",
-        f"Teacher: {t['params']:,} params, {t['macs_per_step'] / 1e6:.2f} MMACs/step, FID {_fid(t)} "
+        f"Teacher: {t['params']:,} params, {t['macs_per_step'] / 1e6:.2f} MMACs/step, FID {fmt_fid(t)} "
         f"(floor {t['fid_floor']:.2f}), latency {t['latency_s']:.3f} s per {t['latency_batch']} images.",
         f"Protocol: {ev['sampler']} {ev['steps']} steps, {ev['num_samples']} samples per seed, seeds {ev['seeds']}, "
         f"features: {t['feature_extractor']}.",
@@ -260,7 +248,7 @@ def to_markdown(doc: dict) -> str:
                 "random": "",
             }[name]
             lines.append(
-                f"| {r['target_ratio']} | {name} | {vs['macs_ratio']:.3f} | {vs['speedup']:.2f}x | {_fid(m)} "
+                f"| {r['target_ratio']} | {name} | {vs['macs_ratio']:.3f} | {vs['speedup']:.2f}x | {fmt_fid(m)} "
                 f"| {vs['fid_ratio']:.2f} | {m['psnr_vs_teacher']:.1f} / {m['ssim_vs_teacher']:.3f} | {note} |"
             )
     lines += ["", "Learned schedules: " + ", ".join(f"`{r['heatmap']}`" for r in doc["runs"]),

@@ -47,6 +47,8 @@ from diffprune.stages import core
 from diffprune.stages import experts as stages
 from diffprune.training import TrainSpec
 
+from benchmarks.common import fmt_fid
+
 log = logging.getLogger("benchmarks.experts")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,10 +230,6 @@ def diff_pruning_run(base: Path, p: Params, target: float, train_steps: int, pro
 
 # ----------------------------------------------------------------------------- report
 
-def _fid(m: dict) -> str:
-    return f"{m['fid']:.2f} ± {m['fid_std']:.2f}"
-
-
 def to_markdown(doc: dict) -> str:
     t = doc["teacher"]
     ev = doc["params"]["evaluate"]
@@ -239,7 +237,7 @@ def to_markdown(doc: dict) -> str:
     lines = [
         "# Mixture of efficient experts" + (" (QUICK smoke setting: numbers are meaningless)" if doc["quick"] else ""),
         "",
-        f"Teacher: {t['params']:,} params, {t['macs_per_step'] / 1e6:.2f} MMACs/step, FID {_fid(t)} "
+        f"Teacher: {t['params']:,} params, {t['macs_per_step'] / 1e6:.2f} MMACs/step, FID {fmt_fid(t)} "
         f"(floor {t['fid_floor']:.2f}). Protocol: {ev['sampler']} {ev['steps']} steps, {ev['num_samples']} samples "
         f"per seed, seeds {ev['seeds']}, features: {t['feature_extractor']}.",
         "",
@@ -259,7 +257,7 @@ def to_markdown(doc: dict) -> str:
         steps = r.get("steps_per_expert")
         share = r.get("macs_share")
         lines.append(
-            f"| {r['budget']} | {r['model']} | {m['macs_ratio_vs_teacher']:.3f} | {_fid(m)} "
+            f"| {r['budget']} | {r['model']} | {m['macs_ratio_vs_teacher']:.3f} | {fmt_fid(m)} "
             f"| {m['fid_ratio_vs_teacher']:.2f} | {m['params']:,} | {steps if steps else '-'} "
             f"| {' / '.join(f'{s:.2f}' for s in share) if share else '-'} | {r['train_steps']} |"
         )

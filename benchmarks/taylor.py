@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import typer
 from diffusers import DDPMScheduler
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffprune.config import Params, fingerprint, load_params, resolve_device, to_dict
@@ -41,6 +40,8 @@ from diffprune.models.unet import sampling_scheduler
 from diffprune.pruning.taylor import finetune_spec, prune_unet
 from diffprune.sampling import ModelDenoiser
 from diffprune.stages.core import ensure_baseline, train_or_resume, work_dir
+
+from benchmarks.common import cached_teacher_eval, fmt_fid
 
 log = logging.getLogger("benchmarks.taylor")
 
@@ -108,14 +109,7 @@ def setup(root: Path, p: Params, progress: bool) -> Bench:
               sampling_scheduler(sched_cfg, p.evaluate.sampler), images, extractor, extractor.fn(images),
               None, {}, fingerprint(read_config(base.teacher)["sha256"], p.data, p.teacher, p.evaluate))
     cache = work_dir(root, "bench-taylor-teacher", b.key)
-    if (cache / "metrics.json").exists():
-        b.teacher_metrics = read_json(cache / "metrics.json")
-        b.teacher_samples = load_file(str(cache / "samples.safetensors"))["samples"]
-    else:
-        b.teacher_metrics, b.teacher_samples = _evaluate(teacher, b, None)
-        with atomic_path(cache / "samples.safetensors") as tmp:
-            save_file({"samples": b.teacher_samples.contiguous()}, str(tmp))
-        write_json(cache / "metrics.json", b.teacher_metrics)  # written last: marks the cache complete
+    b.teacher_metrics, b.teacher_samples = cached_teacher_eval(cache, lambda: _evaluate(teacher, b, None))
     b.teacher_metrics["fid_floor"] = read_json(base.features / "floor.json")["fid_floor"]
     return b
 
@@ -166,10 +160,6 @@ def run_one(b: Bench, importance: str, ratio: float, progress: bool) -> dict:
     return result
 
 
-def _fid(m: dict) -> str:
-    return f"{m['fid']:.2f} ± {m['fid_std']:.2f}"
-
-
 def to_markdown(doc: dict) -> str:
     """The results as a readable table (one row per run, the teacher first)."""
     t = doc["teacher"]
@@ -177,7 +167,7 @@ def to_markdown(doc: dict) -> str:
     lines = [
         "# Diff-Pruning vs ablations" + (" (QUICK smoke setting: numbers are meaningless)" if doc["quick"] else ""),
         "",
-        f"Teacher: {t['params']:,} params, {t['macs_per_step'] / 1e6:.2f} MMACs/step, FID {_fid(t)} "
+        f"Teacher: {t['params']:,} params, {t['macs_per_step'] / 1e6:.2f} MMACs/step, FID {fmt_fid(t)} "
         f"(floor {t['fid_floor']:.2f}), latency {t['latency_s']:.3f} s per {t['latency_batch']} images.",
         f"Protocol: {ev['sampler']} {ev['steps']} steps, {ev['num_samples']} samples per seed, seeds {ev['seeds']}, "
         f"features: {t['feature_extractor']}. Fine-tuning: {doc['finetune_steps']} steps "
@@ -194,7 +184,7 @@ def to_markdown(doc: dict) -> str:
         vs = ft["vs_teacher"]
         lines.append(
             f"| {r['ratio']} | {r['importance']} | {r['timesteps_used'] or '-'} | {r['params']:,} "
-            f"({vs['params_ratio']:.2f}x) | {vs['macs_ratio']:.2f}x | {_fid(r['pruned'])} | {_fid(ft)} "
+            f"({vs['params_ratio']:.2f}x) | {vs['macs_ratio']:.2f}x | {fmt_fid(r['pruned'])} | {fmt_fid(ft)} "
             f"| {vs['fid_ratio']:.2f} | {vs['speedup']:.2f}x "
             f"| {ft['psnr_vs_teacher']:.1f} / {ft['ssim_vs_teacher']:.3f} |"
         )
