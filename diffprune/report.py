@@ -27,7 +27,7 @@ def metrics_table(root: Path) -> str:
         return "no evaluated models yet (run the pipeline)"
     head = ("| model | FID | FID floor | MACs/step (M) | trajectory MACs (G) | MACs vs teacher | params (M) "
             "| latency (s/batch) | speedup | PSNR vs teacher | SSIM vs teacher |")
-    lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         fid = f"{r['fid']:.3f}" + (f" ± {r['fid_std']:.3f}" if len(r.get("fid_per_seed", [])) > 1 else "")
         lines.append(
