@@ -8,8 +8,7 @@ two matrix products inside diffusers ``Attention`` (QK^T and AV). A module that 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -100,9 +99,3 @@ def measure_latency(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) ->
         times.append(time.perf_counter() - t0)
     times.sort()
     return {"median_s": times[len(times) // 2], "min_s": times[0]}
-
-
-@contextmanager
-def count_macs(model: nn.Module) -> Iterator[MacCounter]:
-    with MacCounter(model) as c:
-        yield c
