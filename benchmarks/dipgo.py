@@ -35,7 +35,7 @@ import torch
 import typer
 from torch import nn
 
-from diffprune.config import Params, fingerprint, load_params, resolve_device, to_dict
+from diffprune.config import Params, fingerprint, resolve_device, to_dict
 from diffprune.data import load_split
 from diffprune.env import quiet_defaults
 from diffprune.io import atomic_path, read_json, write_json
@@ -54,21 +54,17 @@ from diffprune.pruning.dipgo import (
 from diffprune.sampling import Denoiser, ModelDenoiser
 from diffprune.stages.core import ensure_baseline, work_dir
 
-from benchmarks.common import cached_teacher_eval, fmt_fid
+from benchmarks.common import QUICK_SPINE, bench_params, cached_teacher_eval, fmt_fid
 
 log = logging.getLogger("benchmarks.dipgo")
 
 REPO = Path(__file__).resolve().parents[1]
-SEEDS = [0, 1, 2]  # sampling seeds: FID is reported as mean, spread and per seed
 METHODS = ("dipgo", "fewer-steps", "deepcache", "random")
 
 # A tiny end-to-end setting: checks that the benchmark runs, says nothing about the method.
 QUICK: dict[str, Any] = {
-    "data": {"max_images": 240, "ref_fraction": 0.25},
-    "teacher": {"block_out_channels": [8, 16, 16], "norm_num_groups": 4, "steps": 6, "batch_size": 16,
-                "checkpoint_every": 3, "warmup_steps": 1},
-    "evaluate": {"steps": 6, "num_samples": 40, "batch_size": 40, "grid_size": 16, "latency_batch": 4,
-                 "latency_repeats": 1, "feature_epochs": 2, "min_feature_accuracy": 0.0},
+    **QUICK_SPINE,
+    "evaluate": {**QUICK_SPINE["evaluate"], "steps": 6},
     "dipgo": {"steps": 4, "batch_size": 2, "pool_size": 8, "dim": 16, "tolerance": 0.05},
 }
 
@@ -89,13 +85,6 @@ class Bench:
     teacher_samples: torch.Tensor | None
     teacher_metrics: dict
     key: str                     # teacher weights + shared configs, part of every cache key
-
-
-def bench_params(root: Path, quick: bool) -> Params:
-    """The pipeline's params.yaml with the benchmark protocol on top (3 sampling seeds)."""
-    overrides: dict[str, Any] = dict(QUICK) if quick else {}
-    overrides = {**overrides, "evaluate": {**overrides.get("evaluate", {}), "seeds": SEEDS}}
-    return load_params(root / "params.yaml", overrides)
 
 
 def _evaluate(b: Bench, denoiser: Denoiser, steps: int, reference: torch.Tensor | None) -> dict:
@@ -270,7 +259,7 @@ def main(
         root = REPO / ".work/bench-dipgo-quick"
         out = root / "results"
         root.mkdir(parents=True, exist_ok=True)
-    p = bench_params(root, quick)
+    p = bench_params(root, QUICK if quick else None)
     try:
         ratios = [float(v) for v in targets.split(",") if v.strip()] or [p.dipgo.target_ratio]
     except ValueError:

@@ -33,7 +33,7 @@ import typer
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from diffprune.config import Params, fingerprint, load_params, resolve_device, to_dict
+from diffprune.config import Params, fingerprint, resolve_device, to_dict
 from diffprune.data import load_split
 from diffprune.env import quiet_defaults
 from diffprune.io import atomic_path, read_json, write_json
@@ -47,20 +47,15 @@ from diffprune.stages import core
 from diffprune.stages import experts as stages
 from diffprune.training import TrainSpec
 
-from benchmarks.common import fmt_fid
+from benchmarks.common import QUICK_SPINE, bench_params, fmt_fid
 
 log = logging.getLogger("benchmarks.experts")
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = (0.3, 0.5, 0.7)
-SEEDS = [0, 1, 2]  # sampling seeds: FID is reported as mean, spread and per seed
 
 QUICK: dict[str, Any] = {
-    "data": {"max_images": 240, "ref_fraction": 0.25},
-    "teacher": {"block_out_channels": [8, 16, 16], "norm_num_groups": 4, "steps": 6, "batch_size": 16,
-                "checkpoint_every": 3, "warmup_steps": 1},
-    "evaluate": {"steps": 4, "num_samples": 40, "batch_size": 40, "grid_size": 16, "latency_batch": 4,
-                 "latency_repeats": 1, "feature_epochs": 2, "min_feature_accuracy": 0.0},
+    **QUICK_SPINE,
     "intervals": {"grid": 6, "batches": 1, "batch_size": 8},
     "experts": {"fraction": 0.5, "batch_size": 8, "checkpoint_every": 2},
     "router": {"steps": 2, "batch_size": 4, "hidden": 8},
@@ -70,13 +65,6 @@ QUICK: dict[str, Any] = {
 }
 
 SHARED = ("data/dataset", core.FEATURES, core.TEACHER)
-
-
-def bench_params(root: Path, quick: bool) -> Params:
-    """The pipeline's params.yaml with the benchmark protocol on top (3 sampling seeds)."""
-    overrides: dict[str, Any] = dict(QUICK) if quick else {}
-    overrides = {**overrides, "evaluate": {**overrides.get("evaluate", {}), "seeds": SEEDS}}
-    return load_params(root / "params.yaml", overrides)
 
 
 # ----------------------------------------------------------------------------- project folders
@@ -315,7 +303,7 @@ def main(
     if quick:
         root, out = bench / "baseline", bench / "results"
         root.mkdir(parents=True, exist_ok=True)
-    p = bench_params(root, quick)
+    p = bench_params(root, QUICK if quick else None)
     baseline = core.ensure_baseline(root, p, progress=progress)
     teacher_sha = read_config(baseline.teacher)["sha256"]
     # the teacher under the benchmark's protocol, in a folder of the benchmark's own

@@ -29,7 +29,7 @@ import typer
 from diffusers import DDPMScheduler
 from torch import nn
 
-from diffprune.config import Params, fingerprint, load_params, resolve_device, to_dict
+from diffprune.config import Params, fingerprint, resolve_device, to_dict
 from diffprune.data import load_split
 from diffprune.env import quiet_defaults
 from diffprune.io import atomic_path, read_json, write_json
@@ -41,23 +41,18 @@ from diffprune.pruning.taylor import finetune_spec, prune_unet
 from diffprune.sampling import ModelDenoiser
 from diffprune.stages.core import ensure_baseline, train_or_resume, work_dir
 
-from benchmarks.common import cached_teacher_eval, fmt_fid
+from benchmarks.common import QUICK_SPINE, bench_params, cached_teacher_eval, fmt_fid
 
 log = logging.getLogger("benchmarks.taylor")
 
 REPO = Path(__file__).resolve().parents[1]
 RATIOS = (0.3, 0.5)
 IMPORTANCES = ("random", "magnitude", "taylor", "diff-pruning")
-SEEDS = [0, 1, 2]            # sampling seeds: FID is reported as mean, spread and per seed
 MAX_FINETUNE_FRACTION = 0.2  # of the teacher's training steps
 
 # A tiny end-to-end setting: checks that the benchmark runs, says nothing about the method.
 QUICK: dict[str, Any] = {
-    "data": {"max_images": 240, "ref_fraction": 0.25},
-    "teacher": {"block_out_channels": [8, 16, 16], "norm_num_groups": 4, "steps": 6, "batch_size": 16,
-                "checkpoint_every": 3, "warmup_steps": 1},
-    "evaluate": {"steps": 4, "num_samples": 40, "batch_size": 40, "grid_size": 16, "latency_batch": 4,
-                 "latency_repeats": 1, "feature_epochs": 2, "min_feature_accuracy": 0.0},
+    **QUICK_SPINE,
     "taylor": {"batch_size": 16, "max_timesteps": 20},
     "finetune": {"batch_size": 16, "checkpoint_every": 1},
 }
@@ -81,11 +76,9 @@ class Bench:
     key: str                     # teacher weights + shared configs, part of every cache key
 
 
-def bench_params(root: Path, quick: bool) -> Params:
-    """The pipeline's params.yaml with the benchmark protocol on top (3 seeds, fine-tune <= 20%)."""
-    overrides: dict[str, Any] = dict(QUICK) if quick else {}
-    overrides = {**overrides, "evaluate": {**overrides.get("evaluate", {}), "seeds": SEEDS}}
-    p = load_params(root / "params.yaml", overrides)
+def taylor_params(root: Path, quick: bool) -> Params:
+    """The benchmark params with the fine-tune capped at 20% of the teacher's steps."""
+    p = bench_params(root, QUICK if quick else None)
     if p.finetune.fraction > MAX_FINETUNE_FRACTION:
         p = replace(p, finetune=replace(p.finetune, fraction=MAX_FINETUNE_FRACTION))
     return p
@@ -211,7 +204,7 @@ def main(
         root = REPO / ".work/bench-taylor-quick"
         out = root / "results"
         root.mkdir(parents=True, exist_ok=True)
-    p = bench_params(root, quick)
+    p = taylor_params(root, quick)
     b = setup(root, p, progress)
     runs = []
     for ratio in ratio_list:
