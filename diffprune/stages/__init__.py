@@ -32,20 +32,8 @@ def get_stage(name: str) -> Callable[..., dict]:
 
 
 def _load_all() -> None:
-    from . import core  # noqa: F401
-
-    try:
-        from . import taylor  # noqa: F401
-    except ImportError:  # pragma: no cover - optional during development
-        pass
-    try:
-        from . import dipgo  # noqa: F401
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from . import experts  # noqa: F401
-    except ImportError:  # pragma: no cover
-        pass
+    # importing a stage module registers its stages (and its models in core.TARGETS)
+    from . import core, dipgo, experts, taylor  # noqa: F401
 
 
 def safe_subpath(root: Path, rel: str | Path) -> Path:
