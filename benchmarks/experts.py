@@ -98,12 +98,17 @@ def _project(parent: Path, name: str, sources: dict[str, Path]) -> Path:
     return root
 
 
-def _evaluated(root: Path, p: Params, target: str) -> dict:
-    """``evaluate`` of ``target`` in ``root``, reused when done under the same protocol."""
+def _evaluated(root: Path, p: Params, target: str, model: str) -> dict:
+    """``evaluate`` of ``target`` (checkpoint folder ``model``) in ``root``, reused when done under the
+    same protocol on the same weights."""
     ev = core.eval_dir(root, target)
-    if (ev / "metrics.json").exists() and read_json(ev / "protocol.json") == to_dict(p.evaluate):
+    sha = read_config(root / model)["sha256"]
+    if ((ev / "metrics.json").exists() and read_json(ev / "protocol.json") == to_dict(p.evaluate)
+            and (ev / "bench-model.json").exists() and read_json(ev / "bench-model.json")["sha256"] == sha):
         return read_json(ev / "metrics.json")
-    return core.run_evaluate(p, root, target, progress=False)["metrics"]
+    metrics = core.run_evaluate(p, root, target, progress=False)["metrics"]
+    write_json(ev / "bench-model.json", {"sha256": sha})
+    return metrics
 
 
 # ----------------------------------------------------------------------------- the mixture
@@ -137,7 +142,7 @@ def mixture_run(variant: Path, p: Params, budget: float, progress: bool) -> dict
     if not (root / stages.ROUTER / "router.json").exists():
         stages.run_router(pb, root, progress=progress)
     stages.run_prune_experts(pb, root, progress=progress)
-    metrics = _evaluated(root, pb, "experts")
+    metrics = _evaluated(root, pb, "experts", stages.MIXTURE)
     summary = read_json(root / stages.SUMMARY)
     rdoc = read_json(root / stages.ROUTER / "router.json")
     intervals = read_json(root / stages.INTERVALS / "intervals.json")
@@ -173,21 +178,24 @@ def diff_pruning_run(base: Path, p: Params, target: float, train_steps: int, pro
     sched_cfg = load_scheduler_config(base / core.TEACHER)
     sched = DDPMScheduler.from_config(sched_cfg)
     images, _ = load_split(base / "data/dataset", "train")
-    key = fingerprint(read_config(base / core.TEACHER)["sha256"], p.taylor, p.finetune, p.evaluate, target, train_steps)
+    key = fingerprint(read_config(base / core.TEACHER)["sha256"], p.taylor, p.finetune, p.evaluate, target, train_steps,
+                      p.prune_experts.distill)
     work = core.work_dir(base, "bench-experts-diffpruning", key)
     if (work / "result.json").exists():
         return read_json(work / "result.json")
 
-    # 1. the smallest channel ratio whose MACs fit the target (MACs do not depend on the importance)
+    # 1. the smallest channel ratio whose MACs fit the target; with the Diff-Pruning importance itself,
+    #    since the importance decides where GroupNorm rounding and head pruning land (magnitude at ratio
+    #    0.25 kept 0.50 of the MACs, Diff-Pruning 0.35)
     def macs_ratio(r: float) -> float:
         try:
-            _, rep = prune_unet(teacher, sched, images, replace(p.taylor, importance="magnitude", ratio=r), device)
+            _, rep = prune_unet(teacher, sched, images, replace(p.taylor, importance="diff-pruning", ratio=r), device)
         except PruningError:
             return 0.0
         return rep["macs_after"] / rep["macs_before"]
 
     lo, hi = 0.0, 0.95
-    for _ in range(12):
+    for _ in range(10):
         mid = 0.5 * (lo + hi)
         if macs_ratio(mid) <= target:
             hi = mid
@@ -197,9 +205,10 @@ def diff_pruning_run(base: Path, p: Params, target: float, train_steps: int, pro
     # 2. fine-tune for as many steps as the mixture's experts got, then the shared protocol
     f = p.finetune
     spec = TrainSpec(steps=train_steps, batch_size=f.batch_size, lr=f.lr, ema_decay=f.ema_decay,
-                     checkpoint_every=f.checkpoint_every, seed=f.seed, warmup_steps=f.warmup_steps)
+                     checkpoint_every=f.checkpoint_every, seed=f.seed, warmup_steps=f.warmup_steps,
+                     distill=p.prune_experts.distill)  # the experts' fine-tuning recipe
     tuned = core.train_or_resume(pruned, images, sched, spec, work / "finetune", device=device, progress=progress,
-                                 desc=f"diff-pruning r={hi:.3f}")
+                                 desc=f"diff-pruning r={hi:.3f}", teacher=teacher if spec.distill else None)
     ext = get_extractor(base / core.FEATURES, p.evaluate.inception_weights, device)
     reference = load_file(str(core.eval_dir(base, "teacher") / "samples.safetensors"))["samples"]
     shape = (tuned.config.in_channels, tuned.config.sample_size, tuned.config.sample_size)
@@ -309,7 +318,7 @@ def main(
     # the teacher under the benchmark's protocol, in a folder of the benchmark's own
     base = _project(bench, f"base-{fingerprint(teacher_sha, p.data, p.evaluate)}",
                     {rel: baseline.root / rel for rel in SHARED})
-    teacher = _evaluated(base, p, "teacher")
+    teacher = _evaluated(base, p, "teacher", core.TEACHER)
     teacher["fid_floor"] = read_json(base / core.FEATURES / "floor.json")["fid_floor"]
 
     variants = {kind: intervals_variant(base, p, kind, teacher_sha, progress) for kind in ("chosen", "uniform")}

@@ -120,6 +120,7 @@ class FinetuneConfig:
     warmup_steps: int = _f(0, **_rng(0))         # linear lr warm-up of the fine-tuning run
     ema_decay: float = _f(0.99, **_rng(0.0, 1.0, hi_open=True))  # horizon ~100 steps: runs are short
     checkpoint_every: int = _f(200, **_rng(1))
+    distill: float = _f(0.0, **_rng(0.0, 1.0))  # weight of the teacher's prediction in the target (KD)
     model_name: str = _f("diffprune-diff-pruning", nonempty=True)
     seed: int = _f(0, **_rng(0))
 
@@ -165,6 +166,7 @@ class ExpertsConfig:
     checkpoint_every: int = _f(100, **_rng(1))
     min_width: float = _f(0.25, **_rng(0.0, 1.0, lo_open=True))  # smallest width keep-ratio sampled
     depth_drop_prob: float = _f(0.2, **_rng(0.0, 1.0, hi_open=True))
+    distill: float = _f(0.0, **_rng(0.0, 1.0))  # weight of the teacher's prediction in the target (KD)
     seed: int = _f(0, **_rng(0))
 
 
@@ -177,16 +179,18 @@ class RouterConfig:
     temperature: float = _f(0.5, **_rng(0.0, lo_open=True))
     hidden: int = _f(64, **_rng(1))
     batch_size: int = _f(64, **_rng(1))
+    distill: float = _f(0.0, **_rng(0.0, 1.0))  # weight of the full expert's prediction in the target
     seed: int = _f(0, **_rng(0))
 
 
 @dataclass(frozen=True)
 class PruneExpertsConfig:
-    fraction: float = _f(0.1, **_rng(0.0, 1.0, lo_open=True))  # fine-tune per expert, of teacher steps
+    fraction: float = _f(0.1, **_rng(0.0, 1.0, lo_open=True))  # per expert on average, of the teacher steps; split by steps served
     lr: float = _f(5e-4, **_rng(0.0, lo_open=True))
     batch_size: int = _f(128, **_rng(1))
     ema_decay: float = _f(0.995, **_rng(0.0, 1.0, hi_open=True))
     checkpoint_every: int = _f(100, **_rng(1))
+    distill: float = _f(0.0, **_rng(0.0, 1.0))  # weight of the teacher's prediction in the target (KD)
     model_name: str = _f("diffprune-experts", nonempty=True)
     seed: int = _f(0, **_rng(0))
 

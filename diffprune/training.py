@@ -41,6 +41,7 @@ class TrainSpec:
     t_min: int = 0              # timesteps are drawn uniformly from [t_min, t_max)
     t_max: Optional[int] = None  # None = num_train_timesteps
     grad_clip: float = 1.0
+    distill: float = 0.0        # weight of the teacher's prediction in the target (0 = plain DDPM loss)
 
     def __post_init__(self) -> None:
         for k in ("steps", "batch_size", "checkpoint_every"):
@@ -48,6 +49,8 @@ class TrainSpec:
                 raise ValueError(f"{k} = {getattr(self, k)!r}: must be >= 1")
         if self.t_max is not None and not 0 <= self.t_min < self.t_max:
             raise ValueError(f"timestep range [{self.t_min}, {self.t_max}) is empty")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"distill = {self.distill!r}: must be in [0, 1]")
 
 
 StepHook = Callable[[int, torch.Generator], None]
@@ -63,11 +66,33 @@ def _lr_lambda(spec: TrainSpec) -> Callable[[int], float]:
     return f
 
 
-def denoising_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, scheduler) -> torch.Tensor:
-    """The DDPM objective for the scheduler's prediction type (epsilon, sample or v)."""
-    xt = scheduler.add_noise(x0, noise, t)
+def predict(model: nn.Module, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The network's output tensor (a diffusers output's ``.sample``)."""
     out = model(xt, t)
-    pred = out.sample if hasattr(out, "sample") else out
+    return out.sample if hasattr(out, "sample") else out
+
+
+def denoising_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, scheduler, *,
+                   teacher: Optional[nn.Module] = None, distill: float = 0.0) -> torch.Tensor:
+    """The DDPM objective for the scheduler's prediction type (epsilon, sample or v).
+
+    With a ``teacher`` and ``distill = w > 0`` the target is ``(1 - w) * target + w * teacher(x_t, t)``:
+    output-level knowledge distillation (the teacher's prediction is a lower-variance target than
+    the sampled noise, which is what a short fine-tune of a pruned net needs most).
+    """
+    xt = scheduler.add_noise(x0, noise, t)
+    pred = predict(model, xt, t)
+    target = denoising_target(x0, noise, t, scheduler)
+    if distill:
+        if teacher is None:
+            raise ValueError(f"distill = {distill!r} needs a teacher")
+        with torch.no_grad():
+            target = torch.lerp(target, predict(teacher, xt, t), distill)
+    return F.mse_loss(pred, target)
+
+
+def denoising_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler) -> torch.Tensor:
+    """What the network should predict for the scheduler's prediction type (noise, x0 or v)."""
     ptype = scheduler.config.get("prediction_type", "epsilon")
     if ptype == "epsilon":
         target = noise
@@ -77,7 +102,7 @@ def denoising_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: t
         target = scheduler.get_velocity(x0, noise, t)
     else:  # pragma: no cover
         raise ValueError(f"unknown prediction_type {ptype!r}")
-    return F.mse_loss(pred, target)
+    return target
 
 
 class _State:
@@ -136,6 +161,7 @@ def train_denoiser(
     desc: str = "training",
     stop_after: Optional[int] = None,
     on_progress: Optional[Callable[[int, int], None]] = None,
+    teacher: Optional[nn.Module] = None,
 ) -> tuple[nn.Module, EMA]:
     """Train ``model`` to denoise ``images`` ``(N, C, H, W)`` in [-1, 1]; resumable.
 
@@ -147,10 +173,15 @@ def train_denoiser(
             simulate an interrupted run.
         on_progress: called as ``on_progress(done, total)`` at every checkpoint (orchestrators
             show it, e.g. as a Prefect progress artifact).
+        teacher: the frozen network ``spec.distill > 0`` distils from (run in eval mode, no grads).
 
     Returns:
         The model with its final raw weights, and the EMA of its weights.
     """
+    if spec.distill and teacher is None:
+        raise ValueError(f"distill = {spec.distill!r} needs a teacher")
+    if teacher is not None:
+        teacher = teacher.to(device).eval().requires_grad_(False)
     work = _State(Path(work_dir))
     model = model.to(device).train()
     ema = EMA(model, spec.ema_decay)
@@ -194,7 +225,7 @@ def train_denoiser(
         t = torch.randint(spec.t_min, t_max, (x0.shape[0],), generator=gen).to(device)
         if before_step is not None:
             before_step(step, gen)
-        loss = denoising_loss(model, x0, t, noise, scheduler)
+        loss = denoising_loss(model, x0, t, noise, scheduler, teacher=teacher, distill=spec.distill)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if spec.grad_clip:

@@ -17,7 +17,9 @@ from diffprune.metrics.cost import unet_macs
 from diffprune.models.checkpoint import load_model, save_model
 from diffprune.pruning.experts import (
     ElasticController,
+    ElasticSpace,
     ExpertMixtureModel,
+    ShortcutBlock,
     SkippedBlock,
     SubnetConfig,
     alignment_matrix,
@@ -220,7 +222,10 @@ def test_pruned_expert_macs_match_the_router_prediction_and_its_outputs_the_mask
     for cfg in _configs(space):
         pruned = prune_to_config(model, space, cfg, SHAPE)
         assert unet_macs(pruned, SHAPE) == space.macs(cfg), cfg
-        assert sum(isinstance(m, SkippedBlock) for m in pruned.modules()) == cfg.depth.count(False)
+        dropped = [u for u, on in zip(space.units, cfg.depth) if not on]
+        shortcut = [u for u in dropped if getattr(model.get_submodule(u.name), "conv_shortcut", None) is not None]
+        assert sum(isinstance(m, ShortcutBlock) for m in pruned.modules()) == len(shortcut)
+        assert sum(isinstance(m, SkippedBlock) for m in pruned.modules()) == len(dropped) - len(shortcut)
         with ElasticController(model, space) as ctrl:
             ctrl.set(cfg)
             masked = _out(model, x, t)
@@ -239,6 +244,7 @@ def test_pruned_expert_and_mixture_round_trip_bit_identically(ordered, tmp_path)
     x, t = _inputs()
     cfg = _configs(space)[1]  # the smallest: fewest heads, every droppable block dropped
     pruned = prune_to_config(model, space, cfg, SHAPE)
+    assert any(isinstance(m, ShortcutBlock) for m in pruned.modules())  # an up-block resnet kept only its 1x1 conv
     save_model(pruned, tmp_path / "e")
     back = load_model(tmp_path / "e")
     assert torch.equal(_out(back, x, t), _out(pruned, x, t))
@@ -307,6 +313,21 @@ def test_router_respects_the_budget_and_is_deterministic(ordered, tiny_scheduler
         m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "experts must be left as they were"
 
 
+def test_router_distillation_target_is_the_full_expert(ordered, tiny_scheduler):
+    from dataclasses import replace
+
+    model, space = ordered
+    kw = dict(budget=1.0, train_steps=1, lr=0.01, resource_weight=0.0, tau=0.5, hidden=8, batch_size=4, seed=0)
+    args = ([model], space, [(0, 1000)], [4], _images(), tiny_scheduler)
+    plain = train_router(*args, **kw, distill=0.0).history[0]["denoise"]
+    assert 0 < train_router(*args, **kw, distill=1.0).history[0]["denoise"] < plain
+    # a space with nothing elastic: every sub-network is the full expert, which matches itself exactly
+    rigid = ElasticSpace(tuple(replace(u, droppable=False) for u in space.units), space.base_macs, 1.0)
+    assert train_router([model], rigid, *args[2:], **kw, distill=1.0).history[0]["denoise"] == 0.0
+    with pytest.raises(ValueError, match="router.distill = 2"):
+        train_router(*args, **kw, distill=2)
+
+
 # ----------------------------------------------------------------------------- stages
 
 def test_stages_end_to_end_build_a_mixture_within_budget(tmp_path):
@@ -352,3 +373,30 @@ def test_stages_end_to_end_build_a_mixture_within_budget(tmp_path):
     x = sample(loaded.denoiser, sampling_scheduler(loaded.scheduler_config, "ddim"), num_images=2,
                sample_shape=loaded.sample_shape, steps=3)
     assert x.shape == (2, *SHAPE) and torch.isfinite(x).all()
+
+
+def test_calibration_fills_the_budget_even_when_all_logits_tie(ordered):
+    from diffprune.pruning.experts import calibrate
+
+    _, space = ordered
+    steps = [30, 20]
+    full = space.full_macs() * sum(steps)
+    lo = space.macs(space.smallest()) * sum(steps) / full
+    tied = torch.zeros(2, len(space.units))  # a common offset flips every unit at once
+    # the fill stops only when no single upgrade (a group, a head or a sub-block back on) fits
+    step = max(u.macs_fixed + u.units * u.macs_per_unit for u in space.units) * max(steps) / full
+    for budget in (lo + 0.1, 0.5 * (lo + 1), 0.95):
+        _, cfgs = calibrate(space, tied, tied, steps, budget, tau=0.5)
+        r = sum(space.macs(c) * n for c, n in zip(cfgs, steps)) / full
+        assert budget - step <= r <= budget, (budget, r)
+    _, small = calibrate(space, tied, tied, steps, lo / 2, tau=0.5)
+    assert small == [space.smallest()] * 2  # below the smallest mixture: the smallest, with a warning
+
+
+def test_pruned_fine_tuning_is_split_by_the_sampling_steps_served():
+    from diffprune.stages.experts import pruned_steps
+
+    assert pruned_steps(0.5, 1000, [43, 7]) == [860, 140]
+    assert pruned_steps(0.5, 1000, [25, 25]) == [500, 500]
+    assert pruned_steps(0.1, 30, [10, 0, 5]) == [6, 1, 3]
+    assert pruned_steps(0.1, 30, [0, 0]) == [3, 3]

@@ -1,3 +1,6 @@
+import copy
+
+import pytest
 import torch
 
 from diffprune.training import TrainSpec, train_denoiser
@@ -66,3 +69,21 @@ def test_training_lowers_the_loss(tmp_path, tiny_unet, tiny_scheduler):
     with torch.no_grad():
         after = denoising_loss(model.eval(), images, t, noise, tiny_scheduler).item()
     assert after < before
+
+
+def test_distillation_target_is_the_teachers_prediction(tmp_path, tiny_unet, tiny_scheduler):
+    from diffprune.training import denoising_loss
+
+    images = _images(16)
+    g = torch.Generator().manual_seed(4)
+    noise = torch.randn(images.shape, generator=g)
+    t = torch.randint(0, 1000, (16,), generator=g)
+    teacher = copy.deepcopy(tiny_unet).eval()
+    with torch.no_grad():
+        plain = denoising_loss(tiny_unet.eval(), images, t, noise, tiny_scheduler)
+        assert denoising_loss(tiny_unet, images, t, noise, tiny_scheduler, teacher=teacher, distill=1.0) == 0.0
+        half = denoising_loss(tiny_unet, images, t, noise, tiny_scheduler, teacher=teacher, distill=0.5)
+    assert torch.isclose(half, plain / 4)  # (pred - (noise + pred) / 2)^2 = (pred - noise)^2 / 4
+    with pytest.raises(ValueError, match="distill = 0.5 needs a teacher"):
+        train_denoiser(tiny_unet, images, tiny_scheduler, TrainSpec(steps=1, batch_size=4, lr=1e-3, ema_decay=0.9,
+                       checkpoint_every=1, distill=0.5), tmp_path / "w", progress=False)

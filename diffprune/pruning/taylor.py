@@ -482,4 +482,5 @@ def finetune_spec(cfg: FinetuneConfig, teacher_steps: int) -> TrainSpec:
         checkpoint_every=cfg.checkpoint_every,
         seed=cfg.seed,
         warmup_steps=cfg.warmup_steps,
+        distill=cfg.distill,
     )

@@ -110,10 +110,10 @@ def work_dir(root: Path, name: str, *cfgs: Any) -> Path:
 
 
 def train_or_resume(model, images, scheduler, spec: TrainSpec, work: Path, *, device, progress: bool,
-                    desc: str, before_step=None, on_progress: ProgressFn | None = None):
+                    desc: str, before_step=None, on_progress: ProgressFn | None = None, teacher=None):
     """The one training entry point of every stage: resumable, returns the EMA weights in ``model``."""
     model, ema = train_denoiser(model, images, scheduler, spec, work, device=device, progress=progress,
-                                desc=desc, before_step=before_step, on_progress=on_progress)
+                                desc=desc, before_step=before_step, on_progress=on_progress, teacher=teacher)
     ema.copy_to(model)
     return model.eval()
 

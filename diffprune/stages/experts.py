@@ -16,6 +16,7 @@ output is up to date, and training resumes from its last checkpoint otherwise.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from pathlib import Path
@@ -94,6 +95,17 @@ def _shape(model: torch.nn.Module) -> tuple[int, int, int]:
 def _steps(fraction: float, teacher_steps: int) -> int:
     """``ceil(fraction * teacher_steps)`` training steps, at least 1."""
     return max(1, math.ceil(round(fraction * teacher_steps, 6)))
+
+
+def pruned_steps(fraction: float, teacher_steps: int, steps_per_expert: list[int]) -> list[int]:
+    """Fine-tuning steps of each pruned expert: ``K * ceil(fraction * teacher_steps)`` in all, split in
+    proportion to the sampling steps each expert serves (the expert that runs most of the trajectory
+    gets most of the fine-tuning), at least 1 each; an equal split when no expert serves a step."""
+    k = len(steps_per_expert)
+    total, served = k * _steps(fraction, teacher_steps), sum(steps_per_expert)
+    if served == 0:
+        return [total // k] * k
+    return [max(1, round(total * n / served)) for n in steps_per_expert]
 
 
 def _read_intervals(root: Path) -> dict:
@@ -198,6 +210,7 @@ def train_expert(p: Params, root: Path, k: int, *, progress: bool = True,
         log.info("expert %d is up to date", k)
         return out
     model, sched, sched_cfg = _teacher(root, device)
+    teacher = copy.deepcopy(model) if p.experts.distill else None  # frozen, before any reordering
     images, _ = load_split(safe_subpath(root, core.DATASET), "train")
     cfg = p.experts
     # 1. the elastic space, and the channels of every unit put in importance order on this interval
@@ -208,11 +221,12 @@ def train_expert(p: Params, root: Path, k: int, *, progress: bool = True,
     # 2. fine-tune on [lo, hi), a random sub-network every step (drawn from the training generator)
     spec = TrainSpec(steps=_steps(cfg.fraction, p.teacher.steps), batch_size=cfg.batch_size, lr=cfg.lr,
                      ema_decay=cfg.ema_decay, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed + k,
-                     t_min=lo, t_max=hi)
+                     t_min=lo, t_max=hi, distill=cfg.distill)
     with ElasticController(model, space) as ctrl:
         model = core.train_or_resume(model, images, sched, spec, core.work_dir(root, f"experts-{k}", key),
                                      device=device, progress=progress, desc=f"expert {k} [{lo}, {hi})",
-                                     before_step=elastic_hook(ctrl, cfg.depth_drop_prob), on_progress=on_progress)
+                                     before_step=elastic_hook(ctrl, cfg.depth_drop_prob), on_progress=on_progress,
+                                     teacher=teacher)
     meta = {"key": key, "expert": k, "interval": [lo, hi], "space": space.to_json(),
             "importance_order": [o.tolist() for o in orders], "training_options": spec_json(spec),
             "params": to_dict(cfg)}
@@ -286,7 +300,7 @@ def run_router(p: Params, root: Path, progress: bool = True, **_: Any) -> dict:
     r = p.router
     res = train_router(experts, space, intervals, steps, images, sched, budget=r.budget, train_steps=r.steps, lr=r.lr,
                        resource_weight=r.resource_weight, tau=r.temperature, hidden=r.hidden,
-                       batch_size=r.batch_size, seed=r.seed, device=device, progress=progress)
+                       batch_size=r.batch_size, seed=r.seed, device=device, progress=progress, distill=r.distill)
     full = space.full_macs()
     traj = trajectory_macs(res.macs, steps)
     out_doc = {
@@ -329,7 +343,9 @@ def prune_expert(p: Params, root: Path, k: int, *, progress: bool = True,
     lo, hi = rdoc["intervals"][k]
     cfg = SubnetConfig.from_json(rdoc["configs"][k])
     src = _expert_dir(root, ELASTIC, k)
-    key = fingerprint(read_config(src)["sha256"], cfg.to_json(), [lo, hi], p.data, p.prune_experts, {"expert": k})
+    c = p.prune_experts
+    steps = pruned_steps(c.fraction, p.teacher.steps, rdoc["steps_per_expert"])[k]
+    key = fingerprint(read_config(src)["sha256"], cfg.to_json(), [lo, hi], p.data, c, {"expert": k, "steps": steps})
     out = _expert_dir(root, PRUNED, k)
     if _up_to_date(out, key):
         log.info("pruned expert %d is up to date", k)
@@ -344,14 +360,15 @@ def prune_expert(p: Params, root: Path, k: int, *, progress: bool = True,
     if macs != space.macs(cfg):
         raise RuntimeError(f"expert {k}: pruned network runs {macs} MACs, the router budgeted {space.macs(cfg)}")
     # 2. a short fine-tune on the expert's interval
-    c = p.prune_experts
-    spec = TrainSpec(steps=_steps(c.fraction, p.teacher.steps), batch_size=c.batch_size, lr=c.lr,
-                     ema_decay=c.ema_decay, checkpoint_every=c.checkpoint_every, seed=c.seed + k, t_min=lo, t_max=hi)
+    spec = TrainSpec(steps=steps, batch_size=c.batch_size, lr=c.lr,
+                     ema_decay=c.ema_decay, checkpoint_every=c.checkpoint_every, seed=c.seed + k, t_min=lo, t_max=hi,
+                     distill=c.distill)
     images, _ = load_split(safe_subpath(root, core.DATASET), "train")
     sched_cfg = load_scheduler_config(src)
     pruned = core.train_or_resume(pruned, images, DDPMScheduler.from_config(sched_cfg), spec,
                                   core.work_dir(root, f"prune-experts-{k}", key), device=device, progress=progress,
-                                  desc=f"pruned expert {k} [{lo}, {hi})", on_progress=on_progress)
+                                  desc=f"pruned expert {k} [{lo}, {hi})", on_progress=on_progress,
+                                  teacher=_teacher(root, device)[0] if c.distill else None)
     meta = {"key": key, "expert": k, "interval": [lo, hi], "config": cfg.to_json(), "macs": macs,
             "macs_teacher": space.full_macs(), "training_options": spec_json(spec), "params": to_dict(c)}
     save_model(pruned.cpu(), out, scheduler_config=sched_cfg, meta=meta)

@@ -57,8 +57,9 @@ def run_finetune(p: Params, root: Path, progress: bool = True, on_progress: Prog
     spec = finetune_spec(p.finetune, p.teacher.steps)
     # the working folder is keyed by the pruned weights too: a new pruning never resumes an old run
     work = work_dir(root, "finetune", p.finetune, read_config(pruned_dir)["sha256"])
+    teacher = load_model(safe_subpath(root, TEACHER), device) if spec.distill else None
     model = train_or_resume(model, images, scheduler, spec, work, device=device, progress=progress,
-                            desc="finetune", on_progress=on_progress)
+                            desc="finetune", on_progress=on_progress, teacher=teacher)
     meta = read_config(pruned_dir)["meta"] | {"finetune": spec_json(spec)}
     out = save_model(model.cpu(), safe_subpath(root, FINETUNED), scheduler_config=dict(scheduler.config), meta=meta)
     return {"finetuned": str(out), "steps": spec.steps}

@@ -32,7 +32,7 @@ from .intervals import (
     uniform_boundaries,
     uniform_cuts,
 )
-from .prune import ExpertMixtureModel, SkippedBlock, load_mixture, prune_to_config, save_mixture
+from .prune import ExpertMixtureModel, ShortcutBlock, SkippedBlock, load_mixture, prune_to_config, save_mixture
 from .router import (
     ExpertRoutingAgent,
     RelaxedSubnet,
@@ -50,7 +50,7 @@ __all__ = [
     "importance_orders", "reorder_units", "sample_subnet", "unit_importance",
     "Segmentation", "alignment_matrix", "cutoff_curve", "cuts_to_boundaries", "grid_edges", "objective",
     "save_alignment_heatmap", "segment", "timestep_gradients", "timestep_grid", "uniform_boundaries", "uniform_cuts",
-    "ExpertMixtureModel", "SkippedBlock", "load_mixture", "prune_to_config", "save_mixture",
+    "ExpertMixtureModel", "ShortcutBlock", "SkippedBlock", "load_mixture", "prune_to_config", "save_mixture",
     "ExpertRoutingAgent", "RelaxedSubnet", "RouterResult", "calibrate", "relax", "select", "steps_per_expert",
     "train_router", "trajectory_macs",
 ]

@@ -8,8 +8,10 @@ The *elastic space* of a UNet lists its residual sub-blocks (every ``ResnetBlock
   permuted into importance order (:func:`reorder_units`, function-preserving), so "keep ``k``"
   means "keep the ``k`` most important". Dropping whole groups leaves the statistics of every kept
   ``norm2`` group unchanged, so the masked net equals the physically pruned one.
-- **depth**: a sub-block whose input and output widths agree and whose residual is plain
-  (no shortcut conv, no resampling, output scale 1) can be dropped: it becomes the identity.
+- **depth**: a sub-block's residual branch can be dropped. An attention with a plain residual
+  becomes the identity; a resnet that does not resample becomes its shortcut alone,
+  ``shortcut(x) / output_scale_factor`` (the identity when it has no shortcut conv, a 1x1 conv
+  where the channels change, as in every up block), so channel-changing resnets are droppable too.
 
 A :class:`SubnetConfig` picks one sub-network. :class:`ElasticController` installs the hooks
 that run it on the full model (hard masks for elastic training, differentiable straight-through
@@ -47,9 +49,10 @@ class ElasticUnit:
         units: ``G``, the number of groups / heads (1 = width not elastic).
         unit_size: channels per group / per head.
         channels: channels of the sub-block's input and output (the residual stream).
-        droppable: whether the sub-block may be replaced by the identity.
+        droppable: whether the sub-block's residual branch may be dropped.
         macs_fixed: MACs (one image) of the sub-block that do not depend on its width.
         macs_per_unit: MACs (one image) added by each kept group / head.
+        macs_skip: MACs (one image) of the sub-block when dropped (its shortcut conv, if any).
     """
 
     name: str
@@ -60,6 +63,7 @@ class ElasticUnit:
     droppable: bool
     macs_fixed: int
     macs_per_unit: int
+    macs_skip: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,8 +121,8 @@ class ElasticSpace:
     def macs(self, cfg: SubnetConfig) -> int:
         """MACs of one ``(1, C, H, W)`` call of the sub-network ``cfg`` (exact, integer)."""
         self.check(cfg)
-        return self.base_macs + sum(u.macs_fixed + u.macs_per_unit * w
-                                    for u, w, d in zip(self.units, cfg.width, cfg.depth) if d)
+        return self.base_macs + sum(u.macs_fixed + u.macs_per_unit * w if d else u.macs_skip
+                                    for u, w, d in zip(self.units, cfg.width, cfg.depth))
 
     def full_macs(self) -> int:
         return self.macs(self.full())
@@ -136,8 +140,19 @@ def _resnet_width_elastic(m: ResnetBlock2D) -> bool:
 
 
 def _resnet_droppable(m: ResnetBlock2D) -> bool:
-    return (m.conv_shortcut is None and not m.up and not m.down and m.output_scale_factor == 1
-            and m.conv1.in_channels == m.conv2.out_channels)
+    """Whether the residual branch can go, leaving ``shortcut(x) / output_scale_factor``."""
+    if m.up or m.down:
+        return False
+    if m.conv_shortcut is not None:
+        return True
+    return m.conv1.in_channels == m.conv2.out_channels and m.output_scale_factor == 1
+
+
+def resnet_skip(m: ResnetBlock2D, x: torch.Tensor) -> torch.Tensor:
+    """What a resnet computes with its residual branch dropped: ``shortcut(x) / output_scale_factor``."""
+    if m.conv_shortcut is not None:
+        x = m.conv_shortcut(x.contiguous())
+    return x / m.output_scale_factor if m.output_scale_factor != 1 else x
 
 
 def _attention_supported(name: str, m: Attention) -> None:
@@ -180,18 +195,20 @@ def elastic_space(model: nn.Module, sample_shape: Sequence[int], min_width: floa
             else:
                 g, size, scaled = 1, m.conv1.out_channels, 0
             kind, channels, droppable = RESNET, m.conv1.in_channels, _resnet_droppable(m)
+            skip = per.get(f"{name}.conv_shortcut", 0) if droppable else 0
         elif isinstance(m, Attention):
             _attention_supported(name, m)
             g, size = m.heads, head_dim(m)
             scaled = under(name)  # projections and both attention products scale with the heads
             kind, channels, droppable = ATTENTION, m.query_dim, _attention_droppable(m)
+            skip = 0
         else:
             continue
         total = under(name)
         if g > 1 and scaled % g:
             raise RuntimeError(f"{name}: {scaled} width-dependent MACs do not split over {g} units")
         per_unit = scaled // g if g > 1 else 0
-        units.append(ElasticUnit(name, kind, g, size, channels, droppable, total - per_unit * g, per_unit))
+        units.append(ElasticUnit(name, kind, g, size, channels, droppable, total - per_unit * g, per_unit, skip))
     base = counter.total - sum(under(u.name) for u in units)
     return ElasticSpace(tuple(units), base, float(min_width))
 
@@ -356,15 +373,20 @@ class ElasticController:
         return hook
 
     def _depth_hook(self, i: int) -> Callable:
+        is_resnet = self.space.units[i].kind == RESNET
+
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> Optional[torch.Tensor]:
             g = self._gate[i]
             if g is None:
                 return None
+            if not g.requires_grad and float(g) != 0.0:
+                return None
             x = _hidden(args, kwargs)
-            if not g.requires_grad:  # hard gate: exactly the input or exactly the output
-                return x if float(g) == 0.0 else None
+            skip = resnet_skip(mod, x) if is_resnet else x
+            if not g.requires_grad:  # hard gate 0: exactly what the block computes without its branch
+                return skip
             g = g.to(device=out.device, dtype=out.dtype)
-            return g * out + (1 - g) * x
+            return g * out + (1 - g) * skip
 
         return hook
 

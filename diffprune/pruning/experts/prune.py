@@ -3,7 +3,8 @@
 :func:`prune_to_config` removes what the masks only hid: the trailing (least important) groups of
 each resnet's hidden width and the trailing heads of each attention become smaller real layers
 (Torch-Pruning's layer pruning functions, then the attribute repair and consistency check of
-:mod:`diffprune.pruning.taylor`), and dropped sub-blocks are replaced by :class:`SkippedBlock`.
+:mod:`diffprune.pruning.taylor`), and dropped sub-blocks are replaced by :class:`SkippedBlock`
+(the identity) or, for a resnet with a shortcut conv, by :class:`ShortcutBlock`.
 The result computes what the masked expert computed, with exactly
 :meth:`~diffprune.pruning.experts.elastic.ElasticSpace.macs` MACs.
 
@@ -54,6 +55,42 @@ class SkippedBlock(nn.Module):
         return f"{self.kind}, channels={self.channels}"
 
 
+@register_replacement
+class ShortcutBlock(nn.Module):
+    """A resnet whose residual branch was dropped: ``conv_shortcut(x) / output_scale_factor``.
+
+    Args:
+        in_channels, out_channels, kernel_size, bias: of the shortcut conv (stride 1, same padding).
+        output_scale_factor: the resnet's output scale.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, bias: bool = True,
+                 output_scale_factor: float = 1.0) -> None:
+        super().__init__()
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        self.output_scale_factor = float(output_scale_factor)
+
+    @classmethod
+    def of(cls, resnet: nn.Module) -> "ShortcutBlock":
+        """The shortcut of a diffusers ``ResnetBlock2D``, with its weights."""
+        conv = resnet.conv_shortcut
+        k = conv.kernel_size[0]
+        if conv.kernel_size != (k, k) or conv.stride != (1, 1) or conv.padding != (k // 2, k // 2) or conv.groups != 1:
+            raise NotImplementedError(f"shortcut conv {conv} is not a stride-1, same-padding square conv")
+        new = cls(conv.in_channels, conv.out_channels, k, conv.bias is not None, resnet.output_scale_factor)
+        new.conv_shortcut.load_state_dict(conv.state_dict())
+        return new.to(conv.weight.device, conv.weight.dtype)
+
+    def structure_init(self) -> dict[str, Any]:
+        c = self.conv_shortcut
+        return {"in_channels": c.in_channels, "out_channels": c.out_channels, "kernel_size": c.kernel_size[0],
+                "bias": c.bias is not None, "output_scale_factor": self.output_scale_factor}
+
+    def forward(self, input_tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.conv_shortcut(input_tensor.contiguous())
+        return out / self.output_scale_factor if self.output_scale_factor != 1 else out
+
+
 def _trailing(unit_size: int, keep: int, units: int) -> list[int]:
     """Channel indices of units ``keep .. units-1`` (the least important ones)."""
     return list(range(keep * unit_size, units * unit_size))
@@ -77,8 +114,11 @@ def prune_to_config(model: nn.Module, space: ElasticSpace, cfg: SubnetConfig,
     net = copy.deepcopy(model)
     for u, keep, on in zip(space.units, cfg.width, cfg.depth):
         m = net.get_submodule(u.name)
-        if not on:  # depth: the whole residual sub-block goes
-            set_module(net, u.name, SkippedBlock(u.channels, u.kind))
+        if not on:  # depth: the residual branch goes
+            if u.kind == RESNET and getattr(m, "conv_shortcut", None) is not None:
+                set_module(net, u.name, ShortcutBlock.of(m))
+            else:
+                set_module(net, u.name, SkippedBlock(u.channels, u.kind))
             continue
         if keep == u.units:
             continue

@@ -14,7 +14,10 @@ The agent is trained with the experts frozen on
 
 where ``MACs_mixture = sum_k n_k MACs_k`` is the trajectory cost of the sampler (``n_k`` sampling
 steps fall in expert ``k``'s interval) and ``MACs_k`` follows exactly and differentiably from the
-straight-through masks. So the budget is shared between experts by the loss, not by a heuristic:
+straight-through masks. The denoising term runs the noisy (Gumbel) sub-networks, which explore; the
+resource term is taken on the noise-free ones, the sub-networks :func:`select` finally picks, so
+the budget the loss reaches is the selection's (with the noisy MACs, logits that sit just above 0
+meet the budget on average while the selection keeps every unit). So the budget is shared between experts by the loss, not by a heuristic:
 an expert serving many steps, or one whose interval tolerates pruning, gets cut more.
 """
 
@@ -23,13 +26,15 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...training import denoising_loss
+import torch.nn.functional as F
+
+from ...training import denoising_target, predict
 from .elastic import ElasticController, ElasticSpace, SubnetConfig
 
 log = logging.getLogger(__name__)
@@ -131,7 +136,8 @@ def relax(space: ElasticSpace, width_logits: torch.Tensor, depth_logits: torch.T
             gate = torch.ones((), device=zd.device, dtype=zd.dtype)
         masks.append(mask)
         gates.append(gate)
-        macs = macs + gate.double() * (u.macs_fixed + u.macs_per_unit * mask.double().sum())
+        g64 = gate.double()
+        macs = macs + g64 * (u.macs_fixed + u.macs_per_unit * mask.double().sum()) + (1 - g64) * u.macs_skip
     return RelaxedSubnet(masks, gates, macs)
 
 
@@ -160,10 +166,15 @@ def trajectory_macs(macs_per_expert: Sequence[float], steps: Sequence[int]) -> f
 
 
 def calibrate(space: ElasticSpace, width_logits: torch.Tensor, depth_logits: torch.Tensor, steps: Sequence[int],
-              budget: float, *, tau: float, iters: int = 60, span: float = 30.0) -> tuple[float, list[SubnetConfig]]:
-    """The largest common logit offset whose hard mixture stays within the budget (bisection).
+              budget: float, *, tau: float, iters: int = 60) -> tuple[float, list[SubnetConfig]]:
+    """The selected sub-networks, brought to the budget: a common logit offset, then a greedy fill.
 
-    Every unit's kept width and gate grow monotonically with the offset, so the trajectory MACs do.
+    1. Bisection on an offset added to every logit: every unit's kept width and gate grow
+       monotonically with it, so the trajectory MACs do; the largest offset within the budget wins.
+    2. Logits that sit close together flip at nearly the same offset, so step 1 can stop well
+       under the budget. The fill goes on raising the offset one unit at a time: the next group
+       (or gate) in the order the offset would have added it is taken when it fits the budget and
+       skipped when it does not, until nothing more fits.
 
     Args:
         width_logits, depth_logits: ``(K, U)``.
@@ -171,29 +182,72 @@ def calibrate(space: ElasticSpace, width_logits: torch.Tensor, depth_logits: tor
         budget: allowed fraction of the teacher's trajectory MACs.
 
     Returns:
-        ``(offset, configs)``; when even the smallest mixture exceeds the budget, the offset
-        ``-span`` (the smallest configs) and a warning.
+        ``(offset, configs)``; when even the smallest mixture exceeds the budget, the smallest
+        configs and a warning.
     """
     full = space.full_macs() * sum(steps)
+    k_count = len(steps)
+    span = 30.0 + float(max(width_logits.abs().max(), depth_logits.abs().max()))  # beyond every logit
 
-    def ratio(off: float) -> tuple[float, list[SubnetConfig]]:
-        cfgs = [select(space, width_logits[k], depth_logits[k], tau=tau, offset=off) for k in range(len(steps))]
-        return trajectory_macs([space.macs(c) for c in cfgs], steps) / full, cfgs
+    def ratio_of(cfgs: Sequence[SubnetConfig]) -> float:
+        return trajectory_macs([space.macs(c) for c in cfgs], steps) / full
+
+    def at(off: float) -> tuple[float, list[SubnetConfig]]:
+        cfgs = [select(space, width_logits[k], depth_logits[k], tau=tau, offset=off) for k in range(k_count)]
+        return ratio_of(cfgs), cfgs
 
     lo, hi = -span, span
-    r_lo, c_lo = ratio(lo)
+    r_lo, c_lo = at(lo)
     if r_lo > budget:
         log.warning("the smallest mixture uses %.3f of the teacher's MACs, above the budget %.3f", r_lo, budget)
         return lo, c_lo
-    if ratio(hi)[0] <= budget:
-        return hi, ratio(hi)[1]
+    if at(hi)[0] <= budget:
+        return hi, at(hi)[1]
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
-        if ratio(mid)[0] <= budget:
+        if at(mid)[0] <= budget:
             lo = mid
         else:
             hi = mid
-    return lo, ratio(lo)[1]
+    return lo, _fill(space, at(lo)[1], width_logits + lo, depth_logits + lo, steps, budget, tau, ratio_of)
+
+
+def _fill(space: ElasticSpace, configs: list[SubnetConfig], zw: torch.Tensor, zd: torch.Tensor, steps: Sequence[int],
+          budget: float, tau: float, ratio_of: Callable[[Sequence[SubnetConfig]], float]) -> list[SubnetConfig]:
+    """Greedy step 2 of :func:`calibrate`; ``zw``, ``zd`` are the offset ``(K, U)`` logits."""
+    width = [list(c.width) for c in configs]
+    depth = [list(c.depth) for c in configs]
+    m = space.min_width
+
+    def needed(k: int, i: int) -> Optional[tuple[float, str]]:
+        """How much more offset the next upgrade of unit ``i`` of expert ``k`` needs, and which it is."""
+        u = space.units[i]
+        if not depth[k][i]:
+            return float(-zd[k, i]), "depth"
+        if width[k][i] >= u.units or m >= 1.0:
+            return None
+        q = min(max((width[k][i] / u.units - m) / (1 - m), 1e-9), 1 - 1e-9)  # sigmoid value the next group needs
+        return tau * math.log(q / (1 - q)) - float(zw[k, i]), "width"
+
+    def current() -> list[SubnetConfig]:
+        return [SubnetConfig(tuple(w), tuple(d)) for w, d in zip(width, depth)]
+
+    while True:
+        cands = sorted((n[0], k, i, n[1]) for k in range(len(configs)) for i in range(len(space.units))
+                       if (n := needed(k, i)) is not None)
+        for _, k, i, what in cands:
+            if what == "depth":
+                depth[k][i] = True
+            else:
+                width[k][i] += 1
+            if ratio_of(current()) <= budget:
+                break
+            if what == "depth":
+                depth[k][i] = False
+            else:
+                width[k][i] -= 1
+        else:
+            return current()
 
 
 # ----------------------------------------------------------------------------- training
@@ -239,6 +293,7 @@ def train_router(
     seed: int,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    distill: float = 0.0,
 ) -> RouterResult:
     """Train the ERA with the (elastic) experts frozen; select and calibrate their sub-networks.
 
@@ -249,6 +304,9 @@ def train_router(
         images: ``(N, C, H, W)`` training images in [-1, 1].
         budget: target fraction of the teacher's trajectory MACs, in (0, 1].
         train_steps, lr, resource_weight, tau, hidden, batch_size, seed: the ERA's training.
+        distill: weight of the full expert's own prediction in the denoising target (0 = the sampled
+            noise alone). The full expert's output is a noise-free reference: the loss then measures
+            what the pruning costs, not the noise every sub-network fails to predict.
 
     Returns:
         A :class:`RouterResult`; the experts' weights and hooks are left as they were.
@@ -258,6 +316,8 @@ def train_router(
         raise ValueError(f"{k_count} experts, {len(intervals)} intervals, {len(steps)} step counts: must agree")
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"router.budget = {budget!r}: must be in (0, 1]")
+    if not 0.0 <= distill <= 1.0:
+        raise ValueError(f"router.distill = {distill!r}: must be in [0, 1]")
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG left as it was
@@ -278,23 +338,32 @@ def train_router(
             denoise = torch.zeros((), device=device)
             macs = []
             for k, (e, ctrl) in enumerate(zip(experts, controllers)):
-                sub = relax(space, width[k], depth[k], tau=tau, gen=gen)
-                ctrl.set_relaxed(sub.width_masks, sub.gates)
+                sub = relax(space, width[k], depth[k], tau=tau, gen=gen)  # noisy: explores
+                chosen = relax(space, width[k], depth[k], tau=tau)  # noise-free: what select() picks
                 # 1. a batch of expert k's interval, from the router's generator
                 idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
                 x0 = images[idx].to(device)  # (B, C, H, W)
                 noise = torch.randn(x0.shape, generator=gen).to(device)
                 t = torch.randint(intervals[k][0], intervals[k][1], (batch_size,), generator=gen).to(device)
-                # 2. the denoising loss of the chosen sub-network
-                denoise = denoise + denoising_loss(e, x0, t, noise, scheduler)
-                macs.append(sub.macs)
+                # 2. the denoising loss of the chosen sub-network (target: the noise, blended with the
+                #    full expert's own prediction by `distill`)
+                xt = scheduler.add_noise(x0, noise, t)
+                target = denoising_target(x0, noise, t, scheduler)
+                if distill:
+                    ctrl.reset()
+                    with torch.no_grad():
+                        target = torch.lerp(target, predict(e, xt, t), distill)
+                ctrl.set_relaxed(sub.width_masks, sub.gates)
+                denoise = denoise + F.mse_loss(predict(e, xt, t), target)
+                macs.append(chosen.macs)
             # 3. the resource regulariser on the mixture's trajectory MACs
             ratio = sum(m * n for m, n in zip(macs, steps)) / full
             resource = (ratio / budget - 1.0) ** 2
             loss = denoise + resource_weight * resource.float()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if loss.requires_grad:  # False only in a space with nothing elastic
+                loss.backward()
+                opt.step()
             history.append({name: float(v.detach()) for name, v in
                             (("loss", loss), ("denoise", denoise), ("resource", resource), ("ratio", ratio))})
     finally:
