@@ -276,7 +276,8 @@ def save_plot(doc: dict, png: Path) -> Path:
                          yerr=[r["metrics"]["fid_std"] for r in rows], marker=marker, capsize=3, label=model)
     ax1.axhline(doc["teacher"]["fid"], color="grey", ls="--", lw=1, label="teacher")
     ax1.set_xlabel("trajectory MACs / teacher")
-    ax1.set_ylabel("FID")
+    ax1.set_ylabel("FID (log scale)")
+    ax1.set_yscale("log")
     ax1.legend(fontsize=7)
     chosen = [r for r in doc["runs"] if r["model"] == "experts (chosen intervals)"]
     if chosen:
@@ -287,6 +288,8 @@ def save_plot(doc: dict, png: Path) -> Path:
             vals = [r["macs_share"][e] for r in chosen]
             ax2.bar(xs, vals, bottom=bottom, label=f"expert {e}")
             bottom = [b + v for b, v in zip(bottom, vals)]
+        steps = chosen[0]["steps_per_expert"]
+        ax2.axhline(steps[0] / sum(steps), color="k", ls=":", lw=1, label="expert 0's share of the steps")
         ax2.set_xticks(xs, [str(r["budget"]) for r in chosen])
         ax2.set_xlabel("budget")
         ax2.set_ylabel("share of the mixture's MACs")

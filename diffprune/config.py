@@ -185,7 +185,7 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class PruneExpertsConfig:
-    fraction: float = _f(0.1, **_rng(0.0, 1.0, lo_open=True))  # per expert on average, of the teacher steps; split by steps served
+    fraction: float = _f(0.1, **_rng(0.0, 1.0, lo_open=True))  # fine-tune per expert, of the teacher steps
     lr: float = _f(5e-4, **_rng(0.0, lo_open=True))
     batch_size: int = _f(128, **_rng(1))
     ema_decay: float = _f(0.995, **_rng(0.0, 1.0, hi_open=True))

@@ -392,11 +392,3 @@ def test_calibration_fills_the_budget_even_when_all_logits_tie(ordered):
     _, small = calibrate(space, tied, tied, steps, lo / 2, tau=0.5)
     assert small == [space.smallest()] * 2  # below the smallest mixture: the smallest, with a warning
 
-
-def test_pruned_fine_tuning_is_split_by_the_sampling_steps_served():
-    from diffprune.stages.experts import pruned_steps
-
-    assert pruned_steps(0.5, 1000, [43, 7]) == [860, 140]
-    assert pruned_steps(0.5, 1000, [25, 25]) == [500, 500]
-    assert pruned_steps(0.1, 30, [10, 0, 5]) == [6, 1, 3]
-    assert pruned_steps(0.1, 30, [0, 0]) == [3, 3]
