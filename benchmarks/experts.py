@@ -278,6 +278,11 @@ def save_plot(doc: dict, png: Path) -> Path:
     ax1.set_xlabel("trajectory MACs / teacher")
     ax1.set_ylabel("FID (log scale)")
     ax1.set_yscale("log")
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+    ax1.yaxis.set_major_locator(FixedLocator([0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10, 20, 50]))
+    ax1.yaxis.set_major_formatter(ScalarFormatter())
+    ax1.yaxis.set_minor_formatter(NullFormatter())
     ax1.legend(fontsize=7)
     chosen = [r for r in doc["runs"] if r["model"] == "experts (chosen intervals)"]
     if chosen:
