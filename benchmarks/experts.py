@@ -258,6 +258,17 @@ def to_markdown(doc: dict) -> str:
             f"| {m['fid_ratio_vs_teacher']:.2f} | {m['params']:,} | {steps if steps else '-'} "
             f"| {' / '.join(f'{s:.2f}' for s in share) if share else '-'} | {r['train_steps']} |"
         )
+    lines += ["", "Targets (computed from the rows above):", ""]
+    by = {(r["budget"], r["model"]): r["metrics"] for r in doc["runs"]}
+    for kind in ("chosen", "uniform"):
+        model = f"experts ({kind} intervals)"
+        wins = [b for b in sorted({r["budget"] for r in doc["runs"]})
+                if (b, "diff-pruning") in by and (b, model) in by and by[(b, model)]["fid"] <= by[(b, "diff-pruning")]["fid"]]
+        budgets = sorted({b for b, m in by if m == model})
+        lines.append(f"- {model}: FID at or below Diff-Pruning's at {len(wins)} of {len(budgets)} budgets "
+                     f"({', '.join(map(str, wins)) or 'none'}); target: all. At budget 0.5: "
+                     + (f"{by[(0.5, model)]['fid_ratio_vs_teacher']:.2f}x the teacher's FID (target <= 1.15x)."
+                        if (0.5, model) in by else "not run."))
     return "\n".join(lines) + "\n"
 
 

@@ -44,6 +44,9 @@ def _small(out: dict) -> dict:
     retry_jitter_factor=0.2,
     retry_condition_fn=lambda task, task_run, state: not isinstance(state.result(raise_on_failure=False), ConfigError),
     persist_result=False,
+    # prints inside a stage stay prints: library code that captures stdout (dill's dis.dis, run by
+    # `datasets` fingerprinting) must not have them rerouted into the flow's log
+    log_prints=False,
 )
 def run_stage(name: str, params_path: str, root: str, expert: int | None = None) -> dict:
     """Run pipeline stage ``name`` (``evaluate@teacher`` = stage evaluate on target teacher); per-expert

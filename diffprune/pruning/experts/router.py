@@ -17,8 +17,10 @@ steps fall in expert ``k``'s interval) and ``MACs_k`` follows exactly and differ
 straight-through masks. The denoising term runs the noisy (Gumbel) sub-networks, which explore; the
 resource term is taken on the noise-free ones, the sub-networks :func:`select` finally picks, so
 the budget the loss reaches is the selection's (with the noisy MACs, logits that sit just above 0
-meet the budget on average while the selection keeps every unit). So the budget is shared between experts by the loss, not by a heuristic:
-an expert serving many steps, or one whose interval tolerates pruning, gets cut more.
+meet the budget on average while the selection keeps every unit). With ``distill = w`` the denoising
+target blends in the full expert's own prediction, a noise-free reference that makes the loss
+measure what the pruning costs. So the budget is shared between experts by the loss, not by a
+heuristic: an expert serving many steps, or one whose interval tolerates pruning, gets cut more.
 """
 
 from __future__ import annotations
@@ -29,10 +31,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-
-import torch.nn.functional as F
 
 from ...training import denoising_target, predict
 from .elastic import ElasticController, ElasticSpace, SubnetConfig
