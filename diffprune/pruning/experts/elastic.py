@@ -148,8 +148,11 @@ def _resnet_droppable(m: ResnetBlock2D) -> bool:
     return m.conv1.in_channels == m.conv2.out_channels and m.output_scale_factor == 1
 
 
-def resnet_skip(m: ResnetBlock2D, x: torch.Tensor) -> torch.Tensor:
-    """What a resnet computes with its residual branch dropped: ``shortcut(x) / output_scale_factor``."""
+def resnet_skip(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a resnet computes with its residual branch dropped: ``shortcut(x) / output_scale_factor``.
+
+    ``m``: a ``ResnetBlock2D``, or the ``ShortcutBlock`` that replaces one (both have ``conv_shortcut``,
+    possibly None, and ``output_scale_factor``)."""
     if m.conv_shortcut is not None:
         x = m.conv_shortcut(x.contiguous())
     return x / m.output_scale_factor if m.output_scale_factor != 1 else x

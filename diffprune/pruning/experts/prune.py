@@ -28,7 +28,7 @@ from ...io import ArtifactError
 from ...models.checkpoint import MODEL_CLASSES, load_model, register_replacement, save_model, set_module
 from ...sampling import ExpertMixture
 from ..taylor import check_pruned, repair_attributes
-from .elastic import RESNET, ElasticSpace, SubnetConfig
+from .elastic import RESNET, ElasticSpace, SubnetConfig, resnet_skip
 
 
 @register_replacement
@@ -87,8 +87,7 @@ class ShortcutBlock(nn.Module):
                 "bias": c.bias is not None, "output_scale_factor": self.output_scale_factor}
 
     def forward(self, input_tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.conv_shortcut(input_tensor.contiguous())
-        return out / self.output_scale_factor if self.output_scale_factor != 1 else out
+        return resnet_skip(self, input_tensor)  # what the elastic depth gate runs
 
 
 def _trailing(unit_size: int, keep: int, units: int) -> list[int]:

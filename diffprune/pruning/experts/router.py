@@ -202,8 +202,9 @@ def calibrate(space: ElasticSpace, width_logits: torch.Tensor, depth_logits: tor
     if r_lo > budget:
         log.warning("the smallest mixture uses %.3f of the teacher's MACs, above the budget %.3f", r_lo, budget)
         return lo, c_lo
-    if at(hi)[0] <= budget:
-        return hi, at(hi)[1]
+    r_hi, c_hi = at(hi)
+    if r_hi <= budget:
+        return hi, c_hi
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         if at(mid)[0] <= budget:
