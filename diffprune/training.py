@@ -15,7 +15,7 @@ import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -105,46 +105,110 @@ def denoising_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, sch
     return target
 
 
-class _State:
-    """Save/restore of the whole training state as safetensors + JSON (no pickle)."""
+def _flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    """A JSON skeleton of ``obj`` (nested dicts/lists/scalars) with its tensors moved to ``tensors``.
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    Dicts keep their key types (an optimizer's state is keyed by int), so :func:`_unflatten` gives
+    back exactly what ``state_dict()`` returned.
+    """
+    if torch.is_tensor(obj):
+        tensors[prefix] = obj.detach().contiguous().cpu()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _flatten(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [_flatten(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)],
+                "tuple": isinstance(obj, tuple)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"{prefix}: cannot save a {type(obj).__name__} in a training state (tensors and JSON only)")
+
+
+def _unflatten(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(skel, dict):
+        if "__tensor__" in skel:
+            return tensors[skel["__tensor__"]]
+        if "__dict__" in skel:
+            return {k: _unflatten(v, tensors) for k, v in skel["__dict__"]}
+        if "__list__" in skel:
+            items = [_unflatten(v, tensors) for v in skel["__list__"]]
+            return tuple(items) if skel.get("tuple") else items
+    return skel
+
+
+class TrainState:
+    """The resumable state of one optimisation run, saved atomically as safetensors + JSON (no pickle).
+
+    It holds named *stateful* objects (anything with ``state_dict()`` / ``load_state_dict()``: models,
+    optimizers, LR schedules, EMAs), named ``torch.Generator`` s, optionally the global torch RNG,
+    and whatever extra tensors / JSON the caller passes at save time (a data order, a loss history).
+    Every run of the house resumes through it: the teacher, fine-tunes, experts, the router and the
+    DiP-GO pruner. Checkpoints live in ``root/step-NNNNNNNN/``; the ``keep`` newest are kept, so a
+    corrupted newest one falls back to the one before it.
+
+    Args:
+        root: the folder of this run's checkpoints.
+        objects: ``name -> stateful object``; restored in place by :meth:`restore`.
+        generators: ``name -> torch.Generator``; restored in place.
+        global_rng: also save / restore ``torch.get_rng_state()`` (for code that draws from it).
+        keep: how many checkpoints to keep.
+    """
+
+    def __init__(self, root: str | Path, objects: dict[str, Any], generators: Optional[dict[str, torch.Generator]] = None,
+                 *, global_rng: bool = False, keep: int = 2) -> None:
+        if keep < 1:
+            raise ValueError(f"keep = {keep!r}: must be >= 1")
+        self.root, self.objects, self.generators = Path(root), objects, dict(generators or {})
+        self.global_rng, self.keep = global_rng, keep
 
     def checkpoints(self) -> list[Path]:
+        """Checkpoint folders, newest first."""
         if not self.root.exists():
             return []
         return sorted(self.root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
 
-    def save(self, step: int, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
-             sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, perm: torch.Tensor, keep: int = 2) -> None:
-        tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        tensors |= {f"ema.{k}": v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}
-        osd = opt.state_dict()
-        for pid, st in osd["state"].items():
-            for k, v in st.items():
-                tensors[f"opt.{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous().cpu()
-        tensors["rng.generator"] = gen.get_state()
-        tensors["rng.torch"] = torch.get_rng_state()
-        tensors["data.perm"] = perm.cpu()
-        meta = {"step": step, "param_groups": osd["param_groups"], "lr_sched": sched.state_dict()}
+    def save(self, step: int, *, tensors: Optional[dict[str, torch.Tensor]] = None, meta: Optional[dict] = None) -> Path:
+        """Write checkpoint ``step`` (atomically) with the extra ``tensors`` and JSON ``meta``."""
+        flat: dict[str, torch.Tensor] = {}
+        skeleton = {name: _flatten(obj.state_dict(), flat, f"obj.{name}") for name, obj in self.objects.items()}
+        for name, g in self.generators.items():
+            flat[f"rng.{name}"] = g.get_state()
+        if self.global_rng:
+            flat["rng.<torch>"] = torch.get_rng_state()
+        flat |= {f"extra.{k}": v.detach().contiguous().cpu() for k, v in (tensors or {}).items()}
+        record = {"step": step, "objects": skeleton, "meta": meta or {}}
         with atomic_path(self.root / f"step-{step:08d}", is_dir=True) as tmp:
             tmp.mkdir(parents=True)
-            save_file(tensors, str(tmp / "state.safetensors"))
-            meta["sha256"] = sha256_file(tmp / "state.safetensors")
-            (tmp / "meta.json").write_text(json.dumps(meta, default=str))
-        for old in self.checkpoints()[keep:]:
+            save_file(flat, str(tmp / "state.safetensors"))
+            record["sha256"] = sha256_file(tmp / "state.safetensors")
+            (tmp / "meta.json").write_text(json.dumps(record, sort_keys=True))
+        for old in self.checkpoints()[self.keep:]:
             shutil.rmtree(old, ignore_errors=True)
+        return self.root / f"step-{step:08d}"
 
-    def load_latest(self) -> tuple[int, dict, dict] | None:
+    def restore(self, device: torch.device | str | None = None) -> Optional[tuple[int, dict[str, torch.Tensor], dict]]:
+        """Load the newest valid checkpoint into the registered objects and generators.
+
+        Returns ``(step, extra tensors, meta)``, or ``None`` when there is no usable checkpoint
+        (unusable ones are skipped with a warning).
+        """
         for ck in self.checkpoints():
             try:
-                meta = read_json(ck / "meta.json")
-                if sha256_file(ck / "state.safetensors") != meta["sha256"]:
+                record = read_json(ck / "meta.json")
+                if sha256_file(ck / "state.safetensors") != record["sha256"]:
                     raise ArtifactError(f"{ck / 'state.safetensors'}: content hash mismatch")
-                return meta["step"], meta, load_file(str(ck / "state.safetensors"))
+                flat = load_file(str(ck / "state.safetensors"), device=str(device) if device is not None else "cpu")
             except (ArtifactError, OSError, KeyError, ValueError) as e:
                 log.warning("skipping unusable training checkpoint %s: %s", ck, e)
+                continue
+            for name, obj in self.objects.items():
+                obj.load_state_dict(_unflatten(record["objects"][name], flat))
+            for name, g in self.generators.items():
+                g.set_state(flat[f"rng.{name}"].cpu())
+            if self.global_rng:
+                torch.set_rng_state(flat["rng.<torch>"].cpu())
+            extra = {k[6:]: v for k, v in flat.items() if k.startswith("extra.")}
+            return int(record["step"]), extra, record["meta"]
         return None
 
 
@@ -180,70 +244,80 @@ def train_denoiser(
     """
     if spec.distill and teacher is None:
         raise ValueError(f"distill = {spec.distill!r} needs a teacher")
+    if images.shape[0] == 0:
+        raise ValueError("cannot train on an empty dataset")
     if teacher is not None:
         teacher = teacher.to(device).eval().requires_grad_(False)
-    work = _State(Path(work_dir))
     model = model.to(device).train()
     ema = EMA(model, spec.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec))
-    gen = torch.Generator().manual_seed(spec.seed)
-    n = images.shape[0]
-    if n == 0:
-        raise ValueError("cannot train on an empty dataset")
-    perm = torch.randperm(n, generator=gen)
+    batches = _Batches(images.to(device), spec.batch_size, spec.seed)
+    state = TrainState(work_dir, {"model": model, "ema": ema, "opt": opt, "lr_sched": sched, "data": batches},
+                       {"data": batches.gen}, global_rng=True)
     start = 0
-    resumed = work.load_latest()
-    if resumed is not None:
-        start, meta, t = resumed
-        model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
-        ema.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema.")})
-        ostate: dict = {}
-        for k, v in t.items():
-            if k.startswith("opt."):
-                _, pid, name = k.split(".", 2)
-                ostate.setdefault(int(pid), {})[name] = v.to(device) if name != "step" else v
-        opt.load_state_dict({"state": ostate, "param_groups": meta["param_groups"]})
-        sched.load_state_dict(meta["lr_sched"])
-        gen.set_state(t["rng.generator"])
-        torch.set_rng_state(t["rng.torch"])
-        perm = t["data.perm"].long()
+    if (resumed := state.restore()) is not None:
+        start = resumed[0]
         log.info("resuming %s from step %d", desc, start)
     t_max = spec.t_max if spec.t_max is not None else scheduler.config.num_train_timesteps
-    images = images.to(device)
     bar = tqdm(total=spec.steps, initial=start, desc=desc, disable=not progress)
     for step in range(start, spec.steps):
-        # 1. the next minibatch in a seeded epoch order (reshuffled each epoch)
-        pos = (step * spec.batch_size) % n
-        if pos + spec.batch_size > n:
-            perm = torch.randperm(n, generator=gen)
-            pos = 0
-        idx = perm[pos : pos + spec.batch_size]
-        x0 = images[idx]
-        # 2. noise and timesteps from the same generator, so a resumed run draws the same ones
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(spec.t_min, t_max, (x0.shape[0],), generator=gen).to(device)
+        # 1. the next minibatch; noise and timesteps from the same generator, so a resumed run draws
+        #    the same ones
+        x0 = batches.next(step)
+        noise = torch.randn(x0.shape, generator=batches.gen).to(device)
+        t = torch.randint(spec.t_min, t_max, (x0.shape[0],), generator=batches.gen).to(device)
         if before_step is not None:
-            before_step(step, gen)
+            before_step(step, batches.gen)
+        # 2. one optimiser step on the denoising loss
         loss = denoising_loss(model, x0, t, noise, scheduler, teacher=teacher, distill=spec.distill)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if spec.grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-        opt.step()
-        sched.step()
+        _optimise(loss, model, opt, sched, spec.grad_clip)
         ema.update(model)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.update(1)
+        # 3. checkpoint
         done = step + 1
         if done % spec.checkpoint_every == 0 or done == spec.steps or done == stop_after:
-            work.save(done, model, ema, opt, sched, gen, perm)
+            state.save(done)
             if on_progress is not None:
                 on_progress(done, spec.steps)
         if stop_after is not None and done >= stop_after:
             break
     bar.close()
     return model, ema
+
+
+def _optimise(loss: torch.Tensor, model: nn.Module, opt: torch.optim.Optimizer, sched, grad_clip: float) -> None:
+    """Backward, optional gradient-norm clipping, optimiser and LR-schedule step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+
+
+class _Batches:
+    """Minibatches of ``images (N, ...)`` in a seeded epoch order, reshuffled each epoch; stateful."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.images, self.batch_size = images, batch_size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.perm = torch.randperm(images.shape[0], generator=self.gen)
+
+    def next(self, step: int) -> torch.Tensor:
+        n = self.images.shape[0]
+        pos = (step * self.batch_size) % n
+        if pos + self.batch_size > n:
+            self.perm = torch.randperm(n, generator=self.gen)
+            pos = 0
+        return self.images[self.perm[pos : pos + self.batch_size]]
+
+    def state_dict(self) -> dict:
+        return {"perm": self.perm}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.perm = state["perm"].long()
 
 
 def spec_json(spec: TrainSpec) -> dict:
