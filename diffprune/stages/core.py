@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from ..config import ConfigError, Params, fingerprint, resolve_device, to_dict
 from ..data import cache_dataset, load_split
 from ..io import atomic_path, read_json, sha256_tree, write_json
-from ..metrics.evaluate import evaluate, save_grid
+from ..metrics.evaluate import compare_to_teacher, evaluate, latency_probe, machine_info, paired_latency, save_grid
 from ..metrics.fid import get_extractor, save_feature_net, train_feature_net, fid
 from ..models.checkpoint import load_model, save_model
 from ..models.unet import build_scheduler, build_unet, load_pretrained, sampling_scheduler
@@ -176,18 +176,25 @@ def run_evaluate(p: Params, root: Path, target: str = "teacher", progress: bool 
     floor = read_json(feats_dir / "floor.json")
     metrics["fid_floor"] = floor["fid_floor"]
     if reference is not None:
-        teacher = read_json(eval_dir(root, "teacher") / "metrics.json")
-        metrics["macs_ratio_vs_teacher"] = metrics["trajectory_macs"] / teacher["trajectory_macs"]
-        metrics["speedup_vs_teacher"] = teacher["latency_s"] / metrics["latency_s"]
-        metrics["fid_ratio_vs_teacher"] = metrics["fid"] / teacher["fid"]
+        metrics |= compare_to_teacher(metrics, read_json(eval_dir(root, "teacher") / "metrics.json"))
+        metrics |= _speedup(p, root, loaded, sched, device)
     out = eval_dir(root, target)
     with atomic_path(out, is_dir=True) as tmp:
         tmp.mkdir(parents=True)
         save_file({"samples": samples.contiguous()}, str(tmp / "samples.safetensors"))
         save_grid(samples[: p.evaluate.grid_size], tmp / "grid.png")
         write_json(tmp / "metrics.json", metrics)
-        write_json(tmp / "protocol.json", to_dict(p.evaluate))
+        write_json(tmp / "protocol.json", {**to_dict(p.evaluate), "machine": machine_info(device)})
     return {"eval": str(out), "metrics": metrics}
+
+
+def _speedup(p: Params, root: Path, loaded, sched, device) -> dict:
+    """The candidate's latency against the teacher's, timed here, interleaved, in this process."""
+    teacher = load_target("unet", target_paths(root, "teacher"), device)
+    shape = loaded.sample_shape
+    return paired_latency(latency_probe(loaded.denoiser, sched, p.evaluate, shape, device),
+                          latency_probe(teacher.denoiser, sched, p.evaluate, shape, device),
+                          repeats=p.evaluate.latency_repeats)
 
 
 # ----------------------------------------------------------------------------- register
