@@ -34,3 +34,38 @@ def test_compare_to_teacher_ratios():
 def test_machine_info_names_the_machine():
     info = machine_info("cpu")
     assert info["device"] == "cpu" and info["cpu"] and info["torch_threads"] >= 1
+
+
+def _write_metrics(root, name, **m):
+    from diffprune.io import write_json
+
+    base = {"fid": 1.23456, "fid_std": 0.1, "fid_per_seed": [1.2], "fid_floor": 0.3, "macs_per_step": 5e6,
+            "trajectory_macs": 2.5e8, "params": 1.1e6, "latency_s": 0.51234, "sampler": "ddim", "steps": 50,
+            "num_samples": 500, "latency_batch": 64, "feature_extractor": "featnet"}
+    write_json(root / "models" / "eval" / name / "metrics.json", {**base, **m})
+
+
+def test_report_rows_put_the_model_first_rounded_with_every_column(tmp_path):
+    from diffprune.report import COLUMNS, metrics_table, table_rows
+
+    _write_metrics(tmp_path, "teacher")
+    _write_metrics(tmp_path, "dipgo", macs_ratio_vs_teacher=0.33333, speedup_vs_teacher=2.8123,
+                   psnr_vs_teacher=30.456, ssim_vs_teacher=0.98765)
+    rows = table_rows(tmp_path)
+    assert [r["model"] for r in rows] == ["teacher", "dipgo"]
+    assert list(rows[1]) == list(COLUMNS) and list(rows[1])[0] == "model"
+    assert rows[1]["FID"] == 1.235 and rows[1]["speedup"] == 2.81 and rows[1]["PSNR vs teacher"] == 30.46
+    assert rows[0]["PSNR vs teacher"] is None
+    table = metrics_table(tmp_path)
+    assert "| dipgo | 1.235 |" in table and "2.81x" in table
+
+
+def test_report_names_a_truncated_metrics_file(tmp_path):
+    from diffprune.io import ArtifactError
+    from diffprune.report import metrics_table
+
+    f = tmp_path / "models" / "eval" / "teacher" / "metrics.json"
+    f.parent.mkdir(parents=True)
+    f.write_text('{"fid": 1.2')
+    with pytest.raises(ArtifactError, match="metrics.json"):
+        metrics_table(tmp_path)
