@@ -69,3 +69,19 @@ def test_report_names_a_truncated_metrics_file(tmp_path):
     f.write_text('{"fid": 1.2')
     with pytest.raises(ArtifactError, match="metrics.json"):
         metrics_table(tmp_path)
+
+
+def test_fidelity_gives_a_confidence_interval_that_holds_the_mean_and_shrinks_with_closeness():
+    import torch
+
+    from diffprune.metrics.evaluate import fidelity
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand((64, 1, 8, 8), generator=g) * 2 - 1
+    near = (ref + 0.01 * torch.randn(ref.shape, generator=g)).clamp(-1, 1)
+    far = (ref + 0.3 * torch.randn(ref.shape, generator=g)).clamp(-1, 1)
+    a, b = fidelity(near, ref), fidelity(far, ref)
+    for m in (a, b):
+        lo, hi = m["psnr_vs_teacher_ci95"]
+        assert lo < m["psnr_vs_teacher"] < hi
+    assert a["psnr_vs_teacher"] > b["psnr_vs_teacher"] + 10 and a["ssim_vs_teacher"] > b["ssim_vs_teacher"]

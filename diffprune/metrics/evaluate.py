@@ -21,6 +21,7 @@ from ..sampling import Denoiser, sample
 from .cost import MacCounter, measure_latency, num_parameters
 from .fid import Extractor, fid
 from .image import psnr, ssim
+from .stats import kid, mean_ci
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int | None = None) -> Path:
@@ -80,11 +81,13 @@ def evaluate(
     Returns:
         (metrics, samples of the first seed ``(num_samples, C, H, W)``).
     """
-    fids, first = [], None
+    fids, kids, first = [], [], None
     for seed in protocol.seeds:
         x = sample(denoiser, scheduler, num_images=protocol.num_samples, sample_shape=sample_shape,
                    steps=protocol.steps, seed=seed, batch_size=protocol.batch_size, device=device, progress=progress)
-        fids.append(fid(extractor.fn(x), train_feats))
+        feats = extractor.fn(x)
+        fids.append(fid(feats, train_feats))
+        kids.append(kid(feats, train_feats, seed=seed)[0])
         if first is None:
             first = x
     assert first is not None
@@ -95,6 +98,8 @@ def evaluate(
         "fid": float(np.mean(fids)),
         "fid_std": float(np.std(fids)),
         "fid_per_seed": [float(f) for f in fids],
+        "kid": float(np.mean(kids)),
+        "kid_std": float(np.std(kids)),
         "feature_extractor": extractor.name,
         "trajectory_macs": int(traj),
         "macs_per_step": float(traj) / protocol.steps,
@@ -106,9 +111,19 @@ def evaluate(
         "num_samples": protocol.num_samples,
     }
     if reference is not None:
-        metrics["psnr_vs_teacher"] = float(psnr(first, reference))
-        metrics["ssim_vs_teacher"] = float(ssim(first, reference))
+        metrics |= fidelity(first, reference)
     return metrics, first
+
+
+def fidelity(samples: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
+    """Paired fidelity of ``samples (N, C, H, W)`` to the teacher's ``reference`` from the same noises:
+    mean PSNR / SSIM with their 95% confidence interval over images. (The per-image values that a
+    paired test between two models needs come from the saved samples: ``psnr(..., reduce=False)``.)"""
+    per_psnr = psnr(samples, reference, reduce=False).double().numpy()
+    per_ssim = ssim(samples, reference, reduce=False).double().numpy()
+    ci_p, ci_s = mean_ci(per_psnr), mean_ci(per_ssim)
+    return {"psnr_vs_teacher": ci_p.mean, "psnr_vs_teacher_ci95": [ci_p.lo, ci_p.hi],
+            "ssim_vs_teacher": ci_s.mean, "ssim_vs_teacher_ci95": [ci_s.lo, ci_s.hi]}
 
 
 def latency_probe(denoiser: Denoiser, scheduler, protocol: EvaluateConfig, sample_shape: Sequence[int],
