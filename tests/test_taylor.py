@@ -16,13 +16,11 @@ from diffprune.config import ConfigError, DataConfig, FinetuneConfig, TaylorConf
 from diffprune.metrics.cost import num_parameters, unet_macs
 from diffprune.models.checkpoint import load_model, save_model
 from diffprune.models.unet import build_unet
+from diffprune.pruning.surgery import PruningError, check_pruned, head_dim
 from diffprune.pruning.taylor import (
-    PruningError,
     _heads_to_remove,
     accumulate_timestep_gradients,
-    check_pruned,
     finetune_spec,
-    head_dim,
     make_importance,
     prune_unet,
 )

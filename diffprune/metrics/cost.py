@@ -1,8 +1,9 @@
 """Cost of a model: multiply-accumulates (MACs) per call, parameters, wall-clock latency.
 
-MACs are counted by forward hooks on what actually executes: ``nn.Conv2d``, ``nn.Linear`` and the
-two matrix products inside diffusers ``Attention`` (QK^T and AV). A module that is not executed
-(a skipped block) is not counted, so a :class:`MacCounter` around a sampler measures real work.
+MACs are counted on what actually executes, by ``torch.utils.flop_counter.FlopCounterMode``: every
+matrix product and convolution the dispatcher runs (``Conv2d``, ``Linear``, the QK^T and AV products
+of attention, any model family), ``MACs = FLOPs / 2``. A module that is not executed (a skipped
+block) is not counted, so a :class:`MacCounter` around a sampler measures real work.
 """
 
 from __future__ import annotations
@@ -12,61 +13,69 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-
-try:  # diffusers is a hard dependency, but keep the counter usable on plain torch modules
-    from diffusers.models.attention_processor import Attention
-except ImportError:  # pragma: no cover
-    Attention = ()  # type: ignore
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 
-def _conv_macs(m: nn.Conv2d, out: torch.Tensor) -> int:
-    kh, kw = m.kernel_size
-    return out.numel() * (m.in_channels // m.groups) * kh * kw
+def _cpu_attention_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args: Any,
+                         out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of the CPU attention kernel: ``q, k, v`` of shape ``(B, heads, L, d)``, QK^T then AV."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _linear_macs(m: nn.Linear, out: torch.Tensor) -> int:
-    return out.numel() * m.in_features
-
-
-def _attn_macs(m: nn.Module, inp: tuple, out: torch.Tensor) -> int:
-    x = inp[0]
-    if x.ndim == 4:  # (B, C, H, W) -> L = H*W
-        b, l = x.shape[0], x.shape[2] * x.shape[3]
-    else:  # (B, L, C)
-        b, l = x.shape[0], x.shape[1]
-    inner = m.to_q.out_features
-    # QK^T: B*heads*L*L*d  and  AV: B*heads*L*L*d  ->  2 * B * L * L * inner
-    return 2 * b * l * l * inner
+# the CPU attention kernel torch's flop registry lacks (its CUDA kernels are registered there)
+_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
 
 
 class MacCounter:
-    """Counts MACs of every Conv2d/Linear/Attention call inside ``model`` while active."""
+    """Counts the MACs executed inside ``model`` (any of its modules, called alone or nested) while active.
+
+    A ``FlopCounterMode`` counts every operation; forward hooks on the modules of ``model`` read its
+    running total when a module is entered and left, so only work done inside ``model`` is added to
+    :attr:`total`, and :attr:`per_module` holds each module's own MACs (those of its children
+    excluded): a ``Linear`` its product, an ``Attention`` its two attention products.
+
+    Args:
+        model: the network whose work is counted.
+        per_module: also record MACs by module name (``model.named_modules()`` names; only modules
+            with a non-zero count appear).
+    """
 
     def __init__(self, model: nn.Module, per_module: bool = False) -> None:
         self.model = model
         self.total = 0
         self.per_module: dict[str, int] | None = {} if per_module else None
         self._handles: list[Any] = []
+        self._frames: list[list[int]] = []  # per executing module: [flops at entry, flops of its children]
+        self._flops: FlopCounterMode | None = None
 
-    def _add(self, name: str, n: int) -> None:
-        self.total += int(n)
-        if self.per_module is not None:
-            self.per_module[name] = self.per_module.get(name, 0) + int(n)
+    def _enter(self) -> None:
+        self._frames.append([self._flops.get_total_flops(), 0])
+
+    def _leave(self, name: str) -> None:  # a forward hook must return None, or it replaces the output
+        start, children = self._frames.pop()
+        inclusive = self._flops.get_total_flops() - start
+        if self._frames:
+            self._frames[-1][1] += inclusive
+        else:  # a call from outside the model: its whole work counts
+            self.total += inclusive // 2
+        own = (inclusive - children) // 2
+        if self.per_module is not None and own:
+            self.per_module[name] = self.per_module.get(name, 0) + own
 
     def __enter__(self) -> "MacCounter":
+        self._flops = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
         for name, m in self.model.named_modules():
-            if isinstance(m, nn.Conv2d):
-                self._handles.append(m.register_forward_hook(lambda mod, i, o, n=name: self._add(n, _conv_macs(mod, o))))
-            elif isinstance(m, nn.Linear):
-                self._handles.append(m.register_forward_hook(lambda mod, i, o, n=name: self._add(n, _linear_macs(mod, o))))
-            elif Attention and isinstance(m, Attention):
-                self._handles.append(m.register_forward_hook(lambda mod, i, o, n=name: self._add(n, _attn_macs(mod, i, o))))
+            self._handles.append(m.register_forward_pre_hook(lambda mod, inp: self._enter()))
+            self._handles.append(m.register_forward_hook(lambda mod, inp, out, n=name: self._leave(n),
+                                                         always_call=True))
+        self._flops.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._flops.__exit__(*exc)
 
 
 @torch.no_grad()

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+import importlib
+from typing import Any
 
 import torch
-from diffusers import UNet2DModel
 from diffusers.configuration_utils import ConfigMixin
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..io import ArtifactError, atomic_path, read_json, sha256_file
+from .blocks import ShortcutBlock, SkippedBlock
 
 FORMAT = "diffprune-checkpoint/1"
 WEIGHTS = "model.safetensors"
@@ -34,19 +35,29 @@ _ATTRS = (
     "num_groups", "num_channels", "heads", "inner_dim", "inner_kv_dim", "query_dim", "out_dim",
 )
 
-# Model classes a checkpoint may hold (extended by methods that add their own containers).
-MODEL_CLASSES: dict[str, Callable[[dict], nn.Module]] = {
-    "UNet2DModel": lambda cfg: UNet2DModel.from_config(cfg),
+# Every model class a checkpoint may name: class name -> "module:attribute" of a class with
+# ``from_config(dict)``. Imported only when such a checkpoint is loaded, so loading needs no other
+# import first and this module does not depend on the method packages.
+MODEL_CLASSES: dict[str, str] = {
+    "UNet2DModel": "diffusers:UNet2DModel",
+    "ExpertMixtureModel": "diffprune.pruning.experts.prune:ExpertMixtureModel",
 }
 
-# Module types that replace library modules (e.g. a dropped sub-block), by name -> factory(attrs).
-REPLACEMENTS: dict[str, Callable[[dict], nn.Module]] = {}
+# Every module type that may stand in for a library module (a dropped sub-block); rebuilt from the
+# keyword arguments its ``structure_init()`` recorded.
+REPLACEMENTS: dict[str, type[nn.Module]] = {"SkippedBlock": SkippedBlock, "ShortcutBlock": ShortcutBlock}
 
 
-def register_replacement(cls: type[nn.Module]) -> type[nn.Module]:
-    """Class decorator: let checkpoints rebuild ``cls`` from its recorded int attributes."""
-    REPLACEMENTS[cls.__name__] = lambda attrs: cls(**attrs.get("init", {}))
-    return cls
+def model_class(name: str) -> type[nn.Module]:
+    """The class a checkpoint's ``"class"`` names, imported from :data:`MODEL_CLASSES`.
+
+    Raises:
+        ArtifactError: ``name`` is not in the table.
+    """
+    if name not in MODEL_CLASSES:
+        raise ArtifactError(f"model class {name!r} is not known (known: {sorted(MODEL_CLASSES)})")
+    module, _, attr = MODEL_CLASSES[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def _structure(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -80,7 +91,7 @@ def _rebuild(rec: dict[str, Any], old: nn.Module) -> nn.Module:
     if t == "GroupNorm":
         return nn.GroupNorm(rec["num_groups"], rec["num_channels"], eps=rec["eps"], affine=rec["affine"])
     if t in REPLACEMENTS:
-        return REPLACEMENTS[t](rec)
+        return REPLACEMENTS[t](**rec.get("init", {}))
     raise ArtifactError(f"checkpoint records a module of type {t!r} that cannot be rebuilt (was {type(old).__name__})")
 
 
@@ -117,8 +128,17 @@ def apply_structure(model: nn.Module, structure: dict[str, dict[str, Any]]) -> n
 
 def save_model(model: nn.Module, path: str | Path, *, scheduler_config: dict | None = None,
                meta: dict | None = None) -> Path:
-    """Save ``model`` atomically to the folder ``path`` (replacing it)."""
+    """Save ``model`` atomically to the folder ``path`` (replacing it).
+
+    Raises:
+        ArtifactError: :func:`load_model` could not rebuild ``model``'s class (it is not the one
+            :data:`MODEL_CLASSES` names): refused now, not at load.
+    """
     path = Path(path)
+    if model_class(type(model).__name__) is not type(model):
+        raise ArtifactError(f"model class {type(model).__name__!r} is not the one MODEL_CLASSES names "
+                            f"({MODEL_CLASSES[type(model).__name__]})")
+    structure = _structure(model)
     config = dict(getattr(model, "config", {}) or {})
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path, is_dir=True) as tmp:
@@ -129,7 +149,7 @@ def save_model(model: nn.Module, path: str | Path, *, scheduler_config: dict | N
             "class": type(model).__name__,
             "base_config": {k: v for k, v in config.items() if not k.startswith("_")} | {
                 k: v for k, v in config.items() if k == "_class_name"},
-            "structure": _structure(model),
+            "structure": structure,
             "num_parameters": int(sum(p.numel() for p in model.parameters())),
             "sha256": sha256_file(tmp / WEIGHTS),
             "meta": meta or {},
@@ -175,11 +195,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     """Rebuild the model saved at ``path`` (verified, pickle-free) in eval mode."""
     path = Path(path)
     doc = verify(path)
-    cls = doc["class"]
-    if cls not in MODEL_CLASSES:
-        raise ArtifactError(f"{path}: model class {cls!r} is not known (known: {sorted(MODEL_CLASSES)})")
-    base = {k: v for k, v in doc["base_config"].items()}
-    model = MODEL_CLASSES[cls](base)
+    try:
+        cls = model_class(doc["class"])
+    except ArtifactError as e:
+        raise ArtifactError(f"{path}: {e}") from e
+    model = cls.from_config(dict(doc["base_config"]))
     apply_structure(model, doc["structure"])
     try:
         state = load_file(str(path / WEIGHTS))

@@ -15,8 +15,9 @@ The code keeps Torch-Pruning's three concerns apart and wraps it rather than for
 2. *importance*: :func:`make_importance` (Taylor on accumulated gradients, or the ablations
    magnitude / random); the gradients come from :func:`accumulate_timestep_gradients`.
 3. *pruner*: ``torch_pruning.pruner.BasePruner`` with ``pruning_ratio``, after which
-   :func:`repair_attributes` rewrites every static attribute pruning left stale and
-   :func:`check_pruned` refuses a network whose declared sizes disagree with its weights.
+   :func:`~diffprune.pruning.surgery.repair_attributes` rewrites every static attribute pruning left
+   stale and :func:`~diffprune.pruning.surgery.check_pruned` refuses a network whose declared sizes
+   disagree with its weights.
 """
 
 from __future__ import annotations
@@ -29,19 +30,17 @@ from typing import Callable, Optional
 import torch
 import torch_pruning as tp
 from diffusers import UNet2DModel
-from diffusers.models.attention_processor import Attention
-from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from torch import nn
 
 from ..config import ConfigError, FinetuneConfig, TaylorConfig
 from ..metrics.cost import num_parameters, unet_macs
 from ..training import TrainSpec, denoising_loss
+from .surgery import PruningError, attention_layers, check_pruned, repair_attributes
+
+__all__ = ["IMPORTANCES", "PruningError", "GradientTrace", "accumulate_timestep_gradients", "timestep_loss",
+           "make_importance", "effective_threshold", "prune_unet", "finetune_spec"]
 
 IMPORTANCES = ("diff-pruning", "taylor", "magnitude", "random")
-
-
-class PruningError(RuntimeError):
-    """A network cannot be pruned, or pruning left it inconsistent; the message names the layer."""
 
 
 # ----------------------------------------------------------------------------- 1. gradients
@@ -138,22 +137,6 @@ def effective_threshold(cfg: TaylorConfig) -> float:
 
 # ----------------------------------------------------------------------------- 3. attention heads
 
-def attention_layers(model: nn.Module) -> dict[str, Attention]:
-    """Every diffusers ``Attention`` of ``model`` by name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, Attention)}
-
-
-def head_dim(attn: Attention) -> int:
-    """Channels per head; pruning removes whole heads, so this never changes.
-
-    Read from the softmax scale ``dim_head ** -0.5`` fixed at construction, so a stale ``heads``
-    cannot hide; an attention built without that scale falls back to ``inner_dim // heads``.
-    """
-    if getattr(attn, "scale_qk", False) and attn.scale > 0:
-        return int(round(attn.scale ** -2))
-    return attn.inner_dim // attn.heads
-
-
 def _heads_to_remove(heads: int, ratio: float) -> int:
     """Whole heads to drop: ``floor(ratio * heads)``, always keeping at least one."""
     return max(0, min(heads - 1, int(math.floor(ratio * heads + 1e-9))))
@@ -174,145 +157,7 @@ def _head_plan(model: nn.Module, ratio: float) -> tuple[dict[nn.Module, int], di
     return num_heads, head_ratio
 
 
-# ----------------------------------------------------------------------------- 4. repair + check
-
-_CONVS = (nn.Conv2d, nn.ConvTranspose2d)  # a resampler without one (avg-pool, interpolation) keeps no weights
-
-
-def repair_attributes(model: nn.Module) -> nn.Module:
-    """Rewrite every static size attribute pruning made stale, from the real layer shapes (in place).
-
-    ``torch_pruning`` resizes ``Conv2d``/``Linear``/``GroupNorm`` but not the integers that diffusers
-    blocks stored at construction and still read in ``forward`` or in checkpoints:
-
-    - ``ResnetBlock2D.in_channels`` / ``.out_channels`` (and its conv-less up/down samplers),
-    - ``Downsample2D`` / ``Upsample2D`` ``.channels`` / ``.out_channels`` (asserted in ``forward``),
-    - ``Attention.heads`` (used to split heads), ``.inner_dim``, ``.inner_kv_dim``, ``.query_dim``,
-      ``.out_dim``. The head width is unchanged because whole heads are removed, so ``.scale``
-      stays valid.
-    """
-    for name, m in model.named_modules():
-        if isinstance(m, ResnetBlock2D):
-            m.in_channels = m.conv1.in_channels
-            m.out_channels = m.conv2.out_channels
-            for sampler in (m.upsample, m.downsample):
-                conv_less = not isinstance(getattr(sampler, "conv", None), _CONVS)
-                if isinstance(sampler, (Downsample2D, Upsample2D)) and conv_less:
-                    sampler.channels = sampler.out_channels = m.in_channels  # resamples the block input
-        elif isinstance(m, (Downsample2D, Upsample2D)):
-            conv = getattr(m, "conv", None)
-            if isinstance(conv, _CONVS):
-                m.channels = conv.in_channels
-                m.out_channels = conv.out_channels
-        elif isinstance(m, Attention):
-            width = head_dim(m)
-            inner = m.to_q.out_features
-            if inner % width:
-                raise PruningError(f"{name}: to_q has {inner} outputs, not a multiple of the head width {width}")
-            m.heads = inner // width
-            m.inner_dim = inner
-            m.inner_kv_dim = m.to_k.out_features
-            m.query_dim = m.to_q.in_features
-            m.out_dim = m.to_out[0].out_features
-    return model
-
-
-def _declared_mismatch(m: nn.Module) -> Optional[str]:
-    """Why ``m``'s declared sizes disagree with its weights, or None when they agree."""
-    if isinstance(m, nn.Conv2d):
-        w = m.weight.shape  # (out, in / groups, kh, kw)
-        if w[0] != m.out_channels or w[1] * m.groups != m.in_channels or w.numel() == 0:
-            return f"declares {m.in_channels}->{m.out_channels} channels, weight is {tuple(w)}"
-    elif isinstance(m, nn.Linear):
-        w = m.weight.shape  # (out, in)
-        if tuple(w) != (m.out_features, m.in_features) or w.numel() == 0:
-            return f"declares {m.in_features}->{m.out_features} features, weight is {tuple(w)}"
-    elif isinstance(m, nn.GroupNorm):
-        if m.num_channels == 0 or m.num_channels % m.num_groups:
-            return f"{m.num_channels} channels cannot form {m.num_groups} groups"
-        if m.affine and m.weight.shape[0] != m.num_channels:
-            return f"declares {m.num_channels} channels, weight is {tuple(m.weight.shape)}"
-    elif isinstance(m, ResnetBlock2D):
-        if (m.in_channels, m.out_channels) != (m.conv1.in_channels, m.conv2.out_channels):
-            return (f"declares {m.in_channels}->{m.out_channels} channels, convs are "
-                    f"{m.conv1.in_channels}->{m.conv2.out_channels}")
-    elif isinstance(m, (Downsample2D, Upsample2D)):
-        conv = getattr(m, "conv", None)
-        if isinstance(conv, _CONVS) and (m.channels, m.out_channels) != (conv.in_channels, conv.out_channels):
-            return (f"declares {m.channels}->{m.out_channels} channels, conv is "
-                    f"{conv.in_channels}->{conv.out_channels}")
-    elif isinstance(m, Attention):
-        q, k, o = m.to_q, m.to_k, m.to_out[0]
-        declared = (m.heads * head_dim(m), m.inner_dim, m.query_dim, m.inner_kv_dim, m.out_dim)
-        if declared != (q.out_features, q.out_features, q.in_features, k.out_features, o.out_features):
-            return (f"declares heads={m.heads}, inner_dim={m.inner_dim}, query_dim={m.query_dim}, "
-                    f"inner_kv_dim={m.inner_kv_dim}, out_dim={m.out_dim}; to_q is {q.in_features}->"
-                    f"{q.out_features}, to_k has {k.out_features} outputs, to_out {o.out_features}")
-    return None
-
-
-class _ModuleStack:
-    """Forward hooks that keep the stack of modules being executed, to name the one that fails."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.stack: list[str] = []
-        self._handles: list = []
-
-    def __enter__(self) -> "_ModuleStack":
-        for name, m in self.model.named_modules():
-            self._handles.append(m.register_forward_pre_hook(lambda mod, inp, n=name: self._enter(n)))
-            self._handles.append(m.register_forward_hook(lambda mod, inp, out: self._leave()))
-        return self
-
-    def _enter(self, name: str) -> None:
-        self.stack.append(name)
-
-    def _leave(self) -> None:  # a forward hook must return None, or it replaces the output
-        self.stack.pop()
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def failing(self) -> str:
-        return self.stack[-1] if self.stack else ""
-
-
-def _describe(model: nn.Module, name: str) -> str:
-    m = model.get_submodule(name) if name else model
-    return f"{name or '<root>'} ({type(m).__name__})"
-
-
-@torch.no_grad()
-def check_pruned(model: nn.Module, sample_shape: tuple[int, ...], what: str = "pruned network") -> None:
-    """Refuse a network whose declared sizes disagree with its weights, or that cannot run.
-
-    Args:
-        sample_shape: ``(C, H, W)`` of one input image.
-        what: how the error message calls the network.
-
-    Raises:
-        PruningError: naming the first module whose attributes disagree with its weights, else the
-            innermost module whose ``forward`` raised on a dummy ``(1, C, H, W)`` input.
-    """
-    for name, m in model.named_modules():
-        why = _declared_mismatch(m)
-        if why is not None:
-            raise PruningError(f"{what} is inconsistent at {_describe(model, name)}: {why}")
-    p = next(model.parameters())
-    x = torch.zeros((1, *sample_shape), dtype=p.dtype, device=p.device)
-    t = torch.ones((1,), dtype=torch.long, device=p.device)
-    with _ModuleStack(model) as calls:
-        try:
-            model(x, t)
-        except (RuntimeError, AssertionError, ValueError, IndexError) as e:
-            where = _describe(model, calls.failing())
-            raise PruningError(f"{what} fails at {where}: {type(e).__name__}: {e}") from e
-
-
-# ----------------------------------------------------------------------------- 5. the pipeline
+# ----------------------------------------------------------------------------- 4. the pipeline
 
 def _forward(model: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     out = model(*inputs)
@@ -359,6 +204,76 @@ def _pruning_failure(pruner: tp.pruner.BasePruner, group, error: Exception) -> P
     )
 
 
+def _scoring_batch(images: torch.Tensor, cfg: TaylorConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1: ``cfg.batch_size`` real images (seeded choice) and one fixed noise tensor.
+
+    Args:
+        images: ``(N, C, H, W)`` in [-1, 1].
+
+    Returns:
+        ``(x0, noise)``, both ``(B, C, H, W)`` on ``device``.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    idx = torch.randperm(images.shape[0], generator=gen)[: cfg.batch_size]
+    x0 = images[idx].to(device)  # (B, C, H, W)
+    noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, C, H, W)
+    return x0, noise
+
+
+def _channel_groups(student: nn.Module, x0: torch.Tensor, cfg: TaylorConfig, last: _LastGroup) -> tp.pruner.BasePruner:
+    """Step 2: trace the dependency graph; whole attention heads, ``conv_out`` protected.
+
+    Args:
+        x0: ``(B, C, H, W)``; its first image is the example input of the trace.
+    """
+    num_heads, head_ratio = _head_plan(student, cfg.ratio)
+    example = (x0[:1], torch.zeros((1,), dtype=torch.long, device=x0.device))
+    try:
+        return tp.pruner.BasePruner(
+            student,
+            example_inputs=example,
+            importance=_TrackedImportance(make_importance(cfg.importance), last),
+            pruning_ratio=cfg.ratio,
+            ignored_layers=[_output_layer(student)],
+            num_heads=num_heads,
+            prune_num_heads=True,
+            prune_head_dims=False,  # keep the head width, so Attention.scale stays right
+            head_pruning_ratio_dict=head_ratio,
+            forward_fn=_forward,
+        )
+    except (RuntimeError, ValueError, IndexError, AssertionError, KeyError) as e:
+        raise PruningError(f"torch-pruning cannot trace {type(student).__name__}: {type(e).__name__}: {e}") from e
+
+
+def _taylor_gradients(student: nn.Module, scheduler, x0: torch.Tensor, noise: torch.Tensor,
+                      cfg: TaylorConfig) -> GradientTrace:
+    """Step 3: gradients accumulated over the early timesteps (Taylor importances only).
+
+    Args:
+        x0, noise: ``(B, C, H, W)`` the scoring batch and its fixed noise.
+    """
+    if cfg.importance not in ("diff-pruning", "taylor"):
+        return GradientTrace(losses=(), timesteps_used=0)
+    steps = min(cfg.max_timesteps, int(scheduler.config.num_train_timesteps))
+    trace = accumulate_timestep_gradients(
+        timestep_loss(student, scheduler, x0, noise), threshold=effective_threshold(cfg), max_timesteps=steps
+    )
+    for p in student.parameters():  # a layer the loss never reached scores 0, not a crash
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return trace
+
+
+def _remove_lowest(pruner: tp.pruner.BasePruner, last: _LastGroup) -> None:
+    """Step 4: score every group and remove the lowest-ranked channels / heads (in place)."""
+    try:
+        for group in pruner.step(interactive=True):
+            last.group = group
+            group.prune()
+    except (RuntimeError, ValueError, IndexError, AssertionError, KeyError) as e:
+        raise _pruning_failure(pruner, last.group, e) from e
+
+
 def prune_unet(
     model: UNet2DModel,
     scheduler,
@@ -369,24 +284,21 @@ def prune_unet(
     """Prune ``cfg.ratio`` of the channels of every layer of a diffusers UNet (Diff-Pruning).
 
     The teacher ``model`` is left untouched: a deep copy is scored, pruned and returned.
+    ``ratio`` follows torch-pruning: every layer keeps ``int((1 - ratio) * g)`` channels of each
+    GroupNorm group of ``g`` channels (small groups lose more than ``ratio``), and attention keeps
+    ``heads - floor(ratio * heads)`` whole heads (at least one); the report gives what was achieved.
 
     Args:
         model: the pre-trained UNet; its ``conv_out`` keeps all its output channels.
         scheduler: the teacher's training noise scheduler (``add_noise``, ``num_train_timesteps``).
-        images: ``(N, C, H, W)`` real images in [-1, 1]; ``cfg.batch_size`` of them (seeded choice)
-            form the one batch ``x0`` scored at every timestep.
+        images: ``(N, C, H, W)`` real images in [-1, 1], from which the one scoring batch is drawn.
         cfg: importance, ratio, threshold ``T``, batch size, timestep cap and seed.
         device: where the scoring runs; the pruned model is returned there.
 
     Returns:
-        ``(pruned, report)`` with ``report`` holding ``importance``, ``ratio``, ``threshold`` (the
-        one applied), ``timesteps_used``, ``losses`` (``L_t`` per evaluated ``t``),
-        ``params_before/after`` and ``macs_before/after`` (one ``(1, C, H, W)`` call).
-
-    ``ratio`` follows torch-pruning: every layer keeps ``int((1 - ratio) * g)`` channels of each of
-    the groups of ``g`` channels a GroupNorm ties together (so small groups lose more than
-    ``ratio``), and attention keeps ``heads - floor(ratio * heads)`` whole heads (at least one).
-    The report's params and MACs give the reduction actually achieved.
+        ``(pruned, report)``: ``importance``, ``ratio``, ``threshold`` (the one applied),
+        ``timesteps_used``, ``losses`` (``L_t`` per evaluated ``t``), ``params_before/after`` and
+        ``macs_before/after`` (one ``(1, C, H, W)`` call).
 
     Raises:
         PruningError: naming the layer, when torch-pruning cannot handle the network or the
@@ -403,70 +315,25 @@ def prune_unet(
     check_pruned(student, sample_shape, what="network to prune")  # fails here, not inside torch-pruning
     params_before, macs_before = num_parameters(student), unet_macs(student, sample_shape)
 
-    rng_devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)  # RandomImportance draws from the global generator
-        gen = torch.Generator().manual_seed(cfg.seed)
-        # 1. one batch of real images and one fixed noise tensor
-        idx = torch.randperm(images.shape[0], generator=gen)[: cfg.batch_size]
-        x0 = images[idx].to(device)  # (B, C, H, W)
-        noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, C, H, W)
-
-        # 2. channel groups: trace the dependency graph, whole attention heads, conv_out protected
-        num_heads, head_ratio = _head_plan(student, cfg.ratio)
+        x0, noise = _scoring_batch(images, cfg, device)  # 1. one batch, one fixed noise
         last = _LastGroup()
-        example = (x0[:1], torch.zeros((1,), dtype=torch.long, device=device))
-        try:
-            pruner = tp.pruner.BasePruner(
-                student,
-                example_inputs=example,
-                importance=_TrackedImportance(make_importance(cfg.importance), last),
-                pruning_ratio=cfg.ratio,
-                ignored_layers=[_output_layer(student)],
-                num_heads=num_heads,
-                prune_num_heads=True,
-                prune_head_dims=False,  # keep the head width, so Attention.scale stays right
-                head_pruning_ratio_dict=head_ratio,
-                forward_fn=_forward,
-            )
-        except (RuntimeError, ValueError, IndexError, AssertionError, KeyError) as e:
-            raise PruningError(f"torch-pruning cannot trace {type(model).__name__}: {type(e).__name__}: {e}") from e
-
-        # 3. gradients accumulated over the early timesteps (Taylor importances only)
-        trace = GradientTrace(losses=(), timesteps_used=0)
-        if cfg.importance in ("diff-pruning", "taylor"):
-            steps = min(cfg.max_timesteps, int(scheduler.config.num_train_timesteps))
-            trace = accumulate_timestep_gradients(
-                timestep_loss(student, scheduler, x0, noise), threshold=effective_threshold(cfg), max_timesteps=steps
-            )
-            for p in student.parameters():  # a layer the loss never reached scores 0, not a crash
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-
-        # 4. score every group and remove the lowest-ranked channels / heads
-        try:
-            for group in pruner.step(interactive=True):
-                last.group = group
-                group.prune()
-        except (RuntimeError, ValueError, IndexError, AssertionError, KeyError) as e:
-            raise _pruning_failure(pruner, last.group, e) from e
+        pruner = _channel_groups(student, x0, cfg, last)  # 2. channel groups
+        trace = _taylor_gradients(student, scheduler, x0, noise, cfg)  # 3. gradients over early t
+        _remove_lowest(pruner, last)  # 4. importance -> pruner
     student.zero_grad(set_to_none=True)
 
     # 5. the integers diffusers stored at construction, then a check that everything agrees
     repair_attributes(student)
     check_pruned(student, sample_shape)
-    report = {
-        "importance": cfg.importance,
-        "ratio": cfg.ratio,
-        "threshold": effective_threshold(cfg) if cfg.importance in ("diff-pruning", "taylor") else None,
-        "timesteps_used": trace.timesteps_used,
-        "losses": list(trace.losses),
-        "params_before": params_before,
-        "params_after": num_parameters(student),
-        "macs_before": macs_before,
+    taylor = cfg.importance in ("diff-pruning", "taylor")
+    return student, {
+        "importance": cfg.importance, "ratio": cfg.ratio, "threshold": effective_threshold(cfg) if taylor else None,
+        "timesteps_used": trace.timesteps_used, "losses": list(trace.losses), "params_before": params_before,
+        "params_after": num_parameters(student), "macs_before": macs_before,
         "macs_after": unet_macs(student, sample_shape),
     }
-    return student, report
 
 
 def finetune_spec(cfg: FinetuneConfig, teacher_steps: int) -> TrainSpec:

@@ -44,8 +44,16 @@ class Target:
     model_name: Callable[[Params], str]
 
 
+# Every model the pipeline can evaluate and register, declared here and nowhere else. The paths are
+# outputs of the stage modules (stages/taylor.py FINETUNED, stages/dipgo.py SCHEDULE_DIR,
+# stages/experts.py MIXTURE; tests/test_registries.py checks they agree).
 TARGETS: dict[str, Target] = {
     "teacher": Target("unet", {"model": TEACHER}, ("data", "teacher"), lambda p: p.register.model_name),
+    "finetune": Target("unet", {"model": "models/finetune"}, ("taylor", "finetune"), lambda p: p.finetune.model_name),
+    "dipgo": Target("dipgo", {"model": TEACHER, "schedule": "models/dipgo/schedule.json"}, ("dipgo",),
+                    lambda p: p.dipgo.model_name),
+    "experts": Target("experts", {"model": "models/experts/mixture"},
+                      ("intervals", "experts", "router", "prune_experts"), lambda p: p.prune_experts.model_name),
 }
 
 

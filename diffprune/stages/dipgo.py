@@ -12,13 +12,9 @@ from ..models.checkpoint import load_model, load_scheduler_config
 from ..pruning.dipgo import save_heatmap, train_pruner
 from . import safe_subpath, stage
 from ..models.checkpoint import read_config
-from .core import TARGETS, TEACHER, Target, data_shape, work_dir
+from .core import TEACHER, data_shape, work_dir
 
 SCHEDULE_DIR = "models/dipgo"
-
-TARGETS["dipgo"] = Target("dipgo", {"model": TEACHER, "schedule": f"{SCHEDULE_DIR}/schedule.json"}, ("dipgo",),
-                          lambda p: p.dipgo.model_name)
-
 
 @stage("dipgo")
 def run_dipgo(p: Params, root: Path, progress: bool = True, **_: Any) -> dict:

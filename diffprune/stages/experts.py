@@ -70,12 +70,6 @@ PRUNED = "models/experts/pruned"
 MIXTURE = "models/experts/mixture"
 SUMMARY = "models/experts/summary.json"
 
-core.TARGETS["experts"] = core.Target(
-    "experts", {"model": MIXTURE}, ("intervals", "experts", "router", "prune_experts"),
-    lambda p: p.prune_experts.model_name,
-)
-
-
 # ----------------------------------------------------------------------------- helpers
 
 def _teacher(root: Path, device: torch.device) -> tuple[torch.nn.Module, DDPMScheduler, dict]:

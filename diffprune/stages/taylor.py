@@ -14,13 +14,10 @@ from ..models.checkpoint import load_model, load_scheduler_config, read_config, 
 from ..pruning.taylor import finetune_spec, prune_unet
 from ..training import spec_json
 from . import safe_subpath, stage
-from .core import DATASET, TEACHER, TARGETS, Target, ProgressFn, train_or_resume, work_dir
+from .core import DATASET, TEACHER, ProgressFn, train_or_resume, work_dir
 
 PRUNED = "models/taylor"
 FINETUNED = "models/finetune"
-
-TARGETS["finetune"] = Target("unet", {"model": FINETUNED}, ("taylor", "finetune"), lambda p: p.finetune.model_name)
-
 
 def _scheduler(ckpt: Path):
     from diffusers import DDPMScheduler

@@ -32,7 +32,7 @@ from torch import nn
 
 from ...metrics.cost import MacCounter
 from ...training import denoising_loss
-from ..taylor import head_dim
+from ..surgery import head_dim
 
 RESNET, ATTENTION = "resnet", "attention"
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch_pruning as tp
@@ -25,69 +25,11 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from ...io import ArtifactError
-from ...models.checkpoint import MODEL_CLASSES, load_model, register_replacement, save_model, set_module
+from ...models.blocks import ShortcutBlock, SkippedBlock
+from ...models.checkpoint import load_model, save_model, set_module
 from ...sampling import ExpertMixture
-from ..taylor import check_pruned, repair_attributes
-from .elastic import RESNET, ElasticSpace, SubnetConfig, resnet_skip
-
-
-@register_replacement
-class SkippedBlock(nn.Module):
-    """A dropped residual sub-block: returns its input ``(B, C, H, W)`` unchanged, costs nothing.
-
-    Args:
-        channels: width of the residual stream it sits on (recorded for the checkpoint).
-        kind: ``"resnet"`` or ``"attention"``, the sub-block it replaces.
-    """
-
-    def __init__(self, channels: int, kind: str) -> None:
-        super().__init__()
-        self.channels = int(channels)
-        self.kind = str(kind)
-
-    def structure_init(self) -> dict[str, Any]:
-        return {"channels": self.channels, "kind": self.kind}
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return hidden_states
-
-    def extra_repr(self) -> str:
-        return f"{self.kind}, channels={self.channels}"
-
-
-@register_replacement
-class ShortcutBlock(nn.Module):
-    """A resnet whose residual branch was dropped: ``conv_shortcut(x) / output_scale_factor``.
-
-    Args:
-        in_channels, out_channels, kernel_size, bias: of the shortcut conv (stride 1, same padding).
-        output_scale_factor: the resnet's output scale.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, bias: bool = True,
-                 output_scale_factor: float = 1.0) -> None:
-        super().__init__()
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
-        self.output_scale_factor = float(output_scale_factor)
-
-    @classmethod
-    def of(cls, resnet: nn.Module) -> "ShortcutBlock":
-        """The shortcut of a diffusers ``ResnetBlock2D``, with its weights."""
-        conv = resnet.conv_shortcut
-        k = conv.kernel_size[0]
-        if conv.kernel_size != (k, k) or conv.stride != (1, 1) or conv.padding != (k // 2, k // 2) or conv.groups != 1:
-            raise NotImplementedError(f"shortcut conv {conv} is not a stride-1, same-padding square conv")
-        new = cls(conv.in_channels, conv.out_channels, k, conv.bias is not None, resnet.output_scale_factor)
-        new.conv_shortcut.load_state_dict(conv.state_dict())
-        return new.to(conv.weight.device, conv.weight.dtype)
-
-    def structure_init(self) -> dict[str, Any]:
-        c = self.conv_shortcut
-        return {"in_channels": c.in_channels, "out_channels": c.out_channels, "kernel_size": c.kernel_size[0],
-                "bias": c.bias is not None, "output_scale_factor": self.output_scale_factor}
-
-    def forward(self, input_tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return resnet_skip(self, input_tensor)  # what the elastic depth gate runs
+from ..surgery import check_pruned, repair_attributes
+from .elastic import RESNET, ElasticSpace, SubnetConfig
 
 
 def _trailing(unit_size: int, keep: int, units: int) -> list[int]:
@@ -177,8 +119,6 @@ class ExpertMixtureModel(nn.Module):
     def denoiser(self) -> ExpertMixture:
         return ExpertMixture(list(self.experts), self.boundaries)
 
-
-MODEL_CLASSES["ExpertMixtureModel"] = ExpertMixtureModel.from_config
 
 
 def save_mixture(mixture: ExpertMixtureModel, path: str | Path, *, scheduler_config: dict | None = None,
