@@ -333,9 +333,8 @@ def test_router_distillation_target_is_the_full_expert(ordered, tiny_scheduler):
 def test_stages_end_to_end_build_a_mixture_within_budget(tmp_path):
     from diffprune.stages import core
     from diffprune.stages.core import run_data, run_teacher
-    from diffprune.stages.experts import (
-        MIXTURE, run_experts, run_intervals, run_prune_experts, run_router,
-    )
+    from diffprune.stages.experts import MIXTURE, run_experts, run_intervals, run_prune_experts
+    from diffprune.stages.router import run_router
     from diffprune.io import read_json
     from diffprune.targets import load_target
 
