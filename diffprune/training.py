@@ -267,8 +267,6 @@ def train_denoiser(
     """
     if spec.distill and teacher is None:
         raise ValueError(f"distill = {spec.distill!r} needs a teacher")
-    if images.shape[0] == 0:
-        raise ValueError("cannot train on an empty dataset")
     if teacher is not None:
         teacher = teacher.to(device).eval().requires_grad_(False)
     model = model.to(device).train()
@@ -326,6 +324,17 @@ class _Run:
         return cls(ema, opt, sched, batches, state, start)
 
 
+def random_batch(images: torch.Tensor, batch_size: int, t_min: int, t_max: int, gen: torch.Generator,
+                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``batch_size`` images drawn with replacement from ``images (N, C, H, W)``, their noise and
+    timesteps ``t ~ U[t_min, t_max)``, all from ``gen``: ``(x0 (B, C, H, W), noise (B, C, H, W), t (B,))``."""
+    idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
+    x0 = images[idx].to(device)
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    t = torch.randint(t_min, t_max, (batch_size,), generator=gen).to(device)
+    return x0, noise, t
+
+
 def _optimise(loss: torch.Tensor, model: nn.Module, opt: torch.optim.Optimizer, sched, grad_clip: float) -> None:
     """Backward, optional gradient-norm clipping, optimiser and LR-schedule step."""
     opt.zero_grad(set_to_none=True)
@@ -340,6 +349,8 @@ class _Batches:
     """Minibatches of ``images (N, ...)`` in a seeded epoch order, reshuffled each epoch; stateful."""
 
     def __init__(self, images: torch.Tensor, batch_size: int, seed: int) -> None:
+        if images.shape[0] == 0:
+            raise ValueError("cannot train on an empty dataset")
         self.images, self.batch_size = images, batch_size
         self.gen = torch.Generator().manual_seed(seed)
         self.perm = torch.randperm(images.shape[0], generator=self.gen)

@@ -30,30 +30,13 @@ from ..data import load_split
 from ..io import ArtifactError, atomic_path, read_json, write_json
 from ..metrics.cost import unet_macs
 from ..models.checkpoint import load_model, load_scheduler_config, read_config, save_model, verify
-from ..pruning.experts import (
-    ElasticController,
-    ElasticSpace,
-    ExpertMixtureModel,
-    SubnetConfig,
-    alignment_matrix,
-    cuts_to_boundaries,
-    cutoff_curve,
-    elastic_hook,
-    elastic_space,
-    importance_orders,
-    mixture_macs,
-    objective,
-    prune_to_config,
-    reorder_units,
-    save_alignment_heatmap,
-    save_mixture,
-    segment,
-    timestep_gradients,
-    timestep_grid,
-    uniform_boundaries,
-    uniform_cuts,
-    unit_importance,
-)
+from ..pruning.experts.elastic import ElasticController, ElasticSpace, SubnetConfig, elastic_hook, elastic_space
+from ..pruning.experts.importance import importance_orders, reorder_units, unit_importance
+from ..pruning.experts.intervals import (alignment_matrix, cutoff_curve, cuts_to_boundaries, objective,
+                                         save_alignment_heatmap, segment, timestep_gradients, timestep_grid,
+                                         uniform_boundaries, uniform_cuts)
+from ..pruning.experts.prune import ExpertMixtureModel, prune_to_config, save_mixture
+from ..pruning.experts.selection import mixture_macs
 from ..training import TrainSpec, spec_json
 from . import core, safe_subpath, stage
 

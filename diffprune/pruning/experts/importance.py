@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ...training import denoising_loss
+from ...training import denoising_loss, random_batch
 from .elastic import RESNET, ElasticSpace, ElasticUnit
 
 
@@ -41,10 +41,7 @@ def unit_importance(
     """
     gen = torch.Generator().manual_seed(seed)
     p0 = next(model.parameters())
-    idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
-    x0 = images[idx].to(p0.device)  # (B, C, H, W)
-    noise = torch.randn(x0.shape, generator=gen).to(p0.device)
-    t = torch.randint(t_min, t_max, (batch_size,), generator=gen).to(p0.device)
+    x0, noise, t = random_batch(images, batch_size, t_min, t_max, gen, p0.device)
     was_training = model.training
     model.eval().zero_grad(set_to_none=True)
     denoising_loss(model, x0, t, noise, scheduler).backward()

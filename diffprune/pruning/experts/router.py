@@ -27,6 +27,7 @@ teacher), and the training resumes through :class:`~diffprune.training.TrainStat
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +37,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...training import TrainState, denoising_loss, predict
+from ...training import TrainState, denoising_loss, predict, random_batch
 from .elastic import ElasticController, ElasticSpace, SubnetConfig
 from .selection import calibrate, mixture_macs, relax, select
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- agent
@@ -97,29 +100,12 @@ class RouterResult:
     history: list[dict] = field(default_factory=list)
 
 
-def train_router(
-    experts: Sequence[nn.Module],
-    space: ElasticSpace,
-    intervals: Sequence[tuple[int, int]],
-    steps: Sequence[int],
-    images: torch.Tensor,
-    scheduler,
-    *,
-    budget: float,
-    train_steps: int,
-    lr: float,
-    resource_weight: float,
-    tau: float,
-    hidden: int,
-    batch_size: int,
-    seed: int,
-    device: torch.device | str = "cpu",
-    progress: bool = False,
-    distill: float = 0.0,
-    work_dir: Optional[str | Path] = None,
-    checkpoint_every: int = 20,
-    stop_after: Optional[int] = None,
-) -> RouterResult:
+def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: Sequence[tuple[int, int]],
+                 steps: Sequence[int], images: torch.Tensor, scheduler, *, budget: float, train_steps: int, lr: float,
+                 resource_weight: float, tau: float, hidden: int, batch_size: int, seed: int,
+                 device: torch.device | str = "cpu", progress: bool = False, distill: float = 0.0,
+                 work_dir: Optional[str | Path] = None, checkpoint_every: int = 20,
+                 stop_after: Optional[int] = None) -> RouterResult:
     """Train the ERA with the (elastic) experts frozen; select and calibrate their sub-networks.
 
     Args:
@@ -152,6 +138,7 @@ def train_router(
     start, history = 0, []
     if state is not None and (resumed := state.restore()) is not None:
         start, history = resumed[0], list(resumed[2]["history"])
+        log.info("resuming the router from step %d", start)
     with _frozen(experts, space, task.device) as controllers:
         for step in tqdm(range(start, train_steps), initial=start, total=train_steps, desc="router",
                          disable=not progress):
@@ -201,11 +188,7 @@ class _RouterTask:
             sub = relax(self.space, width[k], depth[k], tau=self.tau, gen=gen)  # noisy: explores
             chosen = relax(self.space, width[k], depth[k], tau=self.tau)  # noise-free: what select() picks
             # 1. a batch of expert k's interval, from the router's generator
-            idx = torch.randint(0, self.images.shape[0], (self.batch_size,), generator=gen)
-            x0 = self.images[idx].to(self.device)  # (B, C, H, W)
-            noise = torch.randn(x0.shape, generator=gen).to(self.device)
-            lo, hi = self.intervals[k]
-            t = torch.randint(lo, hi, (self.batch_size,), generator=gen).to(self.device)
+            x0, noise, t = random_batch(self.images, self.batch_size, *self.intervals[k], gen, self.device)
             # 2. the denoising loss of the chosen sub-network (target: the noise, blended with the
             #    full expert's own prediction by `distill`)
             ctrl.set_relaxed(sub.width_masks, sub.gates)
