@@ -127,6 +127,8 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
     """
     if not len(experts) == len(intervals) == len(steps):
         raise ValueError(f"{len(experts)} experts, {len(intervals)} intervals, {len(steps)} step counts: must agree")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every = {checkpoint_every!r}: must be >= 1")
     task = _RouterTask(space, intervals, steps, images, scheduler, tau=tau, batch_size=batch_size, distill=distill,
                        budget=budget, device=torch.device(device))
     gen = torch.Generator().manual_seed(seed)
