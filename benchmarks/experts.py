@@ -45,6 +45,7 @@ from diffprune.pruning.experts import objective, uniform_boundaries, uniform_cut
 from diffprune.sampling import ModelDenoiser
 from diffprune.stages import core
 from diffprune.stages import experts as stages
+from diffprune.stages.router import run_router
 from diffprune.training import TrainSpec
 
 from benchmarks.common import QUICK_SPINE, bench_params, fmt_fid
@@ -140,7 +141,7 @@ def mixture_run(variant: Path, p: Params, budget: float, progress: bool) -> dict
     root = _project(variant.parent, f"{variant.name}-b{budget}-{key}",
                     {rel: variant / rel for rel in (*SHARED, "models/eval/teacher", stages.INTERVALS, stages.ELASTIC)})
     if not (root / stages.ROUTER / "router.json").exists():
-        stages.run_router(pb, root, progress=progress)
+        run_router(pb, root, progress=progress)
     stages.run_prune_experts(pb, root, progress=progress)
     metrics = _evaluated(root, pb, "experts", stages.MIXTURE)
     summary = read_json(root / stages.SUMMARY)

@@ -66,26 +66,49 @@ def _lr_lambda(spec: TrainSpec) -> Callable[[int], float]:
     return f
 
 
-def predict(model: nn.Module, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The network's output tensor (a diffusers output's ``.sample``)."""
+Predictor = Callable[[torch.Tensor, torch.Tensor], Any]
+
+
+def predict(model: Predictor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The output tensor ``(B, C, H, W)`` of ``model(xt, t)`` (a diffusers output's ``.sample``).
+
+    Args:
+        model: a network, or any callable ``(x_t (B, C, H, W), t (B,)) -> prediction``.
+        xt: noisy images ``(B, C, H, W)``.
+        t: timesteps ``(B,)``.
+    """
     out = model(xt, t)
     return out.sample if hasattr(out, "sample") else out
 
 
-def denoising_loss(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, scheduler, *,
-                   teacher: Optional[nn.Module] = None, distill: float = 0.0) -> torch.Tensor:
+def denoising_loss(model: Predictor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, scheduler, *,
+                   teacher: Optional[Predictor] = None, distill: float = 0.0) -> torch.Tensor:
     """The DDPM objective for the scheduler's prediction type (epsilon, sample or v).
 
     With a ``teacher`` and ``distill = w > 0`` the target is ``(1 - w) * target + w * teacher(x_t, t)``:
     output-level knowledge distillation (the teacher's prediction is a lower-variance target than
-    the sampled noise, which is what a short fine-tune of a pruned net needs most).
+    the sampled noise, which is what a short fine-tune of a pruned net needs most). The model runs
+    first, then the teacher (without gradients), so a teacher that reconfigures the model itself (the
+    full expert of an elastic sub-network) may share its weights.
+
+    Args:
+        model: the network trained, or any callable ``(x_t, t) -> prediction``.
+        x0: clean images ``(B, C, H, W)``.
+        t: timesteps ``(B,)``.
+        noise: ``(B, C, H, W)``, the noise added to ``x0``.
+        scheduler: a diffusers noise scheduler (``add_noise``, ``config.prediction_type``).
+        teacher: a frozen network or callable ``(x_t, t) -> prediction`` giving the distillation target.
+        distill: weight ``w`` in ``[0, 1]`` of the teacher's prediction in the target.
+
+    Returns:
+        The scalar mean squared error.
     """
+    if distill and teacher is None:
+        raise ValueError(f"distill = {distill!r} needs a teacher")
     xt = scheduler.add_noise(x0, noise, t)
     pred = predict(model, xt, t)
     target = denoising_target(x0, noise, t, scheduler)
     if distill:
-        if teacher is None:
-            raise ValueError(f"distill = {distill!r} needs a teacher")
         with torch.no_grad():
             target = torch.lerp(target, predict(teacher, xt, t), distill)
     return F.mse_loss(pred, target)
@@ -244,47 +267,72 @@ def train_denoiser(
     """
     if spec.distill and teacher is None:
         raise ValueError(f"distill = {spec.distill!r} needs a teacher")
-    if images.shape[0] == 0:
-        raise ValueError("cannot train on an empty dataset")
     if teacher is not None:
         teacher = teacher.to(device).eval().requires_grad_(False)
     model = model.to(device).train()
-    ema = EMA(model, spec.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec))
-    batches = _Batches(images.to(device), spec.batch_size, spec.seed)
-    state = TrainState(work_dir, {"model": model, "ema": ema, "opt": opt, "lr_sched": sched, "data": batches},
-                       {"data": batches.gen}, global_rng=True)
-    start = 0
-    if (resumed := state.restore()) is not None:
-        start = resumed[0]
-        log.info("resuming %s from step %d", desc, start)
+    run = _Run.begin(model, images.to(device), spec, work_dir, desc)
     t_max = spec.t_max if spec.t_max is not None else scheduler.config.num_train_timesteps
-    bar = tqdm(total=spec.steps, initial=start, desc=desc, disable=not progress)
-    for step in range(start, spec.steps):
+    bar = tqdm(total=spec.steps, initial=run.start, desc=desc, disable=not progress)
+    for step in range(run.start, spec.steps):
         # 1. the next minibatch; noise and timesteps from the same generator, so a resumed run draws
         #    the same ones
-        x0 = batches.next(step)
-        noise = torch.randn(x0.shape, generator=batches.gen).to(device)
-        t = torch.randint(spec.t_min, t_max, (x0.shape[0],), generator=batches.gen).to(device)
+        x0, noise, t = run.batches.draw(step, spec.t_min, t_max)
         if before_step is not None:
-            before_step(step, batches.gen)
-        # 2. one optimiser step on the denoising loss
+            before_step(step, run.batches.gen)
+        # 2. one optimiser step on the denoising loss, then the EMA
         loss = denoising_loss(model, x0, t, noise, scheduler, teacher=teacher, distill=spec.distill)
-        _optimise(loss, model, opt, sched, spec.grad_clip)
-        ema.update(model)
+        _optimise(loss, model, run.opt, run.sched, spec.grad_clip)
+        run.ema.update(model)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.update(1)
         # 3. checkpoint
         done = step + 1
         if done % spec.checkpoint_every == 0 or done == spec.steps or done == stop_after:
-            state.save(done)
+            run.state.save(done)
             if on_progress is not None:
                 on_progress(done, spec.steps)
         if stop_after is not None and done >= stop_after:
             break
     bar.close()
-    return model, ema
+    return model, run.ema
+
+
+@dataclass
+class _Run:
+    """The stateful parts of one :func:`train_denoiser` run, restored from its newest checkpoint."""
+
+    ema: EMA
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    batches: _Batches
+    state: TrainState
+    start: int  # the first step still to do
+
+    @classmethod
+    def begin(cls, model: nn.Module, images: torch.Tensor, spec: TrainSpec, work_dir: str | Path, desc: str) -> "_Run":
+        """Fresh optimiser, LR schedule, EMA and data order, then the newest checkpoint, if any."""
+        ema = EMA(model, spec.ema_decay)
+        opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec))
+        batches = _Batches(images, spec.batch_size, spec.seed)
+        state = TrainState(work_dir, {"model": model, "ema": ema, "opt": opt, "lr_sched": sched, "data": batches},
+                           {"data": batches.gen}, global_rng=True)
+        start = 0
+        if (resumed := state.restore()) is not None:
+            start = resumed[0]
+            log.info("resuming %s from step %d", desc, start)
+        return cls(ema, opt, sched, batches, state, start)
+
+
+def random_batch(images: torch.Tensor, batch_size: int, t_min: int, t_max: int, gen: torch.Generator,
+                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``batch_size`` images drawn with replacement from ``images (N, C, H, W)``, their noise and
+    timesteps ``t ~ U[t_min, t_max)``, all from ``gen``: ``(x0 (B, C, H, W), noise (B, C, H, W), t (B,))``."""
+    idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
+    x0 = images[idx].to(device)
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    t = torch.randint(t_min, t_max, (batch_size,), generator=gen).to(device)
+    return x0, noise, t
 
 
 def _optimise(loss: torch.Tensor, model: nn.Module, opt: torch.optim.Optimizer, sched, grad_clip: float) -> None:
@@ -301,6 +349,8 @@ class _Batches:
     """Minibatches of ``images (N, ...)`` in a seeded epoch order, reshuffled each epoch; stateful."""
 
     def __init__(self, images: torch.Tensor, batch_size: int, seed: int) -> None:
+        if images.shape[0] == 0:
+            raise ValueError("cannot train on an empty dataset")
         self.images, self.batch_size = images, batch_size
         self.gen = torch.Generator().manual_seed(seed)
         self.perm = torch.randperm(images.shape[0], generator=self.gen)
@@ -312,6 +362,14 @@ class _Batches:
             self.perm = torch.randperm(n, generator=self.gen)
             pos = 0
         return self.images[self.perm[pos : pos + self.batch_size]]
+
+    def draw(self, step: int, t_min: int, t_max: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Minibatch ``x0 (B, C, H, W)``, its noise ``(B, C, H, W)`` and timesteps ``t (B,)`` in
+        ``[t_min, t_max)``, all drawn from :attr:`gen` (so a resumed run draws the same ones)."""
+        x0 = self.next(step)
+        noise = torch.randn(x0.shape, generator=self.gen).to(x0.device)
+        t = torch.randint(t_min, t_max, (x0.shape[0],), generator=self.gen).to(x0.device)
+        return x0, noise, t
 
     def state_dict(self) -> dict:
         return {"perm": self.perm}

@@ -313,6 +313,26 @@ def test_router_respects_the_budget_and_is_deterministic(ordered, tiny_scheduler
         m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "experts must be left as they were"
 
 
+def test_router_resumes_where_it_stopped_and_matches_uninterrupted(ordered, tiny_scheduler, tmp_path, caplog):
+    import logging
+
+    model, space = ordered
+    kw = dict(budget=0.8, train_steps=5, lr=0.05, resource_weight=2.0, tau=0.5, hidden=8, batch_size=4, seed=0,
+              distill=0.5, checkpoint_every=2)
+    args = ([model, copy.deepcopy(model)], space, [(0, 500), (500, 1000)], [3, 5], _images(), tiny_scheduler)
+    full = train_router(*args, **kw, work_dir=tmp_path / "a")
+    train_router(*args, **kw, work_dir=tmp_path / "b", stop_after=3)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["step-00000002", "step-00000003"]
+    with caplog.at_level(logging.INFO, logger="diffprune.pruning.experts.router"):
+        resumed = train_router(*args, **kw, work_dir=tmp_path / "b")
+    assert "resuming the router from step 3" in caplog.text
+    assert len(resumed.history) == 5 and resumed.history == full.history
+    logits, again = full.agent(), resumed.agent()
+    assert all(torch.equal(a, b) for a, b in zip(logits, again)), "same final width and depth logits"
+    assert resumed.configs == full.configs and resumed.offset == full.offset
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["step-00000004", "step-00000005"]
+
+
 def test_router_distillation_target_is_the_full_expert(ordered, tiny_scheduler):
     from dataclasses import replace
 
@@ -333,9 +353,8 @@ def test_router_distillation_target_is_the_full_expert(ordered, tiny_scheduler):
 def test_stages_end_to_end_build_a_mixture_within_budget(tmp_path):
     from diffprune.stages import core
     from diffprune.stages.core import run_data, run_teacher
-    from diffprune.stages.experts import (
-        MIXTURE, run_experts, run_intervals, run_prune_experts, run_router,
-    )
+    from diffprune.stages.experts import MIXTURE, run_experts, run_intervals, run_prune_experts
+    from diffprune.stages.router import run_router
     from diffprune.io import read_json
     from diffprune.targets import load_target
 

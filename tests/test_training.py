@@ -38,8 +38,24 @@ def test_resume_continues_where_it_stopped_and_matches_uninterrupted(tmp_path, t
     assert seen == [6], "the resumed run must start at step 4 and only do steps 5-6"
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
-    for k, v in full_ema.state_dict().items():
-        assert torch.equal(v, resumed_ema.state_dict()[k]), k
+    _assert_same_state(full_ema.state_dict(), resumed_ema.state_dict())
+    assert resumed_ema.optimization_step == 6
+
+
+def _assert_same_state(a, b, where="ema"):
+    """Nested state dicts equal: tensors bit for bit, everything else by value."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}.{i}")
+    else:
+        assert a == b and type(a) is type(b), where
 
 
 def test_corrupted_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_unet, tiny_scheduler):
@@ -87,3 +103,44 @@ def test_distillation_target_is_the_teachers_prediction(tmp_path, tiny_unet, tin
     with pytest.raises(ValueError, match="distill = 0.5 needs a teacher"):
         train_denoiser(tiny_unet, images, tiny_scheduler, TrainSpec(steps=1, batch_size=4, lr=1e-3, ema_decay=0.9,
                        checkpoint_every=1, distill=0.5), tmp_path / "w", progress=False)
+
+
+def test_ema_warms_up_and_forgets_the_initial_weights(tiny_unet):
+    """diffusers' EMA warm-up: decay min(d, (1 + s) / (10 + s)), 0 at the first step, so after 200
+    steps at d = 0.99 nothing of the initial weights is left (a plain EMA keeps 0.99^200 = 13 %)."""
+    from diffprune.models.ema import EMA
+
+    probe = copy.deepcopy(tiny_unet)
+    with torch.no_grad():
+        for q in probe.parameters():
+            q.fill_(1.0)  # the "initial" weights: 1 everywhere
+    ema = EMA(probe, 0.99)
+    with torch.no_grad():
+        for q in probe.parameters():
+            q.zero_()  # every later weight: 0, so the average is the initial weights' share
+    for _ in range(200):
+        ema.update(probe)
+    assert ema.cur_decay_value == pytest.approx(200 / 209)  # (1 + s) / (10 + s), s = 199: still warming up
+    ema.copy_to(probe)
+    assert all(torch.equal(q, torch.zeros_like(q)) for q in probe.parameters())
+    with pytest.raises(ValueError, match="EMA decay = 1.0"):
+        EMA(probe, 1.0)
+
+
+def test_ema_state_round_trips_through_train_state(tmp_path, tiny_unet):
+    from diffprune.models.ema import EMA
+    from diffprune.training import TrainState
+
+    ema = EMA(tiny_unet, 0.9)
+    with torch.no_grad():
+        for q in tiny_unet.parameters():
+            q.add_(0.5)
+    for _ in range(3):
+        ema.update(tiny_unet)
+    TrainState(tmp_path, {"ema": ema}).save(3)
+    back = EMA(copy.deepcopy(tiny_unet), 0.5)
+    assert TrainState(tmp_path, {"ema": back}).restore()[0] == 3
+    _assert_same_state(ema.state_dict(), back.state_dict())
+    smaller = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="EMA state does not match the model"):
+        TrainState(tmp_path, {"ema": EMA(smaller, 0.9)}).restore()

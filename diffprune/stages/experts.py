@@ -4,8 +4,8 @@
   contiguous K-segmentation, boundaries in timesteps (``models/intervals/``).
 - ``experts``: one elastic (depth + width) fine-tune of the teacher per interval
   (``models/experts/elastic/expert-K/``); ``expert=k`` trains only expert ``k`` (one task per expert).
-- ``router``: the Expert Routing Agent picks every expert's sub-network under the MACs budget
-  (``models/experts/router/``).
+- ``router`` (in :mod:`.router`): the Expert Routing Agent picks every expert's sub-network under
+  the MACs budget (``models/experts/router/``).
 - ``prune-experts``: each expert cut physically to its sub-network and fine-tuned briefly
   (``models/experts/pruned/expert-K/``); with ``expert=None`` also the mixture checkpoint
   (``models/experts/mixture/``) and ``models/experts/summary.json``.
@@ -20,44 +20,23 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from diffusers import DDPMScheduler
-from safetensors.torch import save_file
 
 from ..config import ConfigError, Params, fingerprint, resolve_device, to_dict
 from ..data import load_split
 from ..io import ArtifactError, atomic_path, read_json, write_json
 from ..metrics.cost import unet_macs
 from ..models.checkpoint import load_model, load_scheduler_config, read_config, save_model, verify
-from ..models.unet import sampling_scheduler
-from ..pruning.experts import (
-    ElasticController,
-    ElasticSpace,
-    ExpertMixtureModel,
-    SubnetConfig,
-    alignment_matrix,
-    cuts_to_boundaries,
-    cutoff_curve,
-    elastic_hook,
-    elastic_space,
-    importance_orders,
-    objective,
-    prune_to_config,
-    reorder_units,
-    save_alignment_heatmap,
-    save_mixture,
-    segment,
-    steps_per_expert,
-    timestep_gradients,
-    timestep_grid,
-    train_router,
-    trajectory_macs,
-    uniform_boundaries,
-    uniform_cuts,
-    unit_importance,
-)
+from ..pruning.experts.elastic import ElasticController, ElasticSpace, SubnetConfig, elastic_hook, elastic_space
+from ..pruning.experts.importance import importance_orders, reorder_units, unit_importance
+from ..pruning.experts.intervals import (alignment_matrix, cutoff_curve, cuts_to_boundaries, objective,
+                                         save_alignment_heatmap, segment, timestep_gradients, timestep_grid,
+                                         uniform_boundaries, uniform_cuts)
+from ..pruning.experts.prune import ExpertMixtureModel, prune_to_config, save_mixture
+from ..pruning.experts.selection import mixture_macs
 from ..training import TrainSpec, spec_json
 from . import core, safe_subpath, stage
 
@@ -123,12 +102,6 @@ def _up_to_date(path: Path, key: str) -> bool:
 
 def _expert_dir(root: Path, base: str, k: int) -> Path:
     return safe_subpath(root, f"{base}/expert-{k}")
-
-
-def _sampling_timesteps(scheduler_config: dict, p: Params) -> list[int]:
-    sched = sampling_scheduler(scheduler_config, p.evaluate.sampler)
-    sched.set_timesteps(p.evaluate.steps)
-    return [int(t) for t in sched.timesteps]
 
 
 # ----------------------------------------------------------------------------- intervals
@@ -226,94 +199,6 @@ def run_experts(p: Params, root: Path, progress: bool = True, on_progress: core.
     return {"experts": [str(o) for o in outs]}
 
 
-# ----------------------------------------------------------------------------- router
-
-def _load_elastic(root: Path, k_count: int, device: torch.device) -> tuple[list[torch.nn.Module], ElasticSpace]:
-    experts, space = [], None
-    for k in range(k_count):
-        path = _expert_dir(root, ELASTIC, k)
-        if not (path / "config.json").exists():
-            raise ConfigError(f"{path}: missing (run the experts stage for every expert first)")
-        s = ElasticSpace.from_json(read_config(path)["meta"]["space"])
-        if space is not None and s != space:
-            raise ArtifactError(f"{path}: its elastic space differs from expert 0's")
-        space = s
-        experts.append(load_model(path, device))
-    assert space is not None
-    return experts, space
-
-
-def _save_router_plot(history: list[dict], space: ElasticSpace, configs: Sequence[SubnetConfig], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [1, 2]})
-    ax1.plot([h["denoise"] for h in history], label="denoising loss (sum)")
-    ax1.plot([h["ratio"] for h in history], label="MACs / teacher")
-    ax1.set_xlabel("router step")
-    ax1.legend(fontsize=7)
-    keep = [[(w / u.units if d else 0.0) for u, w, d in zip(space.units, c.width, c.depth)] for c in configs]
-    im = ax2.imshow(keep, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
-    ax2.set_yticks(range(len(configs)), [f"expert {k}" for k in range(len(configs))])
-    ax2.set_xticks(range(len(space.units)), [u.name.replace("_blocks", "").replace("attentions", "attn")
-                                             .replace("resnets", "res") for u in space.units], rotation=60,
-                   ha="right", fontsize=6)
-    ax2.set_title("kept width per sub-block (0 = dropped)", fontsize=9)
-    fig.colorbar(im, ax=ax2, fraction=0.03)
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-
-
-@stage("router")
-def run_router(p: Params, root: Path, progress: bool = True, **_: Any) -> dict:
-    """Train the Expert Routing Agent on the frozen elastic experts; select their sub-networks."""
-    device = resolve_device(p.project.device)
-    doc = _read_intervals(root)
-    intervals = _interval_ranges(doc)
-    experts, space = _load_elastic(root, len(intervals), device)
-    sched_cfg = load_scheduler_config(_expert_dir(root, ELASTIC, 0))
-    sched = DDPMScheduler.from_config(sched_cfg)
-    ts = _sampling_timesteps(sched_cfg, p)
-    steps = steps_per_expert(ts, doc["boundaries"])
-    images, _ = load_split(safe_subpath(root, core.DATASET), "train")
-    r = p.router
-    res = train_router(experts, space, intervals, steps, images, sched, budget=r.budget, train_steps=r.steps, lr=r.lr,
-                       resource_weight=r.resource_weight, tau=r.temperature, hidden=r.hidden,
-                       batch_size=r.batch_size, seed=r.seed, device=device, progress=progress, distill=r.distill)
-    full = space.full_macs()
-    traj = trajectory_macs(res.macs, steps)
-    out_doc = {
-        "budget": r.budget,
-        "ratio": res.ratio,
-        "offset": res.offset,
-        "intervals": [list(iv) for iv in intervals],
-        "boundaries": doc["boundaries"],
-        "sampling_timesteps": ts,
-        "steps_per_expert": steps,
-        "configs": [c.to_json() for c in res.configs],
-        "learned_configs": [c.to_json() for c in res.learned],
-        "macs_per_expert": res.macs,
-        "macs_teacher": full,
-        "macs_share": [m * n / traj if traj else 0.0 for m, n in zip(res.macs, steps)],
-        "unit_names": [u.name for u in space.units],
-        "history": res.history,
-        "params": to_dict(r),
-    }
-    out = safe_subpath(root, ROUTER)
-    with atomic_path(out, is_dir=True) as tmp:
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in res.agent.state_dict().items()},
-                  str(tmp / "router.safetensors"))
-        write_json(tmp / "router.json", out_doc)
-        _save_router_plot(res.history, space, res.configs, tmp / "router.png")
-    log.info("router: MACs ratio %.3f (budget %.3f), per expert %s", res.ratio, r.budget, res.macs)
-    return {"router": str(out), "ratio": res.ratio, "macs_per_expert": res.macs}
-
-
 # ----------------------------------------------------------------------------- prune-experts
 
 def prune_expert(p: Params, root: Path, k: int, *, progress: bool = True,
@@ -372,7 +257,7 @@ def assemble_mixture(p: Params, root: Path) -> dict:
         macs.append(unet_macs(experts[-1], _shape(experts[-1])))
     steps = rdoc["steps_per_expert"]
     teacher_traj = rdoc["macs_teacher"] * sum(steps)
-    traj = trajectory_macs(macs, steps)
+    traj = mixture_macs(macs, steps)
     summary = {
         "boundaries": rdoc["boundaries"],
         "steps_per_expert": steps,

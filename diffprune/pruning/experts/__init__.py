@@ -1,8 +1,10 @@
 """Mixture of efficient diffusion experts (Ganjdanesh et al., ECCV 2024, arXiv 2409.15557).
 
 1. :mod:`.intervals`: gradient-alignment matrix over a timestep grid, exact contiguous clustering.
-2. :mod:`.elastic`: elastic depth/width of a UNet by hooks; importance ordering; random sub-networks.
-3. :mod:`.router`: the Expert Routing Agent that shares a MACs budget between the experts.
+2. :mod:`.elastic`: elastic depth/width of a UNet by hooks; random sub-networks. :mod:`.importance`:
+   the importance order of its groups and heads.
+3. :mod:`.router`: the Expert Routing Agent that shares a MACs budget between the experts;
+   :mod:`.selection`: its logits made sub-networks, and the selection brought to the budget.
 4. :mod:`.prune`: physical pruning to the selected sub-networks; the mixture as one checkpoint.
 """
 
@@ -13,11 +15,9 @@ from .elastic import (
     SubnetConfig,
     elastic_hook,
     elastic_space,
-    importance_orders,
-    reorder_units,
     sample_subnet,
-    unit_importance,
 )
+from .importance import importance_orders, reorder_units, unit_importance
 from .intervals import (
     Segmentation,
     alignment_matrix,
@@ -33,17 +33,8 @@ from .intervals import (
     uniform_cuts,
 )
 from .prune import ExpertMixtureModel, ShortcutBlock, SkippedBlock, load_mixture, prune_to_config, save_mixture
-from .router import (
-    ExpertRoutingAgent,
-    RelaxedSubnet,
-    RouterResult,
-    calibrate,
-    relax,
-    select,
-    steps_per_expert,
-    train_router,
-    trajectory_macs,
-)
+from .router import ExpertRoutingAgent, RouterResult, train_router
+from .selection import RelaxedSubnet, calibrate, mixture_macs, relax, select, steps_per_expert
 
 __all__ = [
     "ElasticController", "ElasticSpace", "ElasticUnit", "SubnetConfig", "elastic_hook", "elastic_space",
@@ -52,5 +43,5 @@ __all__ = [
     "save_alignment_heatmap", "segment", "timestep_gradients", "timestep_grid", "uniform_boundaries", "uniform_cuts",
     "ExpertMixtureModel", "ShortcutBlock", "SkippedBlock", "load_mixture", "prune_to_config", "save_mixture",
     "ExpertRoutingAgent", "RelaxedSubnet", "RouterResult", "calibrate", "relax", "select", "steps_per_expert",
-    "train_router", "trajectory_macs",
+    "train_router", "mixture_macs",
 ]

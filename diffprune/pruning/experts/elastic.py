@@ -5,8 +5,8 @@ The *elastic space* of a UNet lists its residual sub-blocks (every ``ResnetBlock
 
 - **width**: a resnet's hidden width (``conv1`` outputs = ``conv2`` inputs) in whole ``norm2``
   groups, an attention's heads. A sub-network keeps a *prefix* of them: channels are first
-  permuted into importance order (:func:`reorder_units`, function-preserving), so "keep ``k``"
-  means "keep the ``k`` most important". Dropping whole groups leaves the statistics of every kept
+  permuted into importance order (:func:`.importance.reorder_units`, function-preserving), so
+  "keep ``k``" means "keep the ``k`` most important". Dropping whole groups leaves the statistics of every kept
   ``norm2`` group unchanged, so the masked net equals the physically pruned one.
 - **depth**: a sub-block's residual branch can be dropped. An attention with a plain residual
   becomes the identity; a resnet that does not resample becomes its shortcut alone,
@@ -22,8 +22,9 @@ any config follow from the space exactly (:meth:`ElasticSpace.macs`), without ru
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from diffusers.models.attention_processor import Attention
@@ -31,7 +32,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
 from ...metrics.cost import MacCounter
-from ...training import denoising_loss
+from ...models.blocks import resnet_skip
 from ..surgery import head_dim
 
 RESNET, ATTENTION = "resnet", "attention"
@@ -148,16 +149,6 @@ def _resnet_droppable(m: ResnetBlock2D) -> bool:
     return m.conv1.in_channels == m.conv2.out_channels and m.output_scale_factor == 1
 
 
-def resnet_skip(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What a resnet computes with its residual branch dropped: ``shortcut(x) / output_scale_factor``.
-
-    ``m``: a ``ResnetBlock2D``, or the ``ShortcutBlock`` that replaces one (both have ``conv_shortcut``,
-    possibly None, and ``output_scale_factor``)."""
-    if m.conv_shortcut is not None:
-        x = m.conv_shortcut(x.contiguous())
-    return x / m.output_scale_factor if m.output_scale_factor != 1 else x
-
-
 def _attention_supported(name: str, m: Attention) -> None:
     if getattr(m, "to_k", None) is None or getattr(m, "to_v", None) is None or m.is_cross_attention:
         raise NotImplementedError(f"{name}: only self-attention with to_q/to_k/to_v is supported")
@@ -216,77 +207,6 @@ def elastic_space(model: nn.Module, sample_shape: Sequence[int], min_width: floa
     return ElasticSpace(tuple(units), base, float(min_width))
 
 
-# ----------------------------------------------------------------------------- importance order
-
-def _coupled(model: nn.Module, unit: ElasticUnit) -> list[tuple[torch.Tensor, int]]:
-    """``(parameter, channel dim)`` of every tensor whose channels are the unit's width channels."""
-    m = model.get_submodule(unit.name)
-    if unit.kind == RESNET:
-        out = [(m.conv1.weight, 0), (m.time_emb_proj.weight, 0), (m.norm2.weight, 0), (m.conv2.weight, 1)]
-        out += [(b, 0) for b in (m.conv1.bias, m.time_emb_proj.bias, m.norm2.bias) if b is not None]
-        return out
-    out = [(m.to_q.weight, 0), (m.to_k.weight, 0), (m.to_v.weight, 0), (m.to_out[0].weight, 1)]
-    out += [(lin.bias, 0) for lin in (m.to_q, m.to_k, m.to_v) if lin.bias is not None]
-    return out
-
-
-def unit_importance(
-    model: nn.Module, space: ElasticSpace, scheduler, images: torch.Tensor, *, t_min: int, t_max: int,
-    batch_size: int, seed: int,
-) -> list[torch.Tensor]:
-    """First-order Taylor importance ``sum |w * dL/dw|`` of every group / head, on one interval.
-
-    The loss is the denoising loss of one fixed-seed batch with ``t ~ U[t_min, t_max)``.
-
-    Returns:
-        For each unit of ``space``, a ``(G,)`` float tensor (higher = more important).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    p0 = next(model.parameters())
-    idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
-    x0 = images[idx].to(p0.device)  # (B, C, H, W)
-    noise = torch.randn(x0.shape, generator=gen).to(p0.device)
-    t = torch.randint(t_min, t_max, (batch_size,), generator=gen).to(p0.device)
-    was_training = model.training
-    model.eval().zero_grad(set_to_none=True)
-    denoising_loss(model, x0, t, noise, scheduler).backward()
-    scores = []
-    for u in space.units:
-        s = torch.zeros(u.units * u.unit_size, dtype=torch.float64, device=p0.device)
-        for w, dim in _coupled(model, u):
-            g = w.grad if w.grad is not None else torch.zeros_like(w)
-            contrib = (w.detach() * g).abs().double()
-            s += contrib.transpose(0, dim).reshape(contrib.shape[dim], -1).sum(1)
-        scores.append(s.view(u.units, u.unit_size).sum(1).cpu())
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    return scores
-
-
-@torch.no_grad()
-def reorder_units(model: nn.Module, space: ElasticSpace, orders: Sequence[torch.Tensor]) -> nn.Module:
-    """Permute the groups / heads of every unit so ``orders[i]`` becomes ``0, 1, ...`` (in place).
-
-    Whole groups (heads) move together, so the function of the network is unchanged.
-
-    Args:
-        orders: for each unit, a ``(G,)`` permutation: ``orders[i][j]`` is the unit now placed ``j``-th.
-    """
-    for u, order in zip(space.units, orders):
-        order = torch.as_tensor(order, dtype=torch.long)
-        if sorted(order.tolist()) != list(range(u.units)):
-            raise ValueError(f"{u.name}: {order.tolist()} is not a permutation of {u.units} units")
-        idx = (order[:, None] * u.unit_size + torch.arange(u.unit_size)).flatten()  # (G * size,)
-        for w, dim in _coupled(model, u):
-            w.copy_(w.index_select(dim, idx.to(w.device)))
-    return model
-
-
-def importance_orders(scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Most important first (stable: ties keep their index order). ``[(G,)] -> [(G,) long]``."""
-    return [torch.sort(s, descending=True, stable=True).indices for s in scores]
-
-
 # ----------------------------------------------------------------------------- hooks
 
 def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -342,7 +262,18 @@ class ElasticController:
         self._gate = list(gates)
         self.current = None
 
+    @contextmanager
+    def full_network(self) -> Iterator[None]:
+        """Run the full network inside the ``with`` block, then whatever was set before (hard or relaxed)."""
+        saved = self._width, self._gate, self.current
+        self.reset()
+        try:
+            yield
+        finally:
+            self._width, self._gate, self.current = saved
+
     def reset(self) -> None:
+        """Run the full network (every hook a no-op)."""
         self.current = self.space.full()
         self._width = [None] * len(self.space.units)
         self._gate = [None] * len(self.space.units)

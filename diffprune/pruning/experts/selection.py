@@ -1,0 +1,202 @@
+"""From routing logits to sub-networks: the straight-through relaxation, the selection, the budget.
+
+:func:`relax` turns one expert's width and depth logits into exact 0/1 masks in the forward pass
+with soft gradients (Gumbel-sigmoid noise while the router trains), and their MACs;
+:func:`select` is its noise-free hard sub-network; :func:`calibrate` brings the selected mixture to
+the MACs budget, counted over one sampling trajectory by :func:`mixture_macs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .elastic import ElasticSpace, SubnetConfig
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- relaxation
+
+def logistic_noise(shape: Sequence[int], gen: torch.Generator) -> torch.Tensor:
+    """``log u - log(1 - u)``: the difference of two Gumbel variables (Gumbel-sigmoid noise)."""
+    u = torch.rand(tuple(shape), generator=gen).clamp(1e-6, 1 - 1e-6)
+    return torch.log(u) - torch.log1p(-u)
+
+
+@dataclass
+class RelaxedSubnet:
+    """Straight-through sub-network of one expert.
+
+    Attributes:
+        width_masks: per unit, a ``(G,)`` mask, exact 0/1 prefix in the forward pass.
+        gates: per unit, a scalar gate, exact 0/1 in the forward pass.
+        macs: scalar float64, the sub-network's MACs per ``(1, C, H, W)`` call (exact in the forward
+            pass, differentiable through the soft masks).
+    """
+
+    width_masks: list[torch.Tensor]
+    gates: list[torch.Tensor]
+    macs: torch.Tensor
+
+    def hard(self) -> SubnetConfig:
+        return SubnetConfig(tuple(int(round(float(m.sum()))) for m in self.width_masks),
+                            tuple(bool(float(g) > 0.5) for g in self.gates))
+
+
+def relax(space: ElasticSpace, width_logits: torch.Tensor, depth_logits: torch.Tensor, *, tau: float,
+          gen: Optional[torch.Generator] = None, offset: float = 0.0) -> RelaxedSubnet:
+    """Straight-through masks and MACs of one expert's sub-network.
+
+    Args:
+        width_logits, depth_logits: ``(U,)`` logits for the units of ``space``.
+        tau: temperature of the sigmoids.
+        gen: draws the Gumbel-sigmoid noise; None = deterministic (the selected sub-network).
+        offset: added to every logit (budget calibration; see :func:`calibrate`).
+    """
+    u_count = len(space.units)
+    if width_logits.shape != (u_count,) or depth_logits.shape != (u_count,):
+        raise ValueError(f"logits {tuple(width_logits.shape)}, {tuple(depth_logits.shape)}: expected ({u_count},)")
+    zw, zd = width_logits + offset, depth_logits + offset
+    if gen is not None:
+        zw = zw + logistic_noise(zw.shape, gen).to(zw)
+        zd = zd + logistic_noise(zd.shape, gen).to(zd)
+    macs = torch.zeros((), dtype=torch.float64, device=zw.device) + space.base_macs
+    masks, gates = [], []
+    for i, u in enumerate(space.units):
+        lo = space.min_keep(i)
+        j = torch.arange(u.units, device=zw.device, dtype=zw.dtype)
+        if u.units > lo:
+            r = space.min_width + (1 - space.min_width) * torch.sigmoid(zw[i] / tau)  # keep-ratio
+            soft = (r * u.units - j).clamp(0.0, 1.0)  # (G,) soft prefix, sums to r * G
+            k = min(u.units, max(lo, math.ceil(float(r.detach()) * u.units - 1e-6)))
+            hard = (j < k).to(zw.dtype)
+            mask = hard + (soft - soft.detach())
+        else:
+            mask = torch.ones(u.units, device=zw.device, dtype=zw.dtype)
+        if u.droppable:
+            soft_g = torch.sigmoid(zd[i] / tau)
+            gate = (soft_g.detach() > 0.5).to(zd.dtype) + (soft_g - soft_g.detach())
+        else:
+            gate = torch.ones((), device=zd.device, dtype=zd.dtype)
+        masks.append(mask)
+        gates.append(gate)
+        g64 = gate.double()
+        macs = macs + g64 * (u.macs_fixed + u.macs_per_unit * mask.double().sum()) + (1 - g64) * u.macs_skip
+    return RelaxedSubnet(masks, gates, macs)
+
+
+def select(space: ElasticSpace, width_logits: torch.Tensor, depth_logits: torch.Tensor, *, tau: float,
+           offset: float = 0.0) -> SubnetConfig:
+    """The deterministic (noise-free) hard sub-network of one expert."""
+    with torch.no_grad():
+        return relax(space, width_logits, depth_logits, tau=tau, offset=offset).hard()
+
+
+# ----------------------------------------------------------------------------- budget
+
+def steps_per_expert(timesteps: Sequence[int], boundaries: Sequence[int]) -> list[int]:
+    """How many sampling steps each expert serves (routing as :class:`ExpertMixture`)."""
+    counts = [0] * (len(boundaries) + 1)
+    for t in timesteps:
+        counts[sum(int(t) >= b for b in boundaries)] += 1
+    return counts
+
+
+def mixture_macs(macs_per_expert: Sequence[float], steps: Sequence[int]) -> float:
+    """MACs of one sampling trajectory (one image) of a mixture, from its experts' MACs per call:
+    ``sum_k n_k MACs_k`` with ``n_k`` the steps expert ``k`` serves (computed, not measured; for a
+    measured trajectory of any denoiser see :func:`diffprune.metrics.evaluate.trajectory_macs`)."""
+    if len(macs_per_expert) != len(steps):
+        raise ValueError(f"{len(macs_per_expert)} experts' MACs but {len(steps)} step counts")
+    return float(sum(m * n for m, n in zip(macs_per_expert, steps)))
+
+
+def calibrate(space: ElasticSpace, width_logits: torch.Tensor, depth_logits: torch.Tensor, steps: Sequence[int],
+              budget: float, *, tau: float, iters: int = 60) -> tuple[float, list[SubnetConfig]]:
+    """The selected sub-networks, brought to the budget: a common logit offset, then a greedy fill.
+
+    1. Bisection on an offset added to every logit: every unit's kept width and gate grow
+       monotonically with it, so the trajectory MACs do; the largest offset within the budget wins.
+    2. Logits that sit close together flip at nearly the same offset, so step 1 can stop well
+       under the budget. The fill goes on raising the offset one unit at a time: the next group
+       (or gate) in the order the offset would have added it is taken when it fits the budget and
+       skipped when it does not, until nothing more fits.
+
+    Args:
+        width_logits, depth_logits: ``(K, U)``.
+        steps: sampling steps per expert.
+        budget: allowed fraction of the teacher's trajectory MACs.
+
+    Returns:
+        ``(offset, configs)``; when even the smallest mixture exceeds the budget, the smallest
+        configs and a warning.
+    """
+    full = space.full_macs() * sum(steps)
+    k_count = len(steps)
+    span = 30.0 + float(max(width_logits.abs().max(), depth_logits.abs().max()))  # beyond every logit
+
+    def ratio_of(cfgs: Sequence[SubnetConfig]) -> float:
+        return mixture_macs([space.macs(c) for c in cfgs], steps) / full
+
+    def at(off: float) -> tuple[float, list[SubnetConfig]]:
+        cfgs = [select(space, width_logits[k], depth_logits[k], tau=tau, offset=off) for k in range(k_count)]
+        return ratio_of(cfgs), cfgs
+
+    lo, hi = -span, span
+    r_lo, c_lo = at(lo)
+    if r_lo > budget:
+        log.warning("the smallest mixture uses %.3f of the teacher's MACs, above the budget %.3f", r_lo, budget)
+        return lo, c_lo
+    r_hi, c_hi = at(hi)
+    if r_hi <= budget:
+        return hi, c_hi
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if at(mid)[0] <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo, _fill(space, at(lo)[1], width_logits + lo, depth_logits + lo, steps, budget, tau, ratio_of)
+
+
+def _fill(space: ElasticSpace, configs: list[SubnetConfig], zw: torch.Tensor, zd: torch.Tensor, steps: Sequence[int],
+          budget: float, tau: float, ratio_of: Callable[[Sequence[SubnetConfig]], float]) -> list[SubnetConfig]:
+    """Greedy step 2 of :func:`calibrate`; ``zw``, ``zd`` are the offset ``(K, U)`` logits."""
+    width = [list(c.width) for c in configs]
+    depth = [list(c.depth) for c in configs]
+    m = space.min_width
+
+    def needed(k: int, i: int) -> Optional[tuple[float, str]]:
+        """How much more offset the next upgrade of unit ``i`` of expert ``k`` needs, and which it is."""
+        u = space.units[i]
+        if not depth[k][i]:
+            return float(-zd[k, i]), "depth"
+        if width[k][i] >= u.units or m >= 1.0:
+            return None
+        q = min(max((width[k][i] / u.units - m) / (1 - m), 1e-9), 1 - 1e-9)  # sigmoid value the next group needs
+        return tau * math.log(q / (1 - q)) - float(zw[k, i]), "width"
+
+    def current() -> list[SubnetConfig]:
+        return [SubnetConfig(tuple(w), tuple(d)) for w, d in zip(width, depth)]
+
+    while True:
+        cands = sorted((n[0], k, i, n[1]) for k in range(len(configs)) for i in range(len(space.units))
+                       if (n := needed(k, i)) is not None)
+        for _, k, i, what in cands:
+            if what == "depth":
+                depth[k][i] = True
+            else:
+                width[k][i] += 1
+            if ratio_of(current()) <= budget:
+                break
+            if what == "depth":
+                depth[k][i] = False
+            else:
+                width[k][i] -= 1
+        else:
+            return current()
