@@ -243,7 +243,14 @@ class UNet2DGraph(BlockGraph):
 
     def pack_outputs(self, k: int, native: Any) -> BlockOutputs:
         """A down block's ``(hidden, residuals)`` -> ``residuals``; mid/up ``hidden`` -> ``(hidden,)``."""
-        return tuple(native[1]) if self._is_down(k) else (native,)
+        if not self._is_down(k):
+            return (native,)
+        hidden, res = native
+        if hidden is not res[-1]:
+            raise NotImplementedError(
+                f"UNet2DGraph: block {self._names[k]!r} passes on a hidden state that is not its last residual"
+            )
+        return tuple(res)
 
     def native_outputs(self, k: int, outputs: Optional[BlockOutputs]) -> Any:
         """The inverse of :meth:`pack_outputs`; ``None`` -> the same structure filled with ``None``.
@@ -258,6 +265,7 @@ class UNet2DGraph(BlockGraph):
         return outputs[0] if outputs is not None else None
 
     def call_model(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``UNet2DModel.forward(x, t)``'s sample ``(B, C, H, W)``."""
         return self.model(x, t, return_dict=False)[0]
 
 

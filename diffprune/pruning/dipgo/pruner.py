@@ -6,14 +6,17 @@ head's last layer starts at weight 0 and a bias favouring *compute*, so the init
 full model. Gates are the argmax, trained with a straight-through estimator: hard 0/1 forward,
 softmax gradient backward.
 
-Training runs the gated SuperNet over the whole ``T``-step trajectory of the frozen teacher from the
-same noise as the full model and minimises
+Training runs the gated SuperNet over the whole ``T``-step trajectory of the frozen teacher (the
+house's one loop, :func:`diffprune.sampling.trajectory`, with gradients) from the same noise as the
+full model and minimises
 
     L = consistency(x0_subnet, x0_full) + alpha_s / (N T) * sum_{t,k} gamma_k g_{t,k}
 
 where ``gamma_k`` is the normalised MACs saved by skipping block k (with the blocks it frees) and
 the sparsity term is active only while the kept MACs are above the target. Post-processing
-thresholds the keep scores (bisection) to land within ``tolerance`` of the target ratio.
+thresholds the keep scores (bisection) to land within ``tolerance`` of the target ratio. The
+optimisation resumes through :class:`diffprune.training.TrainState` (pruner, optimiser, LR schedule,
+data generator; the loss history in its JSON).
 """
 
 from __future__ import annotations
