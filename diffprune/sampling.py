@@ -3,14 +3,15 @@
 A *denoiser* is any callable ``(x_t, t, step) -> model_output`` with ``x_t: (B, C, H, W)``,
 ``t: (B,)`` long timesteps and ``step`` the index of this step in the trajectory (0 = first, the
 noisiest). Plain models, timestep-expert mixtures and skip-schedule runners are all denoisers, so
-there is one sampler. A denoiser may define ``start(num_steps)``; it is called before every
-trajectory (to reset caches).
+there is one trajectory loop, :func:`trajectory`, which :func:`sample` and DiP-GO's pruner
+training both run. A denoiser may define ``start(num_steps)``; it is called before every trajectory
+(to reset caches).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -61,6 +62,57 @@ def initial_noise(num_images: int, sample_shape: Sequence[int], seed: int) -> to
     return torch.randn((num_images, *sample_shape), generator=g)
 
 
+def trajectory(
+    denoiser: Denoiser | Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
+    scheduler,
+    x_T: torch.Tensor,
+    steps: int,
+    *,
+    grad: bool = False,
+    generator: Optional[torch.Generator] = None,
+    on_step: Optional[Callable[[int], None]] = None,
+) -> torch.Tensor:
+    """Denoise ``x_T: (B, C, H, W)`` through ``steps`` scheduler steps; returns x_0 ``(B, C, H, W)`` in [-1, 1].
+
+    The one trajectory loop of the house: plain models, expert mixtures, skip-schedule runners and
+    DiP-GO's gated SuperNet all go through it. ``scheduler`` is deep-copied and set to ``steps``, so
+    stateful multistep solvers start fresh; ``denoiser.start(num_steps)`` is called first if the
+    denoiser defines it. The result stays on ``x_T``'s device.
+
+    Args:
+        denoiser: ``(x_t, t, step) -> model output``.
+        scheduler: a diffusers scheduler (left unchanged).
+        x_T: the initial noise.
+        steps: number of sampling steps.
+        grad: record autograd through every step (pruner training); otherwise run under ``no_grad``.
+        generator: the step noise of stochastic schedulers (DDPM); unused by deterministic ones.
+        on_step: called with the step index after each step (progress display).
+    """
+    if steps < 1:
+        raise ValueError(f"steps = {steps}: must be >= 1")
+    sched = copy.deepcopy(scheduler)
+    sched.set_timesteps(steps)
+    step_kwargs = {"generator": generator} if generator is not None and _takes_generator(sched) else {}
+    if hasattr(denoiser, "start"):
+        denoiser.start(len(sched.timesteps))
+    x = x_T
+    with torch.set_grad_enabled(grad):
+        for step, t in enumerate(sched.timesteps):
+            tb = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
+            # 1. predict the model output (noise, sample or v, as the scheduler expects)
+            out = denoiser(sched.scale_model_input(x, t), tb, step)
+            # 2. x_t -> x_{t-1}
+            x = sched.step(out, t, x, **step_kwargs).prev_sample
+            if on_step is not None:
+                on_step(step)
+        return x.clamp(-1, 1)
+
+
+def _takes_generator(scheduler) -> bool:
+    """Whether ``scheduler.step`` accepts a ``generator`` (for its step noise)."""
+    return "generator" in scheduler.step.__code__.co_varnames
+
+
 @torch.no_grad()
 def sample(
     denoiser: Denoiser | Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
@@ -77,7 +129,8 @@ def sample(
     """Draw ``num_images`` samples; returns ``(N, C, H, W)`` in [-1, 1] on the CPU.
 
     Deterministic for a given ``seed`` (DDIM with eta=0 is fully deterministic; DDPM draws its step
-    noise from a generator seeded by ``seed`` and the batch index).
+    noise from a generator seeded by ``seed`` and the batch index). Each batch is one
+    :func:`trajectory` from :func:`initial_noise`.
     """
     if num_images < 1 or steps < 1:
         raise ValueError(f"num_images={num_images}, steps={steps}: both must be >= 1")
@@ -86,20 +139,9 @@ def sample(
     batches = range(0, num_images, batch_size)
     bar = tqdm(total=len(batches) * steps, desc="sampling", disable=not progress, leave=False)
     for bi, i in enumerate(batches):
-        sched = copy.deepcopy(scheduler)
-        sched.set_timesteps(steps)
         gen = torch.Generator().manual_seed(seed * 100_003 + bi)
-        x = noise[i : i + batch_size].to(device)
-        if hasattr(denoiser, "start"):
-            denoiser.start(len(sched.timesteps))
-        for step, t in enumerate(sched.timesteps):
-            tb = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
-            # 1. predict the model output (noise, sample or v, as the scheduler expects)
-            eps = denoiser(sched.scale_model_input(x, t), tb, step)
-            # 2. x_t -> x_{t-1}
-            kwargs = {"generator": gen} if "generator" in sched.step.__code__.co_varnames else {}
-            x = sched.step(eps, t, x, **kwargs).prev_sample
-            bar.update(1)
-        out.append(x.clamp(-1, 1).cpu())
+        x0 = trajectory(denoiser, scheduler, noise[i : i + batch_size].to(device), steps, generator=gen,
+                        on_step=lambda _: bar.update(1))
+        out.append(x0.cpu())
     bar.close()
     return torch.cat(out)

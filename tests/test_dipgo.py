@@ -11,27 +11,12 @@ import torch
 from diffprune.config import DataConfig, DipgoConfig, TeacherConfig
 from diffprune.metrics.cost import MacCounter, unet_macs
 from diffprune.models.unet import build_scheduler, build_unet, sampling_scheduler
-from diffprune.pruning.dipgo import (
-    OUTPUT,
-    ConsistencyLoss,
-    GatedRunner,
-    GatePruner,
-    Schedule,
-    SkipScheduleDenoiser,
-    block_costs,
-    block_graph,
-    deepcache_for_ratio,
-    deepcache_schedule,
-    random_schedule,
-    save_heatmap,
-    schedule_from_scores,
-    schedule_macs,
-    skip_savings,
-    ste_gates,
-    train_pruner,
-)
-from diffprune.pruning.dipgo.pruner import run_trajectory
-from diffprune.sampling import ModelDenoiser, sample
+from diffprune.pruning.dipgo import OUTPUT, ConsistencyLoss, GatedRunner, GatePruner, Schedule, SkipScheduleDenoiser
+from diffprune.pruning.dipgo import block_costs, block_graph, deepcache_for_ratio, deepcache_schedule, random_schedule
+from diffprune.pruning.dipgo import save_heatmap, schedule_from_scores, schedule_macs, skip_savings, ste_gates
+from diffprune.pruning.dipgo import train_pruner
+from diffprune.sampling import ModelDenoiser, sample, trajectory
+from diffprune.training import TrainState
 
 SHAPE = (1, 8, 8)
 T = 6
@@ -88,6 +73,58 @@ def test_graph_forward_equals_model(model):
     x, t = torch.randn(3, *SHAPE), torch.tensor([5, 500, 999])
     with torch.no_grad():
         assert torch.equal(g.forward(x, t, lambda k, compute: compute()), model(x, t).sample)
+
+
+def test_graph_runs_the_models_own_forward_through_removable_block_hooks(model):
+    g = block_graph(model)
+    x, t = torch.randn(2, *SHAPE), torch.tensor([3, 600])
+    calls, seen = [], []
+    handle = model.register_forward_hook(lambda mod, args, out: calls.append(type(out).__name__))
+    try:
+        with g.hooks(lambda k, compute: seen.append(k) or compute()):
+            assert all(hasattr(m, "_diffusers_hook") for m in g.block_modules)
+            with torch.no_grad():
+                out = model(x, t).sample
+    finally:
+        handle.remove()
+    assert calls == ["UNet2DOutput"] and seen == list(range(len(g.block_names)))  # execution order
+    assert _no_hooks(model)
+    with torch.no_grad():
+        assert torch.equal(out, model(x, t).sample)
+
+
+def test_block_hooks_are_removed_when_a_block_call_fails(model):
+    g = block_graph(model)
+
+    def fail_at_mid(k, compute):
+        if g.block_names[k] == "mid":
+            raise RuntimeError("boom")
+        return compute()
+
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
+        g.forward(torch.randn(1, *SHAPE), torch.tensor([5]), fail_at_mid)
+    assert _no_hooks(model)
+
+
+def test_blocks_not_needed_are_not_computed(model):
+    """Reusing up_0 frees mid and down_2: neither runs, and the model's forward still completes."""
+    g = block_graph(model)
+    r = GatedRunner(g)
+    x, t = torch.randn(2, *SHAPE), torch.tensor([100, 900])
+    with torch.no_grad():
+        r.step_hard(x, t, [True] * 7)
+        keep = [name != "up_0" for name in g.block_names]
+        counters = [MacCounter(m) for m in g.block_modules]
+        for c in counters:
+            c.__enter__()
+        try:
+            r.step_hard(x, t, keep)
+        finally:
+            for c in counters:
+                c.__exit__(None, None, None)
+    ran = {name for name, c in zip(g.block_names, counters) if c.total > 0}
+    assert ran == {"down_0", "down_1", "up_1", "up_2"}
+    assert _no_hooks(model)
 
 
 def test_block_costs_sum_to_model_macs(model):
@@ -167,10 +204,8 @@ def test_soft_supernet_forward_equals_hard_schedule(model, ddim):
     noise = torch.randn(2, *SHAPE)
     gates = s.keep_tensor().float()
     r = GatedRunner(g)
-    with torch.no_grad():
-        soft = run_trajectory(lambda x, t, i: r.step_soft(x, t, gates[i]), ddim, noise, T)
-        r.reset()
-        hard = run_trajectory(lambda x, t, i: r.step_hard(x, t, s.keep[i]), ddim, noise, T)
+    soft = trajectory(r.denoiser(gates, soft=True), ddim, noise, T)
+    hard = trajectory(r.denoiser(s.keep), ddim, noise, T)
     assert torch.equal(soft, hard)
 
 
@@ -287,19 +322,17 @@ def test_pruner_training_resumes_to_the_same_schedule(tmp_path, monkeypatch):
     cfg = DipgoConfig(target_ratio=0.5, steps=4, batch_size=2, pool_size=4, dim=8)
     kw = dict(steps=4, sample_shape=(1, 8, 8), progress=False, checkpoint_every=2)
     full, full_info = train_pruner(model, sc, cfg, work_dir=tmp_path / "a", **kw)
-    import diffprune.pruning.dipgo.pruner as pr
+    real_save = TrainState.save
 
-    real_save = pr._save_state
-
-    def save_then_die(root, step, *a):
-        real_save(root, step, *a)
+    def save_then_die(self, step, **kwargs):
+        real_save(self, step, **kwargs)
         raise KeyboardInterrupt("killed after the checkpoint at step 2")
 
-    monkeypatch.setattr(pr, "_save_state", save_then_die)
+    monkeypatch.setattr(TrainState, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_pruner(model, sc, cfg, work_dir=tmp_path / "b", **kw)
-    monkeypatch.setattr(pr, "_save_state", real_save)
-    state = tmp_path / "b" / "pruner-state"
+    monkeypatch.setattr(TrainState, "save", real_save)
+    [state] = TrainState(tmp_path / "b" / "pruner-state", {}).checkpoints()
     assert json.loads((state / "meta.json").read_text())["step"] == 2
     resumed, info = train_pruner(model, sc, cfg, work_dir=tmp_path / "b", **kw)
     assert [h["step"] for h in info["history"]] == [0, 1, 2, 3]

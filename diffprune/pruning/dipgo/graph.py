@@ -2,10 +2,17 @@
 
 A :class:`BlockGraph` is the small adapter between DiP-GO and one model family. It names the
 gateable blocks in execution order, lists for every block the blocks that consume its outputs
-(:data:`OUTPUT` = the always-computed head of the network), and re-implements the model's forward
-pass over those blocks, handing every block call to a ``run_block`` callback that decides whether the
-block is computed, reused from its backup, mixed, or not needed at all. The model itself is never
-modified: no hooks, no patched ``forward``.
+(:data:`OUTPUT` = the always-computed head of the network), and runs the model's own forward pass
+with every block call handed to a ``run_block`` callback that decides whether the block is
+computed, reused from its backup, mixed, or not needed at all.
+
+The calls reach ``run_block`` through hooks on the block modules (diffusers' ``HookRegistry``, a
+:class:`~diffusers.hooks.ModelHook` whose ``new_forward`` replaces the block's forward, as
+diffusers' own FirstBlockCache and LayerSkip do). A plain torch forward hook cannot stand in: it
+runs after the block has been computed, so a skipped block would still cost its MACs. The hooks
+live only for one model call (:meth:`BlockGraph.hooks` is a context manager) and are always taken
+off again, leaving nothing on the model; the model's ``forward`` itself is never copied, so the
+graph keeps working when diffusers changes it.
 
 :class:`UNet2DGraph` implements it for diffusers' ``UNet2DModel`` (every down block, the mid block,
 every up block). An SD ``UNet2DConditionModel`` or a ``DiTTransformer2DModel`` adapter would list
@@ -15,9 +22,11 @@ its blocks and consumers the same way (transformer blocks form a chain: block i 
 from __future__ import annotations
 
 import abc
-from typing import Callable, Optional, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
 OUTPUT = "<output>"
@@ -26,13 +35,21 @@ OUTPUT = "<output>"
 BlockOutputs = tuple[torch.Tensor, ...]
 ComputeFn = Callable[[], BlockOutputs]
 RunBlock = Callable[[int, ComputeFn], Optional[BlockOutputs]]
-"""``run_block(index, compute) -> outputs | None``: the graph's forward calls it once per block in
-execution order. ``compute()`` evaluates the block on the current inputs; returning ``None`` says the
-block is not needed at this step (its consumers never read it)."""
+"""``run_block(index, compute) -> outputs | None``: called once per block call, in execution order.
+``compute()`` evaluates the block on the inputs the model passed it; returning ``None`` says the
+block is not needed at this step (its consumers never read it) and it is not computed."""
+
+HOOK_NAME = "diffprune.dipgo.block"
+"""Name of the block hooks in diffusers' hook registry."""
 
 
 class BlockGraph(abc.ABC):
-    """The gateable blocks of one model, their consumers, and a forward pass over them."""
+    """The gateable blocks of one model, their consumers, and a forward pass routed through them.
+
+    Subclasses name the blocks and their consumers and translate between a block's native return
+    value and its :data:`BlockOutputs` tuple; :meth:`forward` runs the model's own ``forward``
+    with block hooks installed.
+    """
 
     model: nn.Module
 
@@ -44,7 +61,7 @@ class BlockGraph(abc.ABC):
     @property
     @abc.abstractmethod
     def block_modules(self) -> list[nn.Module]:
-        """The N block modules, aligned with :attr:`block_names` (used to attribute MACs)."""
+        """The N block modules, aligned with :attr:`block_names` (hooked; used to attribute MACs)."""
 
     @property
     @abc.abstractmethod
@@ -52,9 +69,79 @@ class BlockGraph(abc.ABC):
         """For block k, the indices of the blocks reading its outputs, or :data:`OUTPUT`."""
 
     @abc.abstractmethod
+    def pack_outputs(self, k: int, native: Any) -> BlockOutputs:
+        """Block k's native return value as the tuple of tensors its backup holds."""
+
+    @abc.abstractmethod
+    def native_outputs(self, k: int, outputs: Optional[BlockOutputs]) -> Any:
+        """Block k's native return value from ``outputs``; from ``None`` (block not needed) a
+        placeholder of the same structure, which its consumers never read."""
+
+    @abc.abstractmethod
+    def call_model(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's own forward: ``x: (B, C, H, W)``, ``t: (B,)`` -> output ``(B, C, H, W)``."""
+
+    @contextlib.contextmanager
+    def hooks(self, run_block: RunBlock) -> Iterator["BlockGraph"]:
+        """Route every block call to ``run_block`` while active; all hooks are removed on exit."""
+        installed: list[_Installed] = []
+        try:
+            for k, module in enumerate(self.block_modules):
+                installed.append(_Installed.register(module, _BlockHook(self, k, run_block)))
+            yield self
+        finally:
+            for hook in reversed(installed):
+                hook.remove()
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, run_block: RunBlock) -> torch.Tensor:
         """The model's output for ``x: (B, C, H, W)``, ``t: (B,)``, with every block call routed
         through ``run_block``. With ``run_block = lambda k, f: f()`` it equals ``model(x, t)``."""
+        with self.hooks(run_block):
+            return self.call_model(x, t)
+
+
+class _BlockHook(ModelHook):
+    """Replaces block k's forward by ``run_block(k, compute)`` (diffusers' ``new_forward``)."""
+
+    def __init__(self, graph: BlockGraph, k: int, run_block: RunBlock) -> None:
+        super().__init__()
+        self.graph, self.k, self.run_block = graph, k, run_block
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        def compute() -> BlockOutputs:
+            return self.graph.pack_outputs(self.k, self.fn_ref.original_forward(*args, **kwargs))
+
+        return self.graph.native_outputs(self.k, self.run_block(self.k, compute))
+
+
+class _Installed:
+    """One block hook in a module's diffusers ``HookRegistry``, and how to leave no trace of it.
+
+    Removing a hook from a registry leaves the registry (``module._diffusers_hook``) and the
+    restored bound ``forward`` as instance attributes; both are deleted again when this hook put
+    them there and no other hook is left.
+    """
+
+    def __init__(self, module: nn.Module, had_registry: bool, had_forward: bool) -> None:
+        self.module, self.had_registry, self.had_forward = module, had_registry, had_forward
+
+    @classmethod
+    def register(cls, module: nn.Module, hook: ModelHook) -> "_Installed":
+        """Register ``hook`` on ``module`` under :data:`HOOK_NAME`."""
+        installed = cls(module, hasattr(module, "_diffusers_hook"), "forward" in vars(module))
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+        return installed
+
+    def remove(self) -> None:
+        """Take the hook off; the module is as it was before :meth:`register`."""
+        registry = self.module._diffusers_hook
+        registry.remove_hook(HOOK_NAME, recurse=False)
+        if registry.hooks:
+            return
+        if not self.had_forward:
+            vars(self.module).pop("forward", None)
+        if not self.had_registry:
+            del self.module._diffusers_hook
 
 
 def needed_blocks(consumers: Sequence[Sequence[int | str]], keep: Sequence[bool]) -> list[bool]:
@@ -82,9 +169,9 @@ def executed_blocks(consumers: Sequence[Sequence[int | str]], keep: Sequence[boo
 class UNet2DGraph(BlockGraph):
     """Adapter for diffusers' ``UNet2DModel``: blocks ``down_0..down_{L-1}, mid, up_0..up_{L-1}``.
 
-    Down block i returns its residual tuple ``(r_1, ..., r_m)`` whose last entry is also the hidden
-    state passed on; up block j reads the previous hidden state and pops its residuals from the
-    stack, exactly as ``UNet2DModel.forward`` does. Unsupported variants (skip-connection blocks,
+    Down block i's outputs are its residual tuple ``(r_1, ..., r_m)``, whose last entry is also the
+    hidden state passed on; up block j reads the previous hidden state and pops its residuals from
+    the stack (``UNet2DModel.forward`` does both; :meth:`consumers` simulates it). Unsupported variants (skip-connection blocks,
     class conditioning) raise ``NotImplementedError`` at construction.
     """
 
@@ -150,49 +237,36 @@ class UNet2DGraph(BlockGraph):
         cons[prev].add(OUTPUT)
         return [sorted(c, key=lambda v: (isinstance(v, str), v)) for c in cons]
 
-    # -- forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor, run_block: RunBlock) -> torch.Tensor:
-        m = self.model
-        # 0. center input if necessary
-        if m.config.center_input_sample:
-            x = 2 * x - 1.0
-        # 1. time embedding (always computed): t (B,) -> emb (B, 4 * C0)
-        timesteps = t
-        if not torch.is_tensor(timesteps):
-            timesteps = torch.tensor([timesteps], dtype=torch.long, device=x.device)
-        elif timesteps.ndim == 0:
-            timesteps = timesteps[None].to(x.device)
-        timesteps = timesteps * torch.ones(x.shape[0], dtype=timesteps.dtype, device=timesteps.device)
-        emb = m.time_embedding(m.time_proj(timesteps).to(dtype=m.dtype))
-        # 2. stem: (B, C, H, W) -> (B, C0, H, W)
-        h = m.conv_in(x)
-        stack: list[Optional[torch.Tensor]] = [h]
-        k = 0
-        # 3. down blocks: each returns its residuals, the last of which is the next hidden state
-        for i, blk in enumerate(m.down_blocks):
-            out = run_block(k, lambda blk=blk, h=h: tuple(blk(hidden_states=h, temb=emb)[1]))
-            stack += list(out) if out is not None else [None] * self._n_res[i]
-            h = stack[-1]
-            k += 1
-        # 4. mid block
-        if self._mid:
-            out = run_block(k, lambda h=h: (m.mid_block(h, emb),))
-            h = out[0] if out is not None else None
-            k += 1
-        # 5. up blocks: pop their residuals from the stack
-        for blk in m.up_blocks:
-            n = len(blk.resnets)
-            res, stack = tuple(stack[-n:]), stack[:-n]
-            out = run_block(k, lambda blk=blk, h=h, res=res: (blk(h, res, emb),))
-            h = out[0] if out is not None else None
-            k += 1
-        if h is None:  # pragma: no cover - the last block feeds OUTPUT, so it is always needed
-            raise RuntimeError("UNet2DGraph: the last up block returned no output")
-        # 6. head (always computed)
-        h = m.conv_out(m.conv_act(m.conv_norm_out(h)))
-        if m.config.time_embedding_type == "fourier":
-            h = h / timesteps.reshape((h.shape[0], *([1] * len(h.shape[1:]))))
-        return h
+    # -- block outputs -----------------------------------------------------------------------
+    def _is_down(self, k: int) -> bool:
+        return k < len(self._n_res)
+
+    def pack_outputs(self, k: int, native: Any) -> BlockOutputs:
+        """A down block's ``(hidden, residuals)`` -> ``residuals``; mid/up ``hidden`` -> ``(hidden,)``."""
+        if not self._is_down(k):
+            return (native,)
+        hidden, res = native
+        if hidden is not res[-1]:
+            raise NotImplementedError(
+                f"UNet2DGraph: block {self._names[k]!r} passes on a hidden state that is not its last residual"
+            )
+        return tuple(res)
+
+    def native_outputs(self, k: int, outputs: Optional[BlockOutputs]) -> Any:
+        """The inverse of :meth:`pack_outputs`; ``None`` -> the same structure filled with ``None``.
+
+        A down block's hidden state is its last residual. The placeholder costs nothing:
+        ``UNet2DModel.forward`` only hands block outputs on to other blocks, and the consumers of
+        a block that is not needed reuse their backups without reading their inputs.
+        """
+        if self._is_down(k):
+            res = outputs if outputs is not None else (None,) * self._n_res[k]
+            return res[-1], res
+        return outputs[0] if outputs is not None else None
+
+    def call_model(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``UNet2DModel.forward(x, t)``'s sample ``(B, C, H, W)``."""
+        return self.model(x, t, return_dict=False)[0]
 
 
 def block_graph(model: nn.Module) -> BlockGraph:

@@ -6,37 +6,39 @@ head's last layer starts at weight 0 and a bias favouring *compute*, so the init
 full model. Gates are the argmax, trained with a straight-through estimator: hard 0/1 forward,
 softmax gradient backward.
 
-Training runs the gated SuperNet over the whole ``T``-step trajectory of the frozen teacher from the
-same noise as the full model and minimises
+Training runs the gated SuperNet over the whole ``T``-step trajectory of the frozen teacher (the
+house's one loop, :func:`diffprune.sampling.trajectory`, with gradients) from the same noise as the
+full model and minimises
 
     L = consistency(x0_subnet, x0_full) + alpha_s / (N T) * sum_{t,k} gamma_k g_{t,k}
 
 where ``gamma_k`` is the normalised MACs saved by skipping block k (with the blocks it frees) and
 the sparsity term is active only while the kept MACs are above the target. Post-processing
-thresholds the keep scores (bisection) to land within ``tolerance`` of the target ratio.
+thresholds the keep scores (bisection) to land within ``tolerance`` of the target ratio. The
+optimisation resumes through :class:`diffprune.training.TrainState` (pruner, optimiser, LR schedule,
+data generator; the loss history in its JSON).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ...config import DipgoConfig
-from ...io import ArtifactError, atomic_path, read_json, sha256_file
 from ...metrics.image import ssim
 from ...models.unet import sampling_scheduler
+from ...sampling import trajectory
+from ...training import TrainState
 from .graph import BlockGraph, block_graph
-from .schedule import Schedule, block_costs, schedule_from_scores, skip_savings, trajectory_macs
+from .schedule import BlockCosts, Schedule, block_costs, gate_table_macs, schedule_from_scores, skip_savings
 from .supernet import GatedRunner
 
 
@@ -126,29 +128,6 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def run_trajectory(
-    step_fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
-    scheduler: Any,
-    noise: torch.Tensor,
-    num_steps: int,
-) -> torch.Tensor:
-    """The final sample ``(B, C, H, W)`` in [-1, 1] from ``noise`` (the sampler's loop, with grad).
-
-    ``scheduler`` is copied and set to ``num_steps``, so stateful multistep solvers start fresh;
-    autograd flows through every step.
-    """
-    sched = copy.deepcopy(scheduler)
-    sched.set_timesteps(num_steps)
-    x = noise
-    for i, t in enumerate(sched.timesteps):
-        tb = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)
-        # 1. predict the model output
-        out = step_fn(sched.scale_model_input(x, t), tb, i)
-        # 2. x_t -> x_{t-1}
-        x = sched.step(out, t, x).prev_sample
-    return x.clamp(-1, 1)
-
-
 DETERMINISTIC_SAMPLERS = ("ddim", "dpm")
 
 
@@ -179,148 +158,169 @@ def train_pruner(
         progress: show a progress bar.
         sampler: inference scheduler name (deterministic DDIM by default).
         train_steps: overrides ``cfg.steps`` (for quick runs).
-        work_dir: where the pruner's training state is checkpointed every ``checkpoint_every``
-            steps; a rerun resumes from it and ends with the same schedule as an uninterrupted run.
+        work_dir: where the pruner's training state (a :class:`~diffprune.training.TrainState`) is
+            checkpointed every ``checkpoint_every`` steps; a rerun resumes from it and ends with
+            the same schedule as an uninterrupted run.
 
     Returns:
         The post-processed :class:`Schedule` and an info dict (timings, loss history, gamma).
     """
+    _check_deterministic(sampler)
+    n_iter = cfg.steps if train_steps is None else train_steps
+    run = _PrunerRun.build(model, scheduler_config, cfg, steps, sample_shape, torch.device(device), sampler, n_iter)
+    t0 = time.perf_counter()
+    with frozen(run.graph.model):
+        # 1. a fixed pool of (noise, full-model sample) pairs, drawn once
+        run.draw_pool()
+        pool_time = time.perf_counter() - t0
+        # 2. resume the pruner, optimizer, LR schedule, generator and history, if checkpointed
+        state = run.train_state(Path(work_dir)) if work_dir is not None else None
+        start, history = _resume(state, run.device)
+        # 3. the few-step gradient optimisation
+        bar = tqdm(range(start, n_iter), initial=start, total=n_iter, desc="dipgo", disable=not progress, leave=False)
+        for it in bar:
+            history.append(run.iteration(it))
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", kept=f"{history[-1]['kept_ratio']:.3f}")
+            if state is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == n_iter):
+                state.save(it + 1, meta={"history": history})
+        run.runner.reset()
+    train_time = time.perf_counter() - t0
+    # 4. post-processing: threshold the keep scores to the target MACs ratio
+    schedule, scores = run.post_process()
+    schedule.meta.update({"train_steps": n_iter, "sampler": sampler, "loss": cfg.loss})
+    timings = {"train_time_s": train_time, "pool_time_s": pool_time, "train_steps": n_iter}
+    return schedule, run.info(schedule, scores, history, timings)
+
+
+def _check_deterministic(sampler: str) -> None:
+    """Raise ``NotImplementedError`` unless ``sampler`` is one of :data:`DETERMINISTIC_SAMPLERS`."""
     if sampler not in DETERMINISTIC_SAMPLERS:
         raise NotImplementedError(
             f"sampler = {sampler!r}: DiP-GO compares SubNet and full-model trajectories from the same noise, "
             f"which needs a deterministic sampler (one of {list(DETERMINISTIC_SAMPLERS)})"
         )
-    graph = block_graph(model)
-    device = torch.device(device)
-    n_iter = cfg.steps if train_steps is None else train_steps
-    T, N = steps, len(graph.block_names)
-    consumers = graph.consumers
-    costs = block_costs(graph, sample_shape)
-    full_traj = costs.full * T
-    gamma = torch.tensor(skip_savings(consumers, costs), dtype=torch.float32, device=device) / costs.full  # (N,)
 
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
-        torch.manual_seed(cfg.seed)
-        pruner = GatePruner(T, N, cfg.dim, seed=cfg.seed).to(device)
-    opt = torch.optim.SGD(pruner.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, n_iter))
-    loss_fn = ConsistencyLoss(cfg.loss)
-    sched = sampling_scheduler(scheduler_config, sampler)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    runner = GatedRunner(graph)
-    history: list[dict[str, float]] = []
 
-    def full_samples(noise: torch.Tensor) -> torch.Tensor:
-        """The full model's final samples from ``noise (B, C, H, W)``."""
+def _resume(state: Optional[TrainState], device: torch.device) -> tuple[int, list[dict[str, float]]]:
+    """The step to start from and the loss history so far (``0, []`` without a usable checkpoint)."""
+    resumed = state.restore(device) if state is not None else None
+    if resumed is None:
+        return 0, []
+    step, _, meta = resumed
+    return step, list(meta["history"])
+
+
+@dataclass
+class _PrunerRun:
+    """Everything one pruner optimisation holds: the frozen teacher's graph and costs, the pruner
+    and its optimiser, the sampling scheduler, the data generator and the (noise, target) pool."""
+
+    cfg: DipgoConfig
+    graph: BlockGraph
+    costs: BlockCosts
+    gamma: torch.Tensor  # (N,) MACs saved by skipping each block, / full MACs
+    num_steps: int       # T
+    sample_shape: tuple[int, ...]
+    device: torch.device
+    pruner: GatePruner
+    opt: torch.optim.Optimizer
+    lr_sched: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: ConsistencyLoss
+    sched: Any
+    gen: torch.Generator
+    runner: GatedRunner
+    pool_noise: Optional[torch.Tensor] = None   # (P, C, H, W)
+    pool_target: Optional[torch.Tensor] = None  # (P, C, H, W)
+
+    @classmethod
+    def build(cls, model: nn.Module | BlockGraph, scheduler_config: dict, cfg: DipgoConfig, steps: int,
+              sample_shape: Sequence[int], device: torch.device, sampler: str, n_iter: int) -> "_PrunerRun":
+        """Costs and gamma of ``model``'s blocks; a freshly seeded pruner, SGD and a cosine LR schedule
+        over ``n_iter`` optimisation steps."""
+        graph = block_graph(model)
+        T, N = steps, len(graph.block_names)
+        costs = block_costs(graph, sample_shape)
+        gamma = torch.tensor(skip_savings(graph.consumers, costs), dtype=torch.float32, device=device) / costs.full
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
+            torch.manual_seed(cfg.seed)
+            pruner = GatePruner(T, N, cfg.dim, seed=cfg.seed).to(device)
+        opt = torch.optim.SGD(pruner.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, n_iter))
+        return cls(cfg, graph, costs, gamma, T, tuple(sample_shape), device, pruner, opt, lr_sched,
+                   ConsistencyLoss(cfg.loss), sampling_scheduler(scheduler_config, sampler),
+                   torch.Generator().manual_seed(cfg.seed), GatedRunner(graph))
+
+    def train_state(self, work_dir: Path) -> TrainState:
+        """The resumable state in ``work_dir/pruner-state``: pruner, optimiser, LR schedule, generator."""
+        return TrainState(work_dir / "pruner-state", {"pruner": self.pruner, "opt": self.opt, "lr_sched": self.lr_sched},
+                          {"data": self.gen})
+
+    def full_samples(self, noise: torch.Tensor) -> torch.Tensor:
+        """The full model's final samples ``(B, C, H, W)`` from ``noise (B, C, H, W)``."""
+        keep_all = [[True] * len(self.graph.block_names)] * self.num_steps
+        return trajectory(self.runner.denoiser(keep_all), self.sched, noise, self.num_steps)
+
+    def draw_pool(self) -> None:
+        """Draw ``cfg.pool_size`` noises and their full-model samples (nothing when 0)."""
+        if not self.cfg.pool_size:
+            return
+        self.pool_noise = torch.randn((self.cfg.pool_size, *self.sample_shape), generator=self.gen).to(self.device)
+        chunks = self.pool_noise.split(max(self.cfg.batch_size, 64))
+        self.pool_target = torch.cat([self.full_samples(z) for z in chunks])
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of noises ``(B, C, H, W)`` and the full model's samples from them (same shape)."""
+        if self.pool_noise is not None:
+            idx = torch.randint(self.cfg.pool_size, (self.cfg.batch_size,), generator=self.gen).to(self.device)
+            return self.pool_noise[idx], self.pool_target[idx]
+        noise = torch.randn((self.cfg.batch_size, *self.sample_shape), generator=self.gen).to(self.device)
+        return noise, self.full_samples(noise)
+
+    def iteration(self, it: int) -> dict[str, float]:
+        """One optimisation step of the pruner; returns its record for the loss history."""
+        # 1. noise and the full model's final sample from it
+        noise, target = self.batch()
+        # 2. gates and the SubNet's final sample, differentiable in the gates
+        gates = ste_gates(self.pruner())  # (T, N)
+        hard = (gates.detach() > 0.5).tolist()
+        kept = gate_table_macs(self.graph.consumers, self.costs, hard) / (self.costs.full * self.num_steps)
+        x0 = trajectory(self.runner.denoiser(gates, soft=True), self.sched, noise, self.num_steps, grad=True)
+        # 3. consistency + MACs-weighted sparsity (only while above the target)
+        l_cons = self.loss_fn(x0, target)
+        if kept > self.cfg.target_ratio:
+            l_sparse = self.cfg.alpha_s * (gates * self.gamma).sum() / gates.numel()
+        else:
+            l_sparse = gates.sum() * 0.0
+        loss = l_cons + l_sparse
+        # 4. SGD and LR-schedule step
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.lr_sched.step()
+        return {"step": it, "loss": loss.item(), "consistency": l_cons.item(), "sparsity": l_sparse.item(),
+                "kept_ratio": kept}
+
+    def post_process(self) -> tuple[Schedule, torch.Tensor]:
+        """The keep scores ``(T, N)`` thresholded to ``cfg.target_ratio``: the schedule, and the scores."""
         with torch.no_grad():
-            runner.reset()
-            return run_trajectory(lambda x, t, i: runner.step_hard(x, t, [True] * N), sched, noise, T)
+            scores = self.pruner.keep_scores().cpu()
+        schedule = schedule_from_scores(scores, self.graph, self.costs, self.cfg.target_ratio, self.cfg.tolerance,
+                                        method="dipgo")
+        return schedule, scores
 
-    t0 = time.perf_counter()
-    with frozen(graph.model):
-        if cfg.pool_size:  # 0. a fixed pool of (noise, full-model sample) pairs, drawn once
-            pool_noise = torch.randn((cfg.pool_size, *sample_shape), generator=gen).to(device)
-            pool_target = torch.cat([full_samples(z) for z in pool_noise.split(max(cfg.batch_size, 64))])
-        pool_time = time.perf_counter() - t0
-        start = 0
-        if work_dir is not None and (resumed := _load_state(Path(work_dir))) is not None:
-            start, history = _restore(resumed, pruner, opt, lr_sched, gen)
-        bar = tqdm(range(start, n_iter), initial=start, total=n_iter, desc="dipgo", disable=not progress, leave=False)
-        for it in bar:
-            # 1. noise and the full model's final sample from it
-            if cfg.pool_size:
-                idx = torch.randint(cfg.pool_size, (cfg.batch_size,), generator=gen).to(device)
-                noise, target = pool_noise[idx], pool_target[idx]
-            else:
-                noise = torch.randn((cfg.batch_size, *sample_shape), generator=gen).to(device)
-                target = full_samples(noise)
-            # 2. gates and the SubNet's final sample, differentiable in the gates
-            gates = ste_gates(pruner())  # (T, N)
-            hard = (gates.detach() > 0.5).tolist()
-            kept = trajectory_macs(consumers, costs, hard) / full_traj
-            runner.reset()
-            x0 = run_trajectory(lambda x, t, i: runner.step_soft(x, t, gates[i]), sched, noise, T)
-            # 3. consistency + MACs-weighted sparsity (only while above the target)
-            l_cons = loss_fn(x0, target)
-            l_sparse = cfg.alpha_s * (gates * gamma).sum() / (N * T) if kept > cfg.target_ratio else gates.sum() * 0.0
-            loss = l_cons + l_sparse
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            lr_sched.step()
-            history.append({"step": it, "loss": loss.item(), "consistency": l_cons.item(),
-                            "sparsity": l_sparse.item(), "kept_ratio": kept})
-            bar.set_postfix(loss=f"{loss.item():.4f}", kept=f"{kept:.3f}")
-            if work_dir is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == n_iter):
-                _save_state(Path(work_dir), it + 1, pruner, opt, lr_sched, gen, history)
-        runner.reset()
-    train_time = time.perf_counter() - t0
-
-    # 4. post-processing: threshold the keep scores to the target MACs ratio
-    with torch.no_grad():
-        scores = pruner.keep_scores().cpu()
-    schedule = schedule_from_scores(scores, graph, costs, cfg.target_ratio, cfg.tolerance, method="dipgo")
-    schedule.meta.update({"train_steps": n_iter, "sampler": sampler, "loss": cfg.loss})
-    info = {
-        "train_time_s": train_time,
-        "pool_time_s": pool_time,
-        "train_steps": n_iter,
-        "sampling_steps": T,
-        "batch_size": cfg.batch_size,
-        "block_names": graph.block_names,
-        "gamma": gamma.cpu().tolist(),
-        "block_macs": list(costs.blocks),
-        "always_macs": costs.always,
-        "final_kept_ratio": history[-1]["kept_ratio"] if history else 1.0,
-        "macs_ratio": schedule.macs_ratio,
-        "history": history,
-        "scores": scores.tolist(),
-    }
-    return schedule, info
-
-
-
-# ----------------------------------------------------------------------------- resumable state
-
-def _save_state(root: Path, step: int, pruner: nn.Module, opt: torch.optim.Optimizer, lr_sched, gen: torch.Generator,
-                history: list[dict[str, float]]) -> None:
-    """Pruner, optimizer (momentum), LR schedule, RNG and history as safetensors + JSON (no pickle)."""
-    tensors = {f"pruner.{k}": v.detach().cpu().contiguous() for k, v in pruner.state_dict().items()}
-    osd = opt.state_dict()
-    for pid, st in osd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous()
-    tensors["rng.generator"] = gen.get_state()
-    meta = {"step": step, "param_groups": osd["param_groups"], "lr_sched": lr_sched.state_dict(), "history": history}
-    with atomic_path(root / "pruner-state", is_dir=True) as tmp:
-        tmp.mkdir(parents=True)
-        save_file(tensors, str(tmp / "state.safetensors"))
-        meta["sha256"] = sha256_file(tmp / "state.safetensors")
-        (tmp / "meta.json").write_text(json.dumps(meta, default=str))
-
-
-def _load_state(root: Path) -> tuple[dict, dict] | None:
-    ck = root / "pruner-state"
-    try:
-        meta = read_json(ck / "meta.json")
-        if sha256_file(ck / "state.safetensors") != meta["sha256"]:
-            raise ArtifactError(f"{ck / 'state.safetensors'}: content hash mismatch")
-        return meta, load_file(str(ck / "state.safetensors"))
-    except (ArtifactError, OSError, KeyError, ValueError):
-        return None
-
-
-def _restore(state: tuple[dict, dict], pruner: nn.Module, opt: torch.optim.Optimizer, lr_sched,
-             gen: torch.Generator) -> tuple[int, list[dict[str, float]]]:
-    meta, t = state
-    pruner.load_state_dict({k[7:]: v for k, v in t.items() if k.startswith("pruner.")})
-    ostate: dict = {}
-    for k, v in t.items():
-        if k.startswith("opt."):
-            _, pid, name = k.split(".", 2)
-            ostate.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": ostate, "param_groups": meta["param_groups"]})
-    lr_sched.load_state_dict(meta["lr_sched"])
-    gen.set_state(t["rng.generator"])
-    return int(meta["step"]), list(meta["history"])
+    def info(self, schedule: Schedule, scores: torch.Tensor, history: list[dict[str, float]],
+             timings: dict[str, Any]) -> dict[str, Any]:
+        """The info dict :func:`train_pruner` returns beside the schedule."""
+        return {
+            **timings,
+            "sampling_steps": self.num_steps,
+            "batch_size": self.cfg.batch_size,
+            "block_names": self.graph.block_names,
+            "gamma": self.gamma.cpu().tolist(),
+            "block_macs": list(self.costs.blocks),
+            "always_macs": self.costs.always,
+            "final_kept_ratio": history[-1]["kept_ratio"] if history else 1.0,
+            "macs_ratio": schedule.macs_ratio,
+            "history": history,
+            "scores": scores.tolist(),
+        }

@@ -161,8 +161,13 @@ def skip_savings(consumers: Sequence[Sequence[int | str]], costs: BlockCosts) ->
     return gamma
 
 
-def trajectory_macs(consumers: Sequence[Sequence[int | str]], costs: BlockCosts, keep: Sequence[Sequence[bool]]) -> int:
-    """MACs of a whole trajectory on one image for gates ``keep: [T][N]``."""
+def gate_table_macs(consumers: Sequence[Sequence[int | str]], costs: BlockCosts, keep: Sequence[Sequence[bool]]) -> int:
+    """MACs of one image's trajectory under the gate table ``keep: [T][N]``, from the costs.
+
+    Only needed, kept blocks count (:func:`executed_blocks`). Compare :func:`schedule_macs` (the
+    same for a model and a :class:`Schedule`) and ``metrics.evaluate.trajectory_macs`` (MACs
+    counted while sampling any denoiser).
+    """
     return sum(costs.step_macs(executed_blocks(consumers, row)) for row in keep)
 
 
@@ -170,7 +175,7 @@ def schedule_macs(model: nn.Module | BlockGraph, schedule: Schedule, sample_shap
     """MACs the skip-schedule sampler executes for one image over the whole trajectory."""
     graph = block_graph(model)
     check_block_names(graph, schedule)
-    return trajectory_macs(graph.consumers, block_costs(graph, sample_shape), schedule.keep)
+    return gate_table_macs(graph.consumers, block_costs(graph, sample_shape), schedule.keep)
 
 
 def check_block_names(graph: BlockGraph, schedule: Schedule) -> None:
@@ -206,53 +211,76 @@ def schedule_from_scores(
         raise ValueError(f"scores have {N} blocks, the graph has {len(graph.block_names)}")
     if not 0.0 < target_ratio <= 1.0:
         raise ValueError(f"target_ratio = {target_ratio}: expected in (0, 1]")
-    consumers = graph.consumers
-    full = costs.full * T
-    flat = scores[1:].detach().float().flatten().cpu()
-    order = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))  # descending score
-
-    def gates(chosen: Sequence[int]) -> list[list[bool]]:
-        keep = [[True] * N] + [[False] * N for _ in range(T - 1)]
-        for i in chosen:
-            keep[1 + i // N][i % N] = True
-        return keep
-
-    def ratio(chosen: Sequence[int]) -> float:
-        return trajectory_macs(consumers, costs, gates(chosen)) / full
-
+    ranking = _GateRanking(scores, graph.consumers, costs)
     # 1. bisection: the largest prefix of the ranking (= the lowest threshold) still below target
-    lo, hi = 0, len(order)
-    if ratio(order[:hi]) < target_ratio:
-        lo = hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if ratio(order[:mid]) < target_ratio:
-            lo = mid
-        else:
-            hi = mid
-    chosen = list(order[:lo])
-    best = min((chosen, order[:hi]), key=lambda c: abs(ratio(c) - target_ratio))
+    lo, hi = ranking.bisect(target_ratio)
+    chosen = list(ranking.order[:lo])
+    best = min((chosen, ranking.order[:hi]), key=lambda c: abs(ranking.ratio(c) - target_ratio))
     # 2. if the next gate overshoots the band (a coarse, MACs-heavy gate), fill with the next
     #    highest-scoring gates that still fit in it
-    if abs(ratio(best) - target_ratio) > tolerance:
-        for i in order[lo:]:
-            r = ratio(chosen + [i])
+    if abs(ranking.ratio(best) - target_ratio) > tolerance:
+        chosen = ranking.fill_band(chosen, lo, target_ratio, tolerance)
+        best = min((best, chosen), key=lambda c: abs(ranking.ratio(c) - target_ratio))
+    # 3. the schedule, or an error naming the closest reachable ratio
+    achieved = ranking.ratio(best)
+    if strict and abs(achieved - target_ratio) > tolerance:
+        raise ValueError(
+            f"target_ratio = {target_ratio}: closest reachable MACs ratio is {achieved:.4f} "
+            f"(tolerance {tolerance}); minimum possible is {ranking.ratio([]):.4f}"
+        )
+    return Schedule(
+        keep=ranking.gates(best), block_names=graph.block_names, consumers=graph.consumers,
+        target_ratio=target_ratio, macs_ratio=achieved, method=method,
+        meta={"kept_gates": len(best) + N, "tolerance": tolerance},
+    )
+
+
+class _GateRanking:
+    """The gates of steps 1..T-1 ranked by descending keep score, and the MACs ratio of keeping a
+    chosen subset of them (as flat indices ``(t - 1) * N + k``) on top of the full step 0."""
+
+    def __init__(self, scores: torch.Tensor, consumers: list[list[int | str]], costs: BlockCosts) -> None:
+        self.T, self.N = scores.shape
+        self.consumers, self.costs = consumers, costs
+        flat = scores[1:].detach().float().flatten().cpu()
+        self.order = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))  # descending score
+
+    def gates(self, chosen: Sequence[int]) -> list[list[bool]]:
+        """The ``[T][N]`` gate table keeping step 0 and the ``chosen`` gates."""
+        keep = [[True] * self.N] + [[False] * self.N for _ in range(self.T - 1)]
+        for i in chosen:
+            keep[1 + i // self.N][i % self.N] = True
+        return keep
+
+    def ratio(self, chosen: Sequence[int]) -> float:
+        """Trajectory MACs of :meth:`gates` / those of the full model."""
+        return gate_table_macs(self.consumers, self.costs, self.gates(chosen)) / (self.costs.full * self.T)
+
+    def bisect(self, target_ratio: float) -> tuple[int, int]:
+        """``(lo, hi)``: the top-``lo`` prefix is below ``target_ratio`` (or everything is), the
+        top-``hi`` one, ``hi = lo + 1`` unless all fit, is not."""
+        lo, hi = 0, len(self.order)
+        if self.ratio(self.order[:hi]) < target_ratio:
+            lo = hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self.ratio(self.order[:mid]) < target_ratio:
+                lo = mid
+            else:
+                hi = mid
+        return lo, hi
+
+    def fill_band(self, chosen: list[int], lo: int, target_ratio: float, tolerance: float) -> list[int]:
+        """Add the gates ranked from ``lo`` on that keep the ratio below the band's top, until it is
+        inside the band ``target_ratio +- tolerance``."""
+        chosen = list(chosen)
+        for i in self.order[lo:]:
+            r = self.ratio(chosen + [i])
             if r <= target_ratio + tolerance:
                 chosen.append(i)
                 if r >= target_ratio - tolerance:
                     break
-        best = min((best, chosen), key=lambda c: abs(ratio(c) - target_ratio))
-    achieved = ratio(best)
-    if strict and abs(achieved - target_ratio) > tolerance:
-        raise ValueError(
-            f"target_ratio = {target_ratio}: closest reachable MACs ratio is {achieved:.4f} "
-            f"(tolerance {tolerance}); minimum possible is {ratio([]):.4f}"
-        )
-    return Schedule(
-        keep=gates(best), block_names=graph.block_names, consumers=consumers,
-        target_ratio=target_ratio, macs_ratio=achieved, method=method,
-        meta={"kept_gates": len(best) + N, "tolerance": tolerance},
-    )
+        return chosen
 
 
 def deepcache_schedule(
@@ -279,7 +307,7 @@ def deepcache_schedule(
     N = len(graph.block_names)
     keep = [[True] * N if t % interval == 0 else [k != cached for k in range(N)] for t in range(num_steps)]
     costs = block_costs(graph, sample_shape)
-    ratio = trajectory_macs(graph.consumers, costs, keep) / (costs.full * num_steps)
+    ratio = gate_table_macs(graph.consumers, costs, keep) / (costs.full * num_steps)
     return Schedule(
         keep=keep, block_names=graph.block_names, consumers=graph.consumers, macs_ratio=ratio,
         method="deepcache", meta={"interval": interval, "branch": branch},

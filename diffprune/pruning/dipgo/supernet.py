@@ -6,8 +6,10 @@ reusing the backup. :class:`GatedRunner` holds the backups of one trajectory and
 either with hard gates (inference: skipped and unneeded blocks are not executed) or with
 straight-through soft gates (training: ``out = g * computed + (1 - g) * backup``).
 
-The model is never modified - the runner re-implements the forward pass over the model's blocks
-(see :mod:`.graph`), so there is nothing to remove: :meth:`GatedRunner.reset` drops the backups.
+Each step runs the model's own forward with block hooks that are installed for that one call and
+removed after it (see :mod:`.graph`), so nothing stays on the model: :meth:`GatedRunner.reset` drops
+the backups. :meth:`GatedRunner.denoiser` makes the runner a denoiser of
+:func:`diffprune.sampling.trajectory`, the one trajectory loop.
 """
 
 from __future__ import annotations
@@ -96,13 +98,41 @@ class GatedRunner:
 
         return self.graph.forward(x, t, run_block)
 
+    def denoiser(self, gates: torch.Tensor | Sequence[Sequence[bool]], *, soft: bool = False) -> "GatedDenoiser":
+        """The runner as a trajectory denoiser with per-step gates ``[T][N]`` (hard) or ``(T, N)`` (soft)."""
+        return GatedDenoiser(self, gates, soft=soft)
+
+
+class GatedDenoiser:
+    """One trajectory of a :class:`GatedRunner`: step i runs with ``gates[i]``.
+
+    ``start`` (called by :func:`diffprune.sampling.trajectory`) drops the runner's backups. Soft
+    gates ``(T, N)`` go through :meth:`GatedRunner.step_soft` (differentiable), hard gates ``[T][N]``
+    through :meth:`GatedRunner.step_hard`.
+    """
+
+    def __init__(self, runner: GatedRunner, gates: torch.Tensor | Sequence[Sequence[bool]], *, soft: bool) -> None:
+        self.runner, self.gates, self.soft = runner, gates, soft
+
+    def start(self, num_steps: int) -> None:
+        if num_steps != len(self.gates):
+            raise ValueError(f"the trajectory has {num_steps} steps but the gates have {len(self.gates)} rows")
+        self.runner.reset()
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        """``x: (B, C, H, W)``, ``t: (B,)`` -> model output ``(B, C, H, W)`` under ``gates[step]``."""
+        if self.soft:
+            return self.runner.step_soft(x, t, self.gates[step])
+        return self.runner.step_hard(x, t, self.gates[step])
+
 
 class SkipScheduleDenoiser:
     """A sampling denoiser that runs a :class:`Schedule` with real savings.
 
     At step t, block k executes only if ``schedule.keep[t][k]`` and some consumer needs it; a
     skipped block hands on its cached outputs. Pass it to :func:`diffprune.sampling.sample`.
-    The model is untouched: nothing to remove; :meth:`reset` drops the cache.
+    The block hooks live for one model call, so nothing is left on the model; :meth:`reset` drops
+    the cache.
 
     Args:
         model: a model with a block-graph adapter (``UNet2DModel``) or a :class:`BlockGraph`.
