@@ -70,6 +70,7 @@ def _section(name: str) -> Callable[[type], type]:
     def wrap(cls: type) -> type:
         cls = dataclass(frozen=True, config=ConfigDict(extra="forbid", allow_inf_nan=False))(cls)
         init = cls.__init__
+
         @functools.wraps(init)
         def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
             try:
@@ -326,8 +327,7 @@ def resolve_device(name: str) -> "torch.device":  # noqa: F821
     import torch
 
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    have = ["cpu", *(["cuda"] if n else []), *(f"cuda:{i}" for i in range(n)),
-            *(["mps"] if torch.backends.mps.is_available() else [])]
+    have = ["cpu"] + ["cuda"] * (n > 0) + [f"cuda:{i}" for i in range(n)] + ["mps"] * torch.backends.mps.is_available()
     if name not in have:
         raise ConfigError(f"project.device = {_r(name)}: not available on this machine (it has: {', '.join(have)})")
     return torch.device(name)
