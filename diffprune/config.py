@@ -1,348 +1,400 @@
-"""Frozen, validated configuration: one dataclass per pipeline stage, loaded from params.yaml.
+"""Frozen, validated configuration: one pydantic dataclass per pipeline stage, loaded from params.yaml.
 
-Every value is checked at the edge; a bad one raises :class:`ConfigError` naming the key and the
-value (``teacher.lr = 'abc': expected a float``). Stage code receives only validated, frozen objects.
+Every value is checked at the edge; a bad one raises :class:`ConfigError` naming the key and the value
+(``teacher.lr = 'abc': expected a number``). Defaults equal params.yaml; ``params.schema.json`` is generated
+from these classes (:func:`write_schema`). Being dataclasses, ``dataclasses.replace`` works (and validates).
 """
 
-from __future__ import annotations
-
 import dataclasses
+import functools
 import hashlib
 import json
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import yaml
+from pydantic import AfterValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+
+MAX_PARAMS_BYTES = 1 << 20   # a params.yaml is ~5 KB; 1 MiB leaves room and bounds parse time
+MAX_YAML_NODES = 10_000      # nodes once aliases are expanded (params.yaml: ~300): no "billion laughs"
+MAX_EVAL_BYTES = 8 << 30     # estimated evaluation memory refused above 8 GiB
+MAX_REPR = 200               # characters of a value shown in an error
+
+# Bounds shared by many fields, each refused above because it can exhaust memory or time.
+STEPS = 10_000_000           # optimisation steps: 1e7 is ~100x the longest run we plan
+BATCH = 65_536               # items per batch: one batch of 64k 32x32x3 images is already ~800 MB
+TIMESTEPS = 100_000          # diffusion timesteps (100x the usual 1000): schedules, DDIM loops
+WIDTH = 4_096                # channels / hidden units of one layer: weights grow with its square
+PATH_LEN = 4_096             # characters of a path or Hub id (PATH_MAX on Linux)
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # registry names: stricter than MLflow ('/', ':' only)
+
+Int = Annotated[int, Strict()]        # strict: a bool or 2.5 is not an int, "3" is not a number
+Float = Annotated[float, Strict()]    # strict, but an int is a number (1 -> 1.0); inf/nan refused
+Str = Annotated[str, Strict()]
+Seed = Annotated[int, Strict(), Field(ge=0, le=2**32 - 1)]  # numpy's seed range
+Name = Annotated[str, Strict(), Field(pattern=NAME)]
+Fraction = Annotated[float, Strict(), Field(gt=0.0, le=1.0)]
+Decay = Annotated[float, Strict(), Field(ge=0.0, lt=1.0)]
+Weight01 = Annotated[float, Strict(), Field(ge=0.0, le=1.0)]
+Positive = Annotated[float, Strict(), Field(gt=0.0)]
+Steps = Annotated[int, Strict(), Field(ge=1, le=STEPS)]
+Batch = Annotated[int, Strict(), Field(ge=1, le=BATCH)]
+Channels = Annotated[int, Strict(), Field(ge=1, le=WIDTH)]
+
+DEVICE = r"^(cpu|mps|cuda(:\d{1,2})?)$"
+_PATTERNS = {NAME: "expected letters, digits, '.', '_' or '-' (a letter or digit first, at most 100)",
+             r"\S": "must not be empty", DEVICE: "expected cpu, cuda, cuda:N or mps"}
 
 
 class ConfigError(ValueError):
-    """A params.yaml value is missing, mistyped or out of range."""
+    """A params.yaml value is missing, mistyped or out of range (the message names key and value)."""
 
 
-def _rng(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> dict:
-    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+def _one_or_three(channels: int) -> int:
+    if channels not in (1, 3):  # a Literal[1, 3] would take True and 1.0
+        raise ValueError("expected 1 (grey) or 3 (RGB)")
+    return channels
 
 
-def _f(default: Any, **meta: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
+def _r(value: Any) -> str:
+    """``repr(value)``, cut to :data:`MAX_REPR` characters so an error never embeds a huge value."""
+    text = repr(value)
+    return text if len(text) <= MAX_REPR else f"{text[:MAX_REPR]}... ({len(text)} characters)"
 
 
-@dataclass(frozen=True)
+def _section(name: str) -> Callable[[type], type]:
+    """Make ``cls`` the frozen, validated config of section ``name``: direct construction and
+    ``dataclasses.replace`` raise :class:`ConfigError` (``name.key = value: why``) too."""
+
+    def wrap(cls: type) -> type:
+        cls = dataclass(frozen=True, config=ConfigDict(extra="forbid", allow_inf_nan=False))(cls)
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            try:
+                init(self, *args, **kwargs)
+            except ValidationError as e:
+                raise _config_error(e, cls, name) from None
+        cls.__init__ = __init__
+        return cls
+
+    return wrap
+
+
+@_section("project")
 class ProjectConfig:
-    device: str = _f("cpu")                 # "cpu", "cuda", "cuda:0", "mps"
-    seed: int = _f(0, **_rng(0))
+    device: Str = Field("cpu", pattern=DEVICE)  # must exist on this machine
+    seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _device_exists(self) -> "ProjectConfig":
+        if self.device != "cpu":  # cpu always exists (and needs no torch import)
+            resolve_device(self.device)
+        return self
 
 
-@dataclass(frozen=True)
+@_section("data")
 class DataConfig:
-    source: str = _f("digits", nonempty=True)  # "digits" | local image folder path | Hub dataset id
-    image_size: int = _f(8, **_rng(4, 1024))   # side of the square images the models see
-    channels: int = _f(1, choices=(1, 3))
-    ref_fraction: float = _f(0.2, **_rng(0.0, 1.0, lo_open=True, hi_open=True))  # held-out reference split
-    max_images: int = _f(0, **_rng(0))          # 0 = all
-    seed: int = _f(0, **_rng(0))
+    source: Str = Field("digits", pattern=r"\S", max_length=PATH_LEN)  # "digits" | image folder | Hub id
+    image_size: Int = Field(8, ge=4, le=1024)   # <= 1024: activations grow with its square
+    channels: Annotated[Int, AfterValidator(_one_or_three)] = Field(1, json_schema_extra={"enum": [1, 3]})
+    ref_fraction: Float = Field(0.2, gt=0.0, lt=1.0)  # held-out reference split
+    max_images: Int = Field(0, ge=0)            # 0 = all (more than the dataset holds = all)
+    seed: Seed = 0
 
 
-@dataclass(frozen=True)
+@_section("teacher")
 class TeacherConfig:
-    pretrained: Optional[str] = _f(None)        # Hub id or local diffusers folder; None = train from config
-    block_out_channels: list[int] = _f([32, 64, 64], min_len=1)
-    attention: list[bool] = _f([False, True, False], min_len=1)  # attention in down/up block i
-    layers_per_block: int = _f(1, **_rng(1, 8))
-    norm_num_groups: int = _f(8, **_rng(1))
-    num_train_timesteps: int = _f(1000, **_rng(2))
-    beta_schedule: str = _f("squaredcos_cap_v2", choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
-    steps: int = _f(4000, **_rng(1))
-    batch_size: int = _f(128, **_rng(1))
-    lr: float = _f(2e-3, **_rng(0.0, lo_open=True))
-    warmup_steps: int = _f(100, **_rng(0))
-    ema_decay: float = _f(0.999, **_rng(0.0, 1.0, hi_open=True))
-    checkpoint_every: int = _f(500, **_rng(1))
-    seed: int = _f(0, **_rng(0))
+    pretrained: Optional[Str] = Field(None, max_length=PATH_LEN)  # Hub id or diffusers folder; None = train
+    block_out_channels: list[Channels] = Field([32, 64, 64], min_length=1, max_length=8)  # <= 8 levels
+    attention: list[Annotated[bool, Strict()]] = Field([False, True, False], min_length=1, max_length=8)
+    layers_per_block: Int = Field(1, ge=1, le=8)
+    norm_num_groups: Int = Field(8, ge=1, le=WIDTH)
+    num_train_timesteps: Int = Field(1000, ge=2, le=TIMESTEPS)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    steps: Steps = 1000
+    batch_size: Batch = 128
+    lr: Positive = 2e-3
+    warmup_steps: Int = Field(50, ge=0, le=STEPS)
+    ema_decay: Decay = 0.995
+    checkpoint_every: Steps = 200
+    seed: Seed = 0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _levels_agree(self) -> "TeacherConfig":
         if len(self.attention) != len(self.block_out_channels):
-            raise ConfigError(
-                f"teacher.attention = {self.attention!r}: needs one entry per block_out_channels "
-                f"({len(self.block_out_channels)})"
-            )
-        for c in self.block_out_channels:
-            if c <= 0 or c % self.norm_num_groups:
-                raise ConfigError(
-                    f"teacher.block_out_channels = {self.block_out_channels!r}: each must be a positive "
-                    f"multiple of norm_num_groups={self.norm_num_groups}"
-                )
+            raise ConfigError(f"teacher.attention = {_r(self.attention)}: needs one entry per "
+                              f"block_out_channels ({len(self.block_out_channels)})")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ConfigError(f"teacher.block_out_channels = {_r(self.block_out_channels)}: each must be a "
+                              f"positive multiple of norm_num_groups={self.norm_num_groups}")
+        return self
 
 
-@dataclass(frozen=True)
+@_section("evaluate")
 class EvaluateConfig:
     """The one evaluation protocol shared by every model, so numbers are comparable."""
 
-    sampler: str = _f("ddim", choices=("ddim", "ddpm", "dpm"))
-    steps: int = _f(50, **_rng(1))
-    num_samples: int = _f(1000, **_rng(2))
-    batch_size: int = _f(500, **_rng(1))
-    seeds: list[int] = _f([0], min_len=1)
-    grid_size: int = _f(64, **_rng(1))
-    latency_batch: int = _f(64, **_rng(1))
-    latency_repeats: int = _f(3, **_rng(1))
-    inception_weights: Optional[str] = _f(None)  # path to clean-fid's Inception .pt; None = feature net
-    feature_epochs: int = _f(30, **_rng(1))
-    min_feature_accuracy: float = _f(0.95, **_rng(0.0, 1.0))
+    sampler: Literal["ddim", "ddpm", "dpm"] = "ddim"
+    steps: Int = Field(50, ge=1, le=TIMESTEPS)  # and <= teacher.num_train_timesteps
+    num_samples: Int = Field(500, ge=2, le=1_000_000)  # <= 1e6: all are held in memory, then scored
+    batch_size: Batch = 500
+    seeds: list[Seed] = Field([0], min_length=1, max_length=100)  # <= 100: one full evaluation each
+    grid_size: Int = Field(64, ge=1, le=1024)   # <= 1024 images in the preview grid
+    latency_batch: Batch = 64
+    latency_repeats: Int = Field(2, ge=1, le=1000)  # <= 1000 timed runs
+    inception_weights: Optional[Str] = Field(None, max_length=PATH_LEN)  # clean-fid's .pt; None = feature net
+    feature_epochs: Int = Field(20, ge=1, le=10_000)  # <= 1e4 epochs of the small feature net
+    min_feature_accuracy: Weight01 = 0.95
 
 
-@dataclass(frozen=True)
+@_section("register")
 class RegisterConfig:
-    model_name: str = _f("diffprune-teacher", nonempty=True)
-    experiment: str = _f("diffprune", nonempty=True)
+    model_name: Name = "diffprune-teacher"
+    experiment: Name = "diffprune"
 
 
-@dataclass(frozen=True)
+@_section("taylor")
 class TaylorConfig:
-    importance: str = _f("diff-pruning", choices=("diff-pruning", "taylor", "magnitude", "random"))
-    ratio: float = _f(0.3, **_rng(0.0, 1.0, lo_open=True, hi_open=True))  # channel pruning ratio
-    threshold: float = _f(0.05, **_rng(0.0, 1.0))  # T: stop once L_t / L_max < T (0 = all timesteps)
-    batch_size: int = _f(128, **_rng(1))
-    max_timesteps: int = _f(1000, **_rng(1))
-    seed: int = _f(0, **_rng(0))
+    importance: Literal["diff-pruning", "taylor", "magnitude", "random"] = "diff-pruning"
+    ratio: Float = Field(0.3, gt=0.0, lt=1.0)   # channel pruning ratio
+    threshold: Weight01 = 0.05                  # T: stop once L_t / L_max < T (0 = all timesteps)
+    batch_size: Batch = 128
+    max_timesteps: Int = Field(1000, ge=1, le=TIMESTEPS)  # one gradient pass per timestep
+    seed: Seed = 0
 
 
-@dataclass(frozen=True)
+@_section("finetune")
 class FinetuneConfig:
-    fraction: float = _f(0.2, **_rng(0.0, 1.0, lo_open=True))  # of the teacher's training steps
-    lr: float = _f(1e-3, **_rng(0.0, lo_open=True))
-    batch_size: int = _f(128, **_rng(1))
-    warmup_steps: int = _f(0, **_rng(0))         # linear lr warm-up of the fine-tuning run
-    ema_decay: float = _f(0.99, **_rng(0.0, 1.0, hi_open=True))  # horizon ~100 steps: runs are short
-    checkpoint_every: int = _f(200, **_rng(1))
-    distill: float = _f(0.0, **_rng(0.0, 1.0))  # weight of the teacher's prediction in the target (KD)
-    model_name: str = _f("diffprune-diff-pruning", nonempty=True)
-    seed: int = _f(0, **_rng(0))
+    fraction: Fraction = 0.2                    # of the teacher's training steps
+    lr: Positive = 1e-3
+    batch_size: Batch = 128
+    warmup_steps: Int = Field(0, ge=0, le=STEPS)  # linear lr warm-up of the fine-tuning run
+    ema_decay: Decay = 0.99                     # horizon ~100 steps: runs are short
+    checkpoint_every: Steps = 100
+    distill: Weight01 = 0.0                     # weight of the teacher's prediction in the target (KD)
+    model_name: Name = "diffprune-diff-pruning"
+    seed: Seed = 0
 
 
-@dataclass(frozen=True)
+@_section("dipgo")
 class DipgoConfig:
-    target_ratio: float = _f(0.33, **_rng(0.0, 1.0, lo_open=True))  # kept MACs / full MACs
-    steps: int = _f(300, **_rng(1))
-    lr: float = _f(0.1, **_rng(0.0, lo_open=True))
-    momentum: float = _f(0.9, **_rng(0.0, 1.0, hi_open=True))  # SGD momentum
-    weight_decay: float = _f(1e-4, **_rng(0.0))
-    alpha_s: float = _f(1.0, **_rng(0.0))
-    dim: int = _f(64, **_rng(1))
-    batch_size: int = _f(16, **_rng(1))
-    pool_size: int = _f(256, **_rng(0))  # noises whose full-model samples are drawn once; 0 = fresh each step
-    loss: str = _f("ssim", choices=("ssim", "l1", "l2"))
-    tolerance: float = _f(0.0125, **_rng(0.0, 1.0, lo_open=True))
-    model_name: str = _f("diffprune-dipgo", nonempty=True)
-    seed: int = _f(0, **_rng(0))
+    target_ratio: Fraction = 0.33               # kept MACs / full MACs
+    steps: Int = Field(80, ge=1, le=1_000_000)  # <= 1e6: each step runs the full sampler
+    lr: Positive = 0.1
+    momentum: Decay = 0.9                       # SGD momentum
+    weight_decay: Float = Field(1e-4, ge=0.0)
+    alpha_s: Float = Field(1.0, ge=0.0)
+    dim: Int = Field(64, ge=1, le=WIDTH)        # query dimension D
+    batch_size: Batch = 8
+    pool_size: Int = Field(256, ge=0, le=BATCH)  # noises whose full-model samples are drawn once; 0 = fresh
+    loss: Literal["ssim", "l1", "l2"] = "ssim"
+    tolerance: Float = Field(0.0125, gt=0.0, lt=1.0)
+    model_name: Name = "diffprune-dipgo"
+    seed: Seed = 0
 
 
-@dataclass(frozen=True)
+@_section("intervals")
 class IntervalsConfig:
-    grid: int = _f(20, **_rng(2))            # G timesteps, evenly spaced over the training schedule
-    k: int = _f(2, **_rng(1))                # number of contiguous intervals (experts)
-    batches: int = _f(4, **_rng(1))          # gradient averaged over this many batches (fixed seeds)
-    batch_size: int = _f(64, **_rng(1))
-    min_size: int = _f(1, **_rng(1))         # fewest grid points per interval
-    seed: int = _f(0, **_rng(0))
+    grid: Int = Field(20, ge=2, le=TIMESTEPS)   # G timesteps over the schedule (<= num_train_timesteps)
+    k: Int = Field(2, ge=1, le=1000)            # number of contiguous intervals (experts): one model each
+    batches: Int = Field(4, ge=1, le=10_000)    # gradient averaged over this many batches (fixed seeds)
+    batch_size: Batch = 64
+    min_size: Int = Field(1, ge=1, le=TIMESTEPS)  # fewest grid points per interval
+    seed: Seed = 0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _fits_grid(self) -> "IntervalsConfig":
         if self.k * self.min_size > self.grid:
             raise ConfigError(f"intervals.k = {self.k!r}: k * min_size ({self.k} * {self.min_size}) exceeds "
                               f"grid = {self.grid}")
+        return self
 
 
-@dataclass(frozen=True)
+@_section("experts")
 class ExpertsConfig:
-    fraction: float = _f(0.2, **_rng(0.0, 1.0, lo_open=True))  # per expert, of the teacher's steps
-    lr: float = _f(1e-3, **_rng(0.0, lo_open=True))
-    batch_size: int = _f(128, **_rng(1))
-    ema_decay: float = _f(0.995, **_rng(0.0, 1.0, hi_open=True))
-    checkpoint_every: int = _f(100, **_rng(1))
-    min_width: float = _f(0.25, **_rng(0.0, 1.0, lo_open=True))  # smallest width keep-ratio sampled
-    depth_drop_prob: float = _f(0.2, **_rng(0.0, 1.0, hi_open=True))
-    distill: float = _f(0.0, **_rng(0.0, 1.0))  # weight of the teacher's prediction in the target (KD)
-    seed: int = _f(0, **_rng(0))
+    fraction: Fraction = 0.2                    # per expert, of the teacher's steps
+    lr: Positive = 1e-3
+    batch_size: Batch = 128
+    ema_decay: Decay = 0.995
+    checkpoint_every: Steps = 100
+    min_width: Fraction = 0.25                  # smallest width keep-ratio sampled
+    depth_drop_prob: Decay = 0.2
+    distill: Weight01 = 0.0                     # weight of the teacher's prediction in the target (KD)
+    seed: Seed = 0
 
 
-@dataclass(frozen=True)
+@_section("router")
 class RouterConfig:
-    budget: float = _f(0.5, **_rng(0.0, 1.0, lo_open=True))  # of the teacher's trajectory MACs
-    steps: int = _f(200, **_rng(1))
-    lr: float = _f(1e-2, **_rng(0.0, lo_open=True))
-    resource_weight: float = _f(2.0, **_rng(0.0))
-    temperature: float = _f(0.5, **_rng(0.0, lo_open=True))
-    hidden: int = _f(64, **_rng(1))
-    batch_size: int = _f(64, **_rng(1))
-    distill: float = _f(0.0, **_rng(0.0, 1.0))  # weight of the full expert's prediction in the target
-    seed: int = _f(0, **_rng(0))
+    budget: Fraction = 0.5                      # of the teacher's trajectory MACs
+    steps: Steps = 400
+    lr: Positive = 0.02
+    resource_weight: Float = Field(2.0, ge=0.0)
+    temperature: Positive = 0.5
+    hidden: Int = Field(64, ge=1, le=WIDTH)
+    batch_size: Batch = 64
+    distill: Weight01 = 1.0                     # weight of the full expert's prediction in the target
+    seed: Seed = 0
 
 
-@dataclass(frozen=True)
+@_section("prune_experts")
 class PruneExpertsConfig:
-    fraction: float = _f(0.1, **_rng(0.0, 1.0, lo_open=True))  # fine-tune per expert, of the teacher steps
-    lr: float = _f(5e-4, **_rng(0.0, lo_open=True))
-    batch_size: int = _f(128, **_rng(1))
-    ema_decay: float = _f(0.995, **_rng(0.0, 1.0, hi_open=True))
-    checkpoint_every: int = _f(100, **_rng(1))
-    distill: float = _f(0.0, **_rng(0.0, 1.0))  # weight of the teacher's prediction in the target (KD)
-    model_name: str = _f("diffprune-experts", nonempty=True)
-    seed: int = _f(0, **_rng(0))
+    fraction: Fraction = 0.5                    # fine-tune per expert, of the teacher's steps
+    lr: Positive = 5e-4
+    batch_size: Batch = 128
+    ema_decay: Decay = 0.995
+    checkpoint_every: Steps = 50
+    distill: Weight01 = 0.0                     # weight of the teacher's prediction in the target (KD)
+    model_name: Name = "diffprune-experts"
+    seed: Seed = 0
 
 
-@dataclass(frozen=True)
+@_section("")
 class Params:
-    project: ProjectConfig = field(default_factory=ProjectConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    register: RegisterConfig = field(default_factory=RegisterConfig)
-    taylor: TaylorConfig = field(default_factory=TaylorConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    dipgo: DipgoConfig = field(default_factory=DipgoConfig)
-    intervals: IntervalsConfig = field(default_factory=IntervalsConfig)
-    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
-    router: RouterConfig = field(default_factory=RouterConfig)
-    prune_experts: PruneExpertsConfig = field(default_factory=PruneExpertsConfig)
+    """All of params.yaml; ``Params()`` is the defaults (equal to the committed params.yaml)."""
+
+    project: ProjectConfig = Field(default_factory=ProjectConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    register: RegisterConfig = Field(default_factory=RegisterConfig)
+    taylor: TaylorConfig = Field(default_factory=TaylorConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    dipgo: DipgoConfig = Field(default_factory=DipgoConfig)
+    intervals: IntervalsConfig = Field(default_factory=IntervalsConfig)
+    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    prune_experts: PruneExpertsConfig = Field(default_factory=PruneExpertsConfig)
 
     def section(self, name: str) -> Any:
-        try:
-            return getattr(self, name)
-        except AttributeError:
-            raise ConfigError(f"unknown params section {name!r}") from None
+        """The config of section ``name`` (``p.section("teacher")``)."""
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown params section {_r(name)} (known: {', '.join(SECTIONS)})")
+        return getattr(self, name)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Params":
+        T = self.teacher.num_train_timesteps
+        for key, v in (("evaluate.steps", self.evaluate.steps), ("intervals.grid", self.intervals.grid)):
+            if v > T:
+                raise ConfigError(f"{key} = {v!r}: must be <= teacher.num_train_timesteps = {T}")
+        e, d = self.evaluate, self.data
+        per_image = 4 * d.channels * d.image_size**2  # float32 bytes of one (C, H, W) sample
+        # samples and reference held for scoring, plus ~16 activation-sized tensors per batch image
+        est = per_image * (2 * e.num_samples + 16 * max(e.batch_size, e.latency_batch))
+        if est > MAX_EVAL_BYTES:
+            raise ConfigError(f"evaluate.batch_size = {e.batch_size!r}: evaluation would need ~{est / 2**30:.1f} GiB"
+                              f" (> {MAX_EVAL_BYTES >> 30} GiB) with evaluate.num_samples = {e.num_samples}, "
+                              f"evaluate.latency_batch = {e.latency_batch}, data.channels = {d.channels}, "
+                              f"data.image_size = {d.image_size}: lower them")
+        return self
 
 
-# ----------------------------------------------------------------------------- validation
-
-def _check_type(key: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _check_type(key, value, args[0])
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} = {value!r}: expected a list")
-        return [_check_type(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} = {value!r}: expected true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} = {value!r}: expected an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} = {value!r}: expected a number")
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{key} = {value!r}: expected a finite number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} = {value!r}: expected a string")
-        return value
-    raise TypeError(f"unsupported config type {tp!r} for {key}")
+SECTIONS = tuple(f.name for f in dataclasses.fields(Params))
+_CLASSES = {f.name: f.type for f in dataclasses.fields(Params)}
+_WHY = {  # pydantic error type -> reason (fields from the error's ctx)
+    "int_type": "expected an integer", "float_type": "expected a number", "finite_number": "expected a finite number",
+    "bool_type": "expected true or false", "string_type": "expected a string", "list_type": "expected a list",
+    "dataclass_type": "expected a mapping", "literal_error": "expected one of {expected}",
+    "greater_than": "must be > {gt}", "greater_than_equal": "must be >= {ge}", "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}", "too_short": "needs at least {min_length} item(s)",
+    "too_long": "needs at most {max_length} item(s)", "string_too_long": "at most {max_length} characters",
+    "value_error": "{error}"}
 
 
-def _check_meta(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
-    if value is None:
-        return
-    if meta.get("nonempty") and not str(value).strip():
-        raise ConfigError(f"{key} = {value!r}: must not be empty")
-    if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{key} = {value!r}: expected one of {list(meta['choices'])}")
-    if "min_len" in meta and len(value) < meta["min_len"]:
-        raise ConfigError(f"{key} = {value!r}: needs at least {meta['min_len']} item(s)")
-    lo, hi = meta.get("lo"), meta.get("hi")
-    vals = value if isinstance(value, list) else [value]
-    for v in vals:
-        if lo is not None and (v < lo or (meta.get("lo_open") and v == lo)):
-            raise ConfigError(f"{key} = {value!r}: must be {'>' if meta.get('lo_open') else '>='} {lo}")
-        if hi is not None and (v > hi or (meta.get("hi_open") and v == hi)):
-            raise ConfigError(f"{key} = {value!r}: must be {'<' if meta.get('hi_open') else '<='} {hi}")
+def _config_error(exc: ValidationError, cls: type, prefix: str) -> ConfigError:
+    """Turn the first error of a pydantic validation into ``key = value: why`` (value truncated)."""
+    err = exc.errors(include_url=False)[0]
+    kind, loc, ctx = err["type"], tuple(err["loc"]), err.get("ctx", {})
+    if isinstance(ctx.get("error"), ConfigError):  # a cross-field check: its message names the keys
+        return ConfigError(str(ctx["error"]))
+    key = prefix
+    for part in loc:
+        key = f"{key}[{part}]" if isinstance(part, int) else f"{key}.{part}" if key else str(part)
+    key = key[:MAX_REPR] or "params"
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        owner = _CLASSES[loc[0]] if len(loc) > 1 and loc[0] in _CLASSES else cls
+        known = sorted(f.name for f in dataclasses.fields(owner))
+        return ConfigError(f"{key}: unknown key (known: {', '.join(known)})")
+    why = _PATTERNS.get(ctx.get("pattern")) or (_WHY[kind].format(**ctx) if kind in _WHY else str(err["msg"]))
+    return ConfigError(f"{key} = {_r(err['input'])}: {why}")
 
 
-def build(cls: type, raw: Any, prefix: str) -> Any:
-    """Build dataclass ``cls`` from a plain mapping, validating every value."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix} = {raw!r}: expected a mapping")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in raw:
-            continue
-        key = f"{prefix}.{f.name}"
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = build(tp, raw[f.name], key)
-            continue
-        value = _check_type(key, raw[f.name], tp)
-        _check_meta(key, value, f.metadata)
-        kwargs[f.name] = value
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:  # pragma: no cover - defensive
-        raise ConfigError(f"{prefix}: {e}") from e
+def resolve_device(name: str) -> "torch.device":  # noqa: F821
+    """Turn a config device into a torch.device, refusing one this machine lacks (or ``meta`` and such)."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    have = ["cpu"] + ["cuda"] * (n > 0) + [f"cuda:{i}" for i in range(n)] + ["mps"] * torch.backends.mps.is_available()
+    if name not in have:
+        raise ConfigError(f"project.device = {_r(name)}: not available on this machine (it has: {', '.join(have)})")
+    return torch.device(name)
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
-    """Load and validate params.yaml (missing file = all defaults)."""
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a document of more than :data:`MAX_YAML_NODES` nodes once its aliases
+    are expanded (a "billion laughs" of nested aliases is a few hundred bytes), or a recursive alias."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        sizes: dict[int, int] = self.__dict__.setdefault("sizes", {})  # id(node) -> nodes, aliases expanded
+        alias = self.check_event(yaml.AliasEvent)
+        node = super().compose_node(parent, index)
+        if alias and id(node) not in sizes:
+            raise ConfigError("an alias inside the node it refers to (recursive)")
+        kids = node.value if isinstance(node, yaml.SequenceNode) else (
+            [x for pair in node.value for x in pair] if isinstance(node, yaml.MappingNode) else [])
+        sizes[id(node)] = size = 1 + sum(sizes[id(k)] for k in kids)
+        if size > MAX_YAML_NODES:
+            raise ConfigError(f"more than {MAX_YAML_NODES} nodes once aliases are expanded")
+        return node
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file safely: a regular file of at most :data:`MAX_PARAMS_BYTES`, no arbitrary
+    tags, aliases within budget. Errors name the file and the reason."""
     path = Path(path)
-    raw: Any = {}
-    if path.exists():
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found" if not path.exists() else f"{path}: not a regular file")
+    with path.open("rb") as f:
+        data = f.read(MAX_PARAMS_BYTES + 1)
+    if len(data) > MAX_PARAMS_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_PARAMS_BYTES} bytes: not a params file")
+    try:
+        return yaml.load(data.decode("utf-8"), Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({_r(str(e))})") from None
+    except (ConfigError, RecursionError) as e:  # over budget, or nested too deeply
+        raise ConfigError(f"{path}: refused: {e}") from None
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: dict | None = None) -> Params:
+    """Load and validate params.yaml, with ``overrides`` (nested mapping) merged over it. A missing
+    file is an error naming it; ``path=None`` starts from the defaults (``Params()``)."""
+    raw: Any = (None if path is None else read_yaml(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    if overrides:
-        raw = _deep_merge(raw, overrides)
-    return build(Params, raw, "params")
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    raw = {str(k): v for k, v in raw.items() if not (k in SECTIONS and v is None)}  # `section:` alone = defaults
+    for name, sec in (overrides or {}).items():  # {section: {key: value}} over the file's sections
+        raw[name] = {**raw[name], **sec} if isinstance(sec, dict) and isinstance(raw.get(name), dict) else sec
+    return Params(**raw)
 
 
 def to_dict(cfg: Any) -> dict:
+    """A config (section or :class:`Params`) as plain nested dicts and lists."""
     return dataclasses.asdict(cfg)
 
 
 def fingerprint(*cfgs: Any) -> str:
-    """Stable short hash of configs (used for cache keys and output folders)."""
+    """Stable short hash of configs and plain values (cache keys, output folders); key order is ignored."""
     blob = json.dumps([to_dict(c) if dataclasses.is_dataclass(c) else c for c in cfgs], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def resolve_device(name: str) -> "torch.device":  # noqa: F821
-    """Turn a config device into a torch.device, failing clearly when it is not available."""
-    import torch
-
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"project.device = {name!r}: CUDA is not available on this machine")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"project.device = {name!r}: MPS is not available on this machine")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"project.device = {name!r}: {e}") from e
+def write_schema(path: str | Path = "params.schema.json") -> Path:
+    """Write the JSON schema of params.yaml, generated from :class:`Params`, for editors (see the
+    ``yaml-language-server`` line atop params.yaml); a test checks that the committed one is current."""
+    schema = TypeAdapter(Params).json_schema() | {"title": "diffprune params.yaml"}
+    Path(path).write_text(json.dumps(schema, indent=2) + "\n")
+    return Path(path)
