@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Iterator, Optional
 
+import click
 import typer
+from filelock import FileLock
 
 from .env import quiet_defaults
 
@@ -18,17 +22,29 @@ ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params.yaml to 
 RootOpt = Annotated[Path, typer.Option("--root", "-r", help="project folder holding data/ and models/")]
 
 
-def _fail(e: BaseException) -> None:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+MAX_IMAGES = 1024  # `sample -n`: one PNG grid of at most 32 x 32 images
+MAX_STEPS = 1000   # `sample --steps`: the training timesteps of the DDPM schedulers diffprune builds
+_state = {"debug": False}
+
+
+def _fail(message: str | BaseException, code: int = 2) -> None:
+    """Print ``error: MESSAGE`` (its first line) on stderr and exit with ``code``."""
+    text = str(message).strip().splitlines()[0] if str(message).strip() else type(message).__name__
+    typer.secho(f"error: {text}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the input (config, data, artifacts, registry, files): one line, exit 2."""
+    from PIL.Image import DecompressionBombError
+
     from .config import ConfigError
     from .data import DataError
     from .io import ArtifactError
+    from .registry import RegistryError
 
-    errs: list[type[BaseException]] = [ConfigError, DataError, ArtifactError, FileNotFoundError]
+    errs: list[type[BaseException]] = [ConfigError, DataError, ArtifactError, RegistryError, OSError,
+                                       DecompressionBombError]
     try:
         from .versioning import VersioningError
 
@@ -38,10 +54,79 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
+def _file_in_traceback(e: BaseException) -> str | None:
+    """The innermost ``filename`` / ``fp`` path a frame of ``e``'s traceback was reading (PIL's open)."""
+    found, tb = None, e.__traceback__
+    while tb is not None:
+        for key in ("filename", "fp"):
+            value = tb.tb_frame.f_locals.get(key)
+            if isinstance(value, (str, Path)) and str(value):
+                found = str(value)
+                break
+        tb = tb.tb_next
+    return found
+
+
+def _describe(e: BaseException) -> str:
+    """One line naming what is wrong and where."""
+    from PIL.Image import DecompressionBombError
+
+    if isinstance(e, DecompressionBombError):
+        return f"{_file_in_traceback(e) or 'an image'}: refused, too many pixels ({e})"
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """Map exceptions to one line on stderr (exit 2 for bad input, 1 otherwise); ``--debug`` re-raises."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+        raise
+    except Exception as e:
+        if _state["debug"]:
+            raise
+        if isinstance(e, _user_errors()):
+            _fail(_describe(e))
+        _fail(f"{type(e).__name__}: {_describe(e)} (an internal error: rerun with --debug for the traceback)", code=1)
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+         debug: Annotated[bool, typer.Option("--debug", help="show the traceback of an error")] = False) -> None:
     quiet_defaults()
+    _state["debug"] = debug
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def stage_lock(root: Path, name: str) -> FileLock:
+    """The per-stage lock the Prefect flow takes (same file: ``.work/locks/NAME.lock``, ``@`` -> ``--``),
+    so ``diffprune stage`` (DVC), the flow and a second ``diffprune stage`` exclude each other."""
+    path = root / ".work" / "locks" / f"{name.replace('@', '--')}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
+
+
+def _run_stage_once(name: str, p, root: Path, run: Callable[[], dict]) -> dict:
+    """Run a stage under its lock; skip it when the stamp the flow writes says its inputs are unchanged
+    and its outputs intact (so a concurrent second run waits, then reuses the first one's outputs)."""
+    from .config import ConfigError
+    from .flows.stamps import input_key, is_fresh, stage_specs, write_stamp
+
+    with stage_lock(root, name):
+        try:
+            spec = stage_specs(root).get(name)
+        except ConfigError:  # no dvc.yaml: nothing to compare against
+            spec = None
+        key = input_key(root, spec, p) if spec else None
+        if spec and is_fresh(root, name, key, spec):
+            return {"skipped": name, "reason": "inputs unchanged since its last success"}
+        out = run()
+        if spec:
+            write_stamp(root, name, input_key(root, spec, p), spec)
+        return out
 
 
 @app.command("stage")
@@ -51,17 +136,16 @@ def stage_cmd(
     params: ParamsOpt = Path("params.yaml"),
     root: RootOpt = Path("."),
 ) -> None:
-    """Run ONE pipeline stage (this is each DVC stage's cmd)."""
+    """Run ONE pipeline stage (this is each DVC stage's cmd), under the stage's lock."""
     from .config import load_params
     from .stages import get_stage
 
-    try:
+    with _errors():
         p = load_params(params)
         fn = get_stage(name)
         kwargs = {"target": target} if target else {}
-        out = fn(p, root.resolve(), **kwargs)
-    except _user_errors() as e:
-        _fail(e)
+        rootp = root.resolve()
+        out = _run_stage_once(f"{name}@{target}" if target else name, p, rootp, lambda: fn(p, rootp, **kwargs))
     typer.echo(json.dumps({k: v for k, v in out.items() if k != "metrics"}, default=str))
 
 
@@ -75,14 +159,12 @@ def run_cmd(
     """Run the Prefect flow `prune-pipeline` (ephemeral server unless PREFECT_API_URL is set)."""
     from .config import load_params
 
-    try:
+    with _errors():
         load_params(params)  # fail fast, before any server starts
         from .flows.pipeline import prune_pipeline
 
         result = prune_pipeline(params_path=str(params.resolve()), root=str(root.resolve()),
                                 only=only.split(",") if only else None, push=push)
-    except _user_errors() as e:
-        _fail(e)
     typer.echo(result["table"])
     typer.echo(f"\nran: {', '.join(result['ran']) or '-'}\nskipped (unchanged): {', '.join(result['skipped']) or '-'}")
 
@@ -92,7 +174,9 @@ def report_cmd(root: RootOpt = Path(".")) -> None:
     """Print the metrics table of every evaluated model."""
     from .report import metrics_table
 
-    typer.echo(metrics_table(root.resolve()))
+    with _errors():
+        table = metrics_table(root.resolve())
+    typer.echo(table)
 
 
 @app.command("promote")
@@ -102,52 +186,82 @@ def promote_cmd(
     alias: Annotated[str, typer.Option(help="alias to move to this version")] = "champion",
     root: RootOpt = Path("."),
 ) -> None:
-    """Point a registry alias (e.g. champion) at a model version."""
-    from . import tracking
+    """Point a registry alias (e.g. champion) at a model version, once it verifies as a diffprune model."""
+    from . import registry, tracking
 
-    try:
+    with _errors():
+        registry.check_name(name)
+        registry.check_alias(alias)
         tracking.configure(root=root.resolve())
-        tracking.promote(name, version, alias)
-    except Exception as e:  # mlflow raises its own exception types; report one line
-        _fail(e)
+        registry.promote(name, version, alias)
     typer.echo(f"models:/{name}@{alias} -> version {version}")
+
+
+def _check_bounds(n: int, steps: int) -> None:
+    """Refuse a sampling request past :data:`MAX_IMAGES` / :data:`MAX_STEPS` before loading anything."""
+    if not 1 <= n <= MAX_IMAGES:
+        _fail(f"-n = {n}: expected 1 <= n <= {MAX_IMAGES} images")
+    if not 1 <= steps <= MAX_STEPS:
+        _fail(f"--steps = {steps}: expected 1 <= steps <= {MAX_STEPS}")
+
+
+def _sample_local(model: str, n: int, seed: int, steps: int):
+    """``(N, H, W, C)`` uint8 images from a local checkpoint folder (DDIM)."""
+    import torch
+
+    from .models.unet import sampling_scheduler
+    from .sampling import sample
+    from .targets import load_target
+
+    loaded = load_target("unet", {"model": model})
+    x = sample(loaded.denoiser, sampling_scheduler(loaded.scheduler_config, "ddim"), num_images=n,
+               sample_shape=loaded.sample_shape, steps=steps, seed=seed)
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 @app.command("sample")
 def sample_cmd(
     model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION, or a checkpoint folder")],
-    n: Annotated[int, typer.Option("-n", min=1, help="number of images")] = 16,
+    n: Annotated[int, typer.Option("-n", help=f"number of images, 1..{MAX_IMAGES}")] = 16,
     out: Annotated[Path, typer.Option("-o", "--out", help="output PNG grid")] = Path("grid.png"),
     seed: Annotated[int, typer.Option(min=0)] = 0,
-    steps: Annotated[int, typer.Option(min=1)] = 50,
+    steps: Annotated[int, typer.Option(help=f"sampling steps, 1..{MAX_STEPS}")] = 50,
     root: RootOpt = Path("."),
 ) -> None:
-    """Sample a registered (or local) model in this process and save a PNG grid."""
+    """Sample a registered (verified) or local model in this process and save a PNG grid."""
     import numpy as np
     import torch
 
     from .metrics.evaluate import save_grid
 
-    try:
+    _check_bounds(n, steps)
+    with _errors():
         if model.startswith("models:/"):
-            from . import tracking
+            from . import registry, tracking
 
             tracking.configure(root=root.resolve())
-            images = tracking.generate(model, num_images=n, seed=seed, steps=steps)  # (N, H, W, C) uint8
+            images = registry.generate(model, num_images=n, seed=seed, steps=steps)  # (N, H, W, C) uint8
         else:
-            from .models.unet import sampling_scheduler
-            from .sampling import sample
-            from .targets import load_target
-
-            loaded = load_target("unet", {"model": model})
-            x = sample(loaded.denoiser, sampling_scheduler(loaded.scheduler_config, "ddim"), num_images=n,
-                       sample_shape=loaded.sample_shape, steps=steps, seed=seed)
-            images = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    except _user_errors() as e:
-        _fail(e)
-    x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    save_grid(x, out)
+            images = _sample_local(model, n, seed, steps)
+        x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        save_grid(x, out)
     typer.echo(f"wrote {out} ({n} images)")
+
+
+@app.command("serve")
+def serve_cmd(
+    model: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION")],
+    port: Annotated[int, typer.Option(min=1024, max=65535, help="port on 127.0.0.1")] = 5001,
+    root: RootOpt = Path("."),
+) -> None:
+    """Serve a verified registered model with `mlflow models serve` on 127.0.0.1 (pickle loading off)."""
+    from . import registry, tracking
+
+    with _errors():
+        tracking.configure(root=root.resolve())
+        argv, env = registry.serve_command(model, root.resolve() / ".work" / "served", port)
+    typer.echo(f"serving {model} on http://127.0.0.1:{port}", err=True)
+    raise typer.Exit(subprocess.run(argv, env=env).returncode)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,6 +1,6 @@
 """The MLflow pyfunc of every diffprune model, logged as *models from code* (nothing pickled).
 
-:func:`diffprune.tracking.register_model` logs this file as the model's code. MLflow copies it into
+:func:`diffprune.registry.register_model` logs this file as the model's code. MLflow copies it into
 the model and, on load, runs it as a fresh module: the ``set_model`` call at the bottom hands MLflow
 a :class:`DiffusionSampler`, whose :meth:`~DiffusionSampler.load_context` rebuilds the network
 from the logged artifacts with the pickle-free :func:`~diffprune.models.checkpoint.load_model`.

@@ -59,7 +59,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     root = tmp_path_factory.mktemp("mlflow")
     with pytest.MonkeyPatch.context() as mp:
         for var in ("MLFLOW_TRACKING_URI", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK",
-                    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+                    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"):
             mp.delenv(var, raising=False)  # configure() sets them; restored after the module
         mp.setattr(tracking, "_artifact_root", None)
         uri = tracking.configure(root=root)
@@ -77,6 +77,7 @@ def test_configure_defaults(registry: dict[str, Any]) -> None:
     assert registry["uri"] == f"sqlite:///{root / 'mlruns.db'}"
     assert os.environ["MLFLOW_TRACKING_URI"] == registry["uri"]  # inherited by subprocesses
     assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"  # no model is unpickled
     exp = MlflowClient().get_experiment_by_name("diffprune-test")
     assert exp.artifact_location.startswith((root / "mlartifacts").as_uri())
 

@@ -209,8 +209,9 @@ def _speedup(p: Params, root: Path, loaded, sched, device) -> dict:
 
 @stage("register")
 def run_register(p: Params, root: Path, target: str = "teacher", **_: Any) -> dict:
-    """Log the evaluated model to MLflow and register it (idempotent by content hash)."""
-    from .. import tracking, versioning  # glue modules; imported lazily to keep library imports light
+    """Log the evaluated model to MLflow and register it (idempotent by content hash: weights,
+    architecture and scheduler config, never the checkpoint's timings or sources)."""
+    from .. import registry, tracking, versioning  # glue modules; imported lazily to keep library imports light
 
     tgt = get_target(target)
     paths = target_paths(root, target)
@@ -219,12 +220,12 @@ def run_register(p: Params, root: Path, target: str = "teacher", **_: Any) -> di
             raise ConfigError(f"{path}: the {target} model's {name} is missing (run its stages first)")
     ev = eval_dir(root, target)
     metrics = read_json(ev / "metrics.json")
-    content = fingerprint({k: sha256_tree(v) for k, v in sorted(paths.items())})
+    content = registry.model_content_hash(paths)
     dvc_hashes = versioning.stage_hashes(root) if (root / "dvc.lock").exists() else {}
     tags = {f"dvc.{k}": v for k, v in dvc_hashes.items() if k in (DATASET, *tgt.paths.values())}
     tracking.configure(root=root)
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    info = tracking.register_model(
+    info = registry.register_model(
         name=tgt.model_name(p), kind=tgt.kind, model_dir=paths["model"],
         extra_dirs={k: v for k, v in paths.items() if k != "model"},
         sampler=p.evaluate.sampler, steps=p.evaluate.steps, batch_size=p.evaluate.batch_size,

@@ -6,6 +6,7 @@ Each task loads the params by path, calls the stage function (the same one the D
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,52 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
 
 from ..config import ConfigError, load_params
+from ..io import ArtifactError
 from ..stages import get_stage
+
+# Never retried: the same input fails the same way again (ValueError covers ConfigError, DataError and
+# the registry's refusals).
+PERMANENT: tuple[type[BaseException], ...] = (ConfigError, ArtifactError, ValueError, NotImplementedError,
+                                              PermissionError, FileNotFoundError, IsADirectoryError,
+                                              NotADirectoryError)
+# Retried: errors of the machine or the network that a later attempt may not meet.
+TRANSIENT: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, BlockingIOError, InterruptedError)
+TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                    errno.ECONNABORTED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESTALE}
+TRANSIENT_MESSAGES = ("database is locked", "database table is locked", "temporarily unavailable",
+                      "connection reset", "too many requests")
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Whether a failed stage is worth retrying: only errors of the moment, never of the input.
+
+    Transient: connection and timeout errors (``ConnectionError``, ``TimeoutError``, a lock timeout),
+    an ``OSError`` whose errno is one of :data:`TRANSIENT_ERRNOS` (busy, again, reset, unreachable),
+    and any error (SQLite, SQLAlchemy, MLflow) whose message says the database is locked or the
+    service is temporarily unavailable. Never: :data:`PERMANENT` (config, artifact, value errors,
+    not implemented, permission denied, not found) nor anything else (bugs do not heal on retry).
+    The cause chain is followed, so an MLflow error raised from a locked SQLite database counts.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, PERMANENT):
+            return False
+        if isinstance(exc, TRANSIENT) or (isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS):
+            return True
+        if any(m in str(exc).lower() for m in TRANSIENT_MESSAGES):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's ``retry_condition_fn``: retry a failed run only on a transient error."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:  # the result itself is unreadable: do not guess
+        return False
+    return isinstance(exc, BaseException) and is_transient(exc)
 
 
 def _progress_reporter(name: str):
@@ -42,7 +88,7 @@ def _small(out: dict) -> dict:
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.2,
-    retry_condition_fn=lambda task, task_run, state: not isinstance(state.result(raise_on_failure=False), ConfigError),
+    retry_condition_fn=_retry_condition,  # transient errors only (is_transient)
     persist_result=False,
     # prints inside a stage stay prints: library code that captures stdout (dill's dis.dis, run by
     # `datasets` fingerprinting) must not have them rerouted into the flow's log
