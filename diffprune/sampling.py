@@ -11,7 +11,7 @@ training both run. A denoiser may define ``start(num_steps)``; it is called befo
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +22,21 @@ class Denoiser(Protocol):
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor: ...
 
 
+Predictor = Callable[[torch.Tensor, torch.Tensor], Any]
+
+
+def predict(model: Predictor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The output tensor ``(B, C, H, W)`` of ``model(xt, t)`` (a diffusers output's ``.sample``).
+
+    Args:
+        model: a network, or any callable ``(x_t (B, C, H, W), t (B,)) -> prediction``.
+        xt: noisy images ``(B, C, H, W)``.
+        t: timesteps ``(B,)``.
+    """
+    out = model(xt, t)
+    return out.sample if hasattr(out, "sample") else out
+
+
 class ModelDenoiser:
     """A diffusers UNet (or any ``model(x, t).sample``) as a denoiser."""
 
@@ -29,8 +44,7 @@ class ModelDenoiser:
         self.model = model
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        out = self.model(x, t)
-        return out.sample if hasattr(out, "sample") else out
+        return predict(self.model, x, t)
 
 
 class ExpertMixture:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .io import ArtifactError, atomic_path, read_json, sha256_file
 from .models.ema import EMA
+from .sampling import Predictor, predict
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +67,6 @@ def _lr_lambda(spec: TrainSpec) -> Callable[[int], float]:
     return f
 
 
-Predictor = Callable[[torch.Tensor, torch.Tensor], Any]
-
-
-def predict(model: Predictor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The output tensor ``(B, C, H, W)`` of ``model(xt, t)`` (a diffusers output's ``.sample``).
-
-    Args:
-        model: a network, or any callable ``(x_t (B, C, H, W), t (B,)) -> prediction``.
-        xt: noisy images ``(B, C, H, W)``.
-        t: timesteps ``(B,)``.
-    """
-    out = model(xt, t)
-    return out.sample if hasattr(out, "sample") else out
 
 
 def denoising_loss(model: Predictor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, scheduler, *,

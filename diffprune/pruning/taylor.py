@@ -34,6 +34,7 @@ from torch import nn
 
 from ..config import ConfigError, FinetuneConfig, TaylorConfig
 from ..metrics.cost import num_parameters, unet_macs
+from ..sampling import predict
 from ..training import TrainSpec, denoising_loss
 from .surgery import PruningError, attention_layers, check_pruned, repair_attributes
 
@@ -160,8 +161,7 @@ def _head_plan(model: nn.Module, ratio: float) -> tuple[dict[nn.Module, int], di
 # ----------------------------------------------------------------------------- 4. the pipeline
 
 def _forward(model: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    out = model(*inputs)
-    return out.sample if hasattr(out, "sample") else out
+    return predict(model, *inputs)
 
 
 def _output_layer(model: nn.Module) -> nn.Module:

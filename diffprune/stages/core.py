@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError, Params, fingerprint, resolve_device, to_dict
 from ..data import cache_dataset, load_split
-from ..io import atomic_path, read_json, sha256_tree, write_json
+from ..io import atomic_path, read_json, write_json
 from ..metrics.evaluate import compare_to_teacher, evaluate, latency_probe, machine_info, paired_latency, save_grid
 from ..metrics.fid import get_extractor, save_feature_net, train_feature_net, fid
 from ..models.checkpoint import load_model, save_model

@@ -37,7 +37,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...training import TrainState, denoising_loss, predict, random_batch
+from ...sampling import predict
+from ...training import TrainState, denoising_loss, random_batch
 from .elastic import ElasticController, ElasticSpace, SubnetConfig
 from .selection import calibrate, mixture_macs, relax, select
 
