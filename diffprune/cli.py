@@ -187,13 +187,13 @@ def promote_cmd(
     root: RootOpt = Path("."),
 ) -> None:
     """Point a registry alias (e.g. champion) at a model version, once it verifies as a diffprune model."""
-    from . import registry, tracking
+    from . import registry, serving, tracking
 
     with _errors():
         registry.check_name(name)
         registry.check_alias(alias)
         tracking.configure(root=root.resolve())
-        registry.promote(name, version, alias)
+        serving.promote(name, version, alias)
     typer.echo(f"models:/{name}@{alias} -> version {version}")
 
 
@@ -237,10 +237,10 @@ def sample_cmd(
     _check_bounds(n, steps)
     with _errors():
         if model.startswith("models:/"):
-            from . import registry, tracking
+            from . import serving, tracking
 
             tracking.configure(root=root.resolve())
-            images = registry.generate(model, num_images=n, seed=seed, steps=steps)  # (N, H, W, C) uint8
+            images = serving.generate(model, num_images=n, seed=seed, steps=steps)  # (N, H, W, C) uint8
         else:
             images = _sample_local(model, n, seed, steps)
         x = torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -255,11 +255,11 @@ def serve_cmd(
     root: RootOpt = Path("."),
 ) -> None:
     """Serve a verified registered model with `mlflow models serve` on 127.0.0.1 (pickle loading off)."""
-    from . import registry, tracking
+    from . import serving, tracking
 
     with _errors():
         tracking.configure(root=root.resolve())
-        argv, env = registry.serve_command(model, root.resolve() / ".work" / "served", port)
+        argv, env = serving.serve_command(model, root.resolve() / ".work" / "served", port)
     typer.echo(f"serving {model} on http://127.0.0.1:{port}", err=True)
     raise typer.Exit(subprocess.run(argv, env=env).returncode)
 

@@ -323,9 +323,13 @@ def _config_error(exc: ValidationError, cls: type, prefix: str) -> ConfigError:
 
 
 def resolve_device(name: str) -> "torch.device":  # noqa: F821
-    """Turn a config device into a torch.device, refusing one this machine lacks (or ``meta`` and such)."""
+    """Turn a device name into a torch.device, refusing one this machine lacks (or ``meta`` and such).
+
+    ``"auto"`` (served models) means CUDA when available, else the CPU."""
     import torch
 
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     have = ["cpu"] + ["cuda"] * (n > 0) + [f"cuda:{i}" for i in range(n)] + ["mps"] * torch.backends.mps.is_available()
     if name not in have:

@@ -22,9 +22,8 @@ and ``steps`` (default from ``pyfunc.json``). Output: ``(N, H, W, C)`` uint8 ima
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import mlflow
 import numpy as np
@@ -32,6 +31,7 @@ import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
+from diffprune.config import resolve_device
 from diffprune.models.unet import sampling_scheduler
 from diffprune.sampling import sample
 from diffprune.targets import KINDS, Loaded, load_target
@@ -53,13 +53,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``(N, C, H, W)`` floats in [-1, 1] -> ``(N, H, W, C)`` uint8 in [0, 255]."""
     x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).contiguous().numpy()
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` = CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _scalar(value: Any) -> Any:

@@ -205,8 +205,9 @@ def git_commit(cwd: str | Path | None = None) -> tuple[str, bool | None]:
 # ----------------------------------------------------------------------------- registry
 
 # The registry API lives in diffprune.registry; ``tracking.register_model`` etc. keep working.
-_REGISTRY_API = {"Registered", "RegistryError", "register_model", "find_version", "model_content_hash", "promote",
-                 "model_version", "resolve", "verify_model", "load", "generate", "artifact_uri_of"}
+_REGISTRY_API = {"Registered", "RegistryError", "register_model", "find_version", "model_content_hash",
+                 "model_version"}
+_SERVING_API = {"promote", "resolve", "verify_model", "load", "generate", "artifact_uri_of"}
 
 
 def __getattr__(name: str) -> Any:
@@ -214,4 +215,8 @@ def __getattr__(name: str) -> Any:
         from . import registry
 
         return getattr(registry, name)
+    if name in _SERVING_API:
+        from . import serving
+
+        return getattr(serving, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -309,8 +309,6 @@ def test_training_needs_a_deterministic_sampler(model, sched_config):
 
 def test_pruner_training_resumes_to_the_same_schedule(tmp_path, monkeypatch):
     """Interrupted pruner training (state checkpointed every 2 steps) resumes and ends identically."""
-    import shutil
-
     from diffprune.config import DataConfig, DipgoConfig, TeacherConfig
     from diffprune.models.unet import build_scheduler, build_unet
     from diffprune.pruning.dipgo import train_pruner

@@ -18,7 +18,7 @@ import torch
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from diffprune import registry, tracking
+from diffprune import registry, serving, tracking
 from diffprune.cli import MAX_IMAGES, MAX_STEPS, app, stage_lock
 from diffprune.config import ConfigError, DataConfig, TeacherConfig
 from diffprune.io import ArtifactError
@@ -110,16 +110,16 @@ def test_pickled_model_is_refused_by_promote_sample_and_serve(reg: dict[str, Any
 def test_tampered_code_or_artifacts_are_refused(reg: dict[str, Any], tmp_path: Path) -> None:
     mv = registry.get_version(NAME, 1)
     local = tmp_path / "copy"
-    registry._download(mv, local)
-    registry.verify_model(mv, local)  # the registered copy verifies
+    serving._download(mv, local)
+    serving.verify_model(mv, local)  # the registered copy verifies
     code = local / "mlflow_model.py"
     code.write_text(code.read_text() + "\nopen('pwned', 'w')\n")
     with pytest.raises(registry.RegistryError, match="mlflow_model.py differs"):
-        registry.verify_model(mv, local)
-    registry._download(mv, local2 := tmp_path / "copy2")
+        serving.verify_model(mv, local)
+    serving._download(mv, local2 := tmp_path / "copy2")
     (local2 / "artifacts" / "pyfunc.json").write_text("{}")
     with pytest.raises(registry.RegistryError, match="artifact 'pyfunc' differs"):
-        registry.verify_model(mv, local2)
+        serving.verify_model(mv, local2)
 
 
 def test_good_model_promotes_and_samples(reg: dict[str, Any], tmp_path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from ..data import cache_dataset, load_split
 from ..io import atomic_path, read_json, write_json
 from ..metrics.evaluate import compare_to_teacher, evaluate, latency_probe, machine_info, paired_latency, save_grid
 from ..metrics.fid import get_extractor, save_feature_net, train_feature_net, fid
-from ..models.checkpoint import load_model, save_model
+from ..models.checkpoint import save_model
 from ..models.unet import build_scheduler, build_unet, load_pretrained, sampling_scheduler
 from ..sampling import ModelDenoiser, sample
 from ..targets import load_target
