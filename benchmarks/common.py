@@ -66,7 +66,7 @@ def bench_params(root: Path, quick: dict[str, dict[str, Any]] | None) -> Params:
     """``root/params.yaml`` with the benchmark protocol (3 sampling seeds) and, for a smoke run, the
     ``quick`` overrides on top."""
     overrides = {k: dict(v) for k, v in (quick or {}).items()}
-    overrides["evaluate"] = {**overrides.get("evaluate", {}), "seeds": SEEDS}
+    overrides["evaluate"] = {"latency_repeats": 5, **overrides.get("evaluate", {}), "seeds": SEEDS}
     return load_params(root / "params.yaml", overrides)
 
 
@@ -174,7 +174,8 @@ class Bench:
     root: Path
     device: torch.device
     teacher: nn.Module
-    teacher_info: dict
+    teacher_dir: Path                    # its checkpoint folder
+    teacher_info: dict                   # training steps, time, convergence curve
     scheduler_config: dict
     images: torch.Tensor                 # (N, C, H, W) training images in [-1, 1]
     extractor: Any
@@ -232,7 +233,7 @@ class Bench:
                                                 self.device),
                                   latency_probe(ModelDenoiser(self.teacher), self.sampler(), self.protocol(),
                                                 self.sample_shape, self.device),
-                                  repeats=max(3, self.p.evaluate.latency_repeats))
+                                  repeats=self.p.evaluate.latency_repeats)
         per = psnr(x, t_samples, reduce=False)
         with atomic_path(cache / "psnr.safetensors") as tmp:
             save_file({"psnr": per.contiguous()}, str(tmp))
@@ -254,6 +255,8 @@ def setup(name: str, root: Path, p: Params, *, teacher_steps: int, progress: boo
     if not (root / FEATURES / "floor.json").exists():
         run_features(p, root, progress=progress)
     device = resolve_device(p.project.device)
+    # fractions of "the teacher's steps" (fine-tunes, experts) are of the benchmark teacher's
+    p = with_values(p, teacher=with_values(p.teacher, steps=teacher_steps))
     teacher_dir, info = bench_teacher(root, p, teacher_steps, progress=progress)
     teacher = load_model(teacher_dir, device).eval()
     images, _ = load_split(root / DATASET, "train")
@@ -262,8 +265,8 @@ def setup(name: str, root: Path, p: Params, *, teacher_steps: int, progress: boo
 
     key = fingerprint(read_config(teacher_dir)["sha256"], p.data, p.evaluate)
     info = {**info, "fid_floor": read_json(root / FEATURES / "floor.json")["fid_floor"]}
-    return Bench(name, p, root, device, teacher, info, load_scheduler_config(teacher_dir), images, extractor,
-                 extractor.fn(images), key)
+    return Bench(name, p, root, device, teacher, teacher_dir, info, load_scheduler_config(teacher_dir), images,
+                 extractor, extractor.fn(images), key)
 
 
 # ----------------------------------------------------------------------------- equal cost

@@ -1,23 +1,24 @@
 """Benchmark: the mixture of efficient experts, chosen vs uniform intervals, vs one Diff-Pruning model.
 
+On the benchmark teacher:
+
 1. Intervals: the gradient-alignment intervals (and their objective ``J``) next to uniform ones.
 2. For MACs budgets 0.3 / 0.5 / 0.7 of the teacher's trajectory: the mixture with the chosen
    intervals, the mixture with uniform intervals (same elastic training, router and fine-tuning),
-   and one Diff-Pruning model pruned to the MACs the chosen mixture reached and fine-tuned for as
-   many steps as the mixture's experts got in total (elastic + pruned fine-tuning). A budget below
-   the smallest mixture of the elastic space cannot be met: the router then keeps the smallest.
-   FID (mean ± std over three sampling seeds) against the trajectory MACs, and each expert's
-   share of the mixture's MACs.
+   and one Diff-Pruning model whose channel ratio is searched until its MACs match what the chosen
+   mixture reached (within 2%), fine-tuned for as many steps as the mixture's experts got in total.
+   Every model is evaluated with the harness (FID over 3 seeds, KID, paired PSNR/SSIM against the
+   teacher, speedup timed against it) and the chosen mixture is compared with the uniform one and
+   with Diff-Pruning (paired test, FID intervals).
 
 Every variant runs the pipeline's own stage functions in a project folder of its own under
-``.work/bench-experts*/`` (inputs hard-linked from the baseline, folders keyed by the configs), so
-an interrupted benchmark resumes and a finished variant is reused. Writes
-``benchmarks/results/experts.json``, ``experts.md`` and ``experts.png``.
+``.work/bench-experts*/`` (inputs hard-linked, folders keyed by the configs), so an interrupted
+benchmark resumes. Writes ``benchmarks/results/experts.{json,md,png}`` and the alignment matrix.
 
 Usage::
 
-    python -m benchmarks.experts            # the real thing (reuses a finished `make demo`)
-    python -m benchmarks.experts --quick    # a tiny end-to-end smoke run in .work/bench-experts-quick
+    python -m benchmarks.experts            # the real thing
+    python -m benchmarks.experts --quick    # a tiny end-to-end smoke run in .work/bench-quick
 """
 
 from __future__ import annotations
@@ -25,35 +26,43 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from diffusers import DDPMScheduler
-from safetensors.torch import load_file
 
-from diffprune.config import Params, fingerprint, resolve_device, to_dict
-from diffprune.data import load_split
+from diffprune.config import Params, fingerprint, to_dict
 from diffprune.env import quiet_defaults
 from diffprune.io import atomic_path, read_json, write_json
-from diffprune.metrics.evaluate import evaluate
-from diffprune.metrics.fid import get_extractor
-from diffprune.models.checkpoint import load_model, load_scheduler_config, read_config
-from diffprune.models.unet import sampling_scheduler
 from diffprune.pruning.experts import objective, uniform_boundaries, uniform_cuts
+from diffprune.pruning.taylor import PruningError, prune_unet
 from diffprune.sampling import ModelDenoiser
 from diffprune.stages import core
 from diffprune.stages import experts as stages
 from diffprune.stages.router import run_router
+from diffprune.targets import load_target
 from diffprune.training import TrainSpec
 
-from benchmarks.common import QUICK_SPINE, bench_params, fmt_fid
+from benchmarks.common import (
+    BENCH_TEACHER_STEPS,
+    QUICK_SPINE,
+    QUICK_TEACHER_STEPS,
+    Bench,
+    Run,
+    bench_params,
+    match_macs,
+    setup,
+    with_values,
+)
+from benchmarks.tables import TABLE_HEAD, compare, plot_pareto, run_row, teacher_lines, write_results
 
 log = logging.getLogger("benchmarks.experts")
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGETS = (0.3, 0.5, 0.7)
+# training per expert, as fractions of the benchmark teacher's steps: 2 experts x (0.05 + 0.05) =
+# 20% of the teacher in all, which Diff-Pruning gets too
+BENCH_FRACTIONS = {"experts": {"fraction": 0.05}, "prune_experts": {"fraction": 0.05}}
 
 QUICK: dict[str, Any] = {
     **QUICK_SPINE,
@@ -64,8 +73,6 @@ QUICK: dict[str, Any] = {
     "taylor": {"batch_size": 16, "max_timesteps": 20},
     "finetune": {"batch_size": 16, "checkpoint_every": 2},
 }
-
-SHARED = ("data/dataset", core.FEATURES, core.TEACHER)
 
 
 # ----------------------------------------------------------------------------- project folders
@@ -99,26 +106,15 @@ def _project(parent: Path, name: str, sources: dict[str, Path]) -> Path:
     return root
 
 
-def _evaluated(root: Path, p: Params, target: str, model: str) -> dict:
-    """``evaluate`` of ``target`` (checkpoint folder ``model``) in ``root``, reused when done under the
-    same protocol on the same weights."""
-    ev = core.eval_dir(root, target)
-    sha = read_config(root / model)["sha256"]
-    if ((ev / "metrics.json").exists() and read_json(ev / "protocol.json") == to_dict(p.evaluate)
-            and (ev / "bench-model.json").exists() and read_json(ev / "bench-model.json")["sha256"] == sha):
-        return read_json(ev / "metrics.json")
-    metrics = core.run_evaluate(p, root, target, progress=False)["metrics"]
-    write_json(ev / "bench-model.json", {"sha256": sha})
-    return metrics
+SHARED = ("data/dataset", core.FEATURES, core.TEACHER)
 
 
 # ----------------------------------------------------------------------------- the mixture
 
-def intervals_variant(base: Path, p: Params, kind: str, teacher_sha: str, progress: bool) -> Path:
+def intervals_variant(base: Path, p: Params, kind: str, key: str, progress: bool) -> Path:
     """Project folder with ``kind`` ("chosen" | "uniform") intervals and the elastic experts trained."""
-    key = fingerprint(teacher_sha, p.data, p.teacher, p.intervals, p.experts)
-    root = _project(base.parent, f"{kind}-{key}", {rel: base / rel for rel in SHARED}
-                    | {"models/eval/teacher": core.eval_dir(base, "teacher")})
+    key = fingerprint(key, p.intervals, p.experts)
+    root = _project(base.parent, f"{kind}-{key}", {rel: base / rel for rel in SHARED})
     doc_path = root / stages.INTERVALS / "intervals.json"
     if not doc_path.exists():
         chosen = _project(base.parent, f"chosen-{key}", {rel: base / rel for rel in SHARED})
@@ -134,244 +130,114 @@ def intervals_variant(base: Path, p: Params, kind: str, teacher_sha: str, progre
     return root
 
 
-def mixture_run(variant: Path, p: Params, budget: float, progress: bool) -> dict:
+def mixture_run(b: Bench, variant: Path, kind: str, budget: float, progress: bool) -> Run:
     """Router, pruning, fine-tuning and evaluation of one mixture at one budget."""
-    pb = replace(p, router=replace(p.router, budget=budget))
-    key = fingerprint(pb.router, pb.prune_experts, pb.evaluate)
+    pb = with_values(b.p, router=with_values(b.p.router, budget=budget))
+    key = fingerprint(pb.router, pb.prune_experts)
     root = _project(variant.parent, f"{variant.name}-b{budget}-{key}",
-                    {rel: variant / rel for rel in (*SHARED, "models/eval/teacher", stages.INTERVALS, stages.ELASTIC)})
+                    {rel: variant / rel for rel in (*SHARED, stages.INTERVALS, stages.ELASTIC)})
     if not (root / stages.ROUTER / "router.json").exists():
         run_router(pb, root, progress=progress)
     stages.run_prune_experts(pb, root, progress=progress)
-    metrics = _evaluated(root, pb, "experts", stages.MIXTURE)
-    summary = read_json(root / stages.SUMMARY)
-    rdoc = read_json(root / stages.ROUTER / "router.json")
+    summary, rdoc = read_json(root / stages.SUMMARY), read_json(root / stages.ROUTER / "router.json")
     intervals = read_json(root / stages.INTERVALS / "intervals.json")
     k = len(summary["macs_per_expert"])
-    train_steps = k * (stages._steps(p.experts.fraction, p.teacher.steps)
-                       + stages._steps(p.prune_experts.fraction, p.teacher.steps))
-    return {
-        "budget": budget,
-        "boundaries": intervals["boundaries"],
-        "objective": intervals["objective"],
-        "router_ratio": rdoc["ratio"],
-        "router_offset": rdoc["offset"],
-        "steps_per_expert": summary["steps_per_expert"],
-        "macs_per_expert": summary["macs_per_expert"],
-        "macs_share": summary["macs_share"],
-        "params_per_expert": summary["params_per_expert"],
-        "train_steps": train_steps,
-        "metrics": metrics,
-    }
+    train_steps = k * (stages._steps(b.p.experts.fraction, b.teacher_info["steps"])
+                       + stages._steps(b.p.prune_experts.fraction, b.teacher_info["steps"]))
+    loaded = load_target("experts", {"model": root / stages.MIXTURE}, b.device)
+    extra = {"budget": budget, "boundaries": intervals["boundaries"], "objective": intervals["objective"],
+             "router_ratio": rdoc["ratio"], "router_offset": rdoc["offset"], "train_steps": train_steps,
+             "steps_per_expert": summary["steps_per_expert"], "macs_share": summary["macs_share"]}
+    return b.run(f"experts-{kind}", loaded.denoiser, loaded.modules, key=(variant.name, key), extra=extra)
 
 
 # ----------------------------------------------------------------------------- Diff-Pruning
 
-def diff_pruning_run(base: Path, p: Params, target: float, train_steps: int, progress: bool) -> dict | None:
-    """One Diff-Pruning model with at most ``target`` of the teacher's MACs (channel ratio by bisection),
-    fine-tuned for ``train_steps`` steps; None when the taylor module is not available."""
-    try:
-        from diffprune.pruning.taylor import PruningError, prune_unet
-    except ImportError:  # pragma: no cover - another method's module
-        return None
-    device = resolve_device(p.project.device)
-    teacher = load_model(base / core.TEACHER, device)
-    sched_cfg = load_scheduler_config(base / core.TEACHER)
-    sched = DDPMScheduler.from_config(sched_cfg)
-    images, _ = load_split(base / "data/dataset", "train")
-    key = fingerprint(read_config(base / core.TEACHER)["sha256"], p.taylor, p.finetune, p.evaluate, target, train_steps,
-                      p.prune_experts.distill)
-    work = core.work_dir(base, "bench-experts-diffpruning", key)
-    if (work / "result.json").exists():
-        return read_json(work / "result.json")
+def diff_pruning_run(b: Bench, target: float, train_steps: int, progress: bool) -> Run:
+    """One Diff-Pruning model at ``target`` MACs (channel ratio searched to within 2%), fine-tuned for
+    ``train_steps`` steps with the experts' fine-tuning recipe."""
+    def ratio_of(r: float) -> float:
+        cfg = with_values(b.p.taylor, importance="diff-pruning", ratio=round(r, 6))
+        cache = core.work_dir(b.root, "bench-taylor-probe", b.key, cfg) / "probe.json"
+        if not cache.exists():
+            try:
+                _, rep = prune_unet(b.teacher, b.train_scheduler, b.images, cfg, device=b.device)
+                write_json(cache, {"macs_ratio": rep["macs_after"] / rep["macs_before"]})
+            except PruningError:
+                write_json(cache, {"macs_ratio": 0.0})
+        return read_json(cache)["macs_ratio"]
 
-    # 1. the smallest channel ratio whose MACs fit the target; with the Diff-Pruning importance itself,
-    #    since the importance decides where GroupNorm rounding and head pruning land (magnitude at ratio
-    #    0.25 kept 0.50 of the MACs, Diff-Pruning 0.35)
-    def macs_ratio(r: float) -> float:
-        try:
-            _, rep = prune_unet(teacher, sched, images, replace(p.taylor, importance="diff-pruning", ratio=r), device)
-        except PruningError:
-            return 0.0
-        return rep["macs_after"] / rep["macs_before"]
-
-    lo, hi = 0.0, 0.95
-    for _ in range(10):
-        mid = 0.5 * (lo + hi)
-        if macs_ratio(mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-    pruned, report = prune_unet(teacher, sched, images, replace(p.taylor, importance="diff-pruning", ratio=hi), device)
-    # 2. fine-tune for as many steps as the mixture's experts got, then the shared protocol
-    f = p.finetune
+    m = match_macs(ratio_of, target, 0.0, 0.95)
+    cfg = with_values(b.p.taylor, importance="diff-pruning", ratio=round(m.knob, 6))
+    pruned, report = prune_unet(b.teacher, b.train_scheduler, b.images, cfg, device=b.device)
+    f = b.p.prune_experts
     spec = TrainSpec(steps=train_steps, batch_size=f.batch_size, lr=f.lr, ema_decay=f.ema_decay,
-                     checkpoint_every=f.checkpoint_every, seed=f.seed, warmup_steps=f.warmup_steps,
-                     distill=p.prune_experts.distill)  # the experts' fine-tuning recipe
-    tuned = core.train_or_resume(pruned, images, sched, spec, work / "finetune", device=device, progress=progress,
-                                 desc=f"diff-pruning r={hi:.3f}", teacher=teacher if spec.distill else None)
-    ext = get_extractor(base / core.FEATURES, p.evaluate.inception_weights, device)
-    reference = load_file(str(core.eval_dir(base, "teacher") / "samples.safetensors"))["samples"]
-    shape = (tuned.config.in_channels, tuned.config.sample_size, tuned.config.sample_size)
-    metrics, _ = evaluate(ModelDenoiser(tuned.to(device).eval()), sampling_scheduler(sched_cfg, p.evaluate.sampler),
-                          [tuned], p.evaluate, ext, ext.fn(images), sample_shape=shape, reference=reference,
-                          device=device, progress=False)
-    teacher_m = read_json(core.eval_dir(base, "teacher") / "metrics.json")
-    metrics["macs_ratio_vs_teacher"] = metrics["trajectory_macs"] / teacher_m["trajectory_macs"]
-    metrics["fid_ratio_vs_teacher"] = metrics["fid"] / teacher_m["fid"]
-    metrics["speedup_vs_teacher"] = teacher_m["latency_s"] / metrics["latency_s"]
-    result = {"macs_target": target, "channel_ratio": hi, "macs_after": report["macs_after"],
-              "params": report["params_after"], "train_steps": train_steps, "metrics": metrics}
-    write_json(work / "result.json", result)
-    return result
+                     checkpoint_every=f.checkpoint_every, seed=f.seed, distill=f.distill)
+    work = core.work_dir(b.root, "bench-experts-diffpruning", b.key, cfg, spec)
+    tuned = core.train_or_resume(pruned, b.images, b.train_scheduler, spec, work, device=b.device, progress=progress,
+                                 desc=f"diff-pruning r={m.knob:.3f}", teacher=b.teacher if spec.distill else None)
+    return b.run("diff-pruning", ModelDenoiser(tuned), [tuned], key=(to_dict(cfg), train_steps),
+                 extra={"channel_ratio": m.knob, "macs_within_2pct": m.within, "train_steps": train_steps,
+                        "params": report["params_after"]})
 
 
-# ----------------------------------------------------------------------------- report
-
-def to_markdown(doc: dict) -> str:
-    t = doc["teacher"]
-    ev = doc["params"]["evaluate"]
-    iv = doc["intervals"]
-    lines = [
-        "# Mixture of efficient experts" + (" (QUICK smoke setting: numbers are meaningless)" if doc["quick"] else ""),
-        "",
-        f"Teacher: {t['params']:,} params, {t['macs_per_step'] / 1e6:.2f} MMACs/step, FID {fmt_fid(t)} "
-        f"(floor {t['fid_floor']:.2f}). Protocol: {ev['sampler']} {ev['steps']} steps, {ev['num_samples']} samples "
-        f"per seed, seeds {ev['seeds']}, features: {t['feature_extractor']}.",
-        "",
-        f"Intervals (K = {doc['params']['intervals']['k']}, grid {doc['params']['intervals']['grid']}): chosen "
-        f"boundaries {iv['chosen']['boundaries']} with J = {iv['chosen']['objective']:.4f}; uniform "
-        f"{iv['uniform']['boundaries']} with J = {iv['uniform']['objective']:.4f}.",
-        "",
-        "FID is mean ± std over the sampling seeds; MACs are counted over a whole trajectory, as a fraction of the "
-        "teacher's. Training steps: elastic + pruned fine-tuning summed over experts; Diff-Pruning gets the same.",
-        "",
-        "| budget | model | MACs / teacher | FID | FID / teacher | params | steps per expert | MACs share per expert "
-        "| train steps |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in doc["runs"]:
-        m = r["metrics"]
-        steps = r.get("steps_per_expert")
-        share = r.get("macs_share")
-        lines.append(
-            f"| {r['budget']} | {r['model']} | {m['macs_ratio_vs_teacher']:.3f} | {fmt_fid(m)} "
-            f"| {m['fid_ratio_vs_teacher']:.2f} | {m['params']:,} | {steps if steps else '-'} "
-            f"| {' / '.join(f'{s:.2f}' for s in share) if share else '-'} | {r['train_steps']} |"
-        )
-    lines += ["", "Targets (computed from the rows above):", ""]
-    by = {(r["budget"], r["model"]): r["metrics"] for r in doc["runs"]}
-    for kind in ("chosen", "uniform"):
-        model = f"experts ({kind} intervals)"
-        wins = [b for b in sorted({r["budget"] for r in doc["runs"]})
-                if (b, "diff-pruning") in by and (b, model) in by and by[(b, model)]["fid"] <= by[(b, "diff-pruning")]["fid"]]
-        budgets = sorted({b for b, m in by if m == model})
-        lines.append(f"- {model}: FID at or below Diff-Pruning's at {len(wins)} of {len(budgets)} budgets "
-                     f"({', '.join(map(str, wins)) or 'none'}); target: all. At budget 0.5: "
-                     + (f"{by[(0.5, model)]['fid_ratio_vs_teacher']:.2f}x the teacher's FID (target <= 1.15x)."
-                        if (0.5, model) in by else "not run."))
-    return "\n".join(lines) + "\n"
-
-
-def save_plot(doc: dict, png: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for model, marker in (("experts (chosen intervals)", "o"), ("experts (uniform intervals)", "s"),
-                          ("diff-pruning", "^")):
-        rows = [r for r in doc["runs"] if r["model"] == model]
-        if rows:
-            ax1.errorbar([r["metrics"]["macs_ratio_vs_teacher"] for r in rows], [r["metrics"]["fid"] for r in rows],
-                         yerr=[r["metrics"]["fid_std"] for r in rows], marker=marker, capsize=3, label=model)
-    ax1.axhline(doc["teacher"]["fid"], color="grey", ls="--", lw=1, label="teacher")
-    ax1.set_xlabel("trajectory MACs / teacher")
-    ax1.set_ylabel("FID (log scale)")
-    ax1.set_yscale("log")
-    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
-
-    ax1.yaxis.set_major_locator(FixedLocator([0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10, 20, 50]))
-    ax1.yaxis.set_major_formatter(ScalarFormatter())
-    ax1.yaxis.set_minor_formatter(NullFormatter())
-    ax1.legend(fontsize=7)
-    chosen = [r for r in doc["runs"] if r["model"] == "experts (chosen intervals)"]
-    if chosen:
-        k = len(chosen[0]["macs_share"])
-        bottom = [0.0] * len(chosen)
-        xs = list(range(len(chosen)))
-        for e in range(k):
-            vals = [r["macs_share"][e] for r in chosen]
-            ax2.bar(xs, vals, bottom=bottom, label=f"expert {e}")
-            bottom = [b + v for b, v in zip(bottom, vals)]
-        steps = chosen[0]["steps_per_expert"]
-        ax2.axhline(steps[0] / sum(steps), color="k", ls=":", lw=1, label="expert 0's share of the steps")
-        ax2.set_xticks(xs, [str(r["budget"]) for r in chosen])
-        ax2.set_xlabel("budget")
-        ax2.set_ylabel("share of the mixture's MACs")
-        ax2.set_title("chosen intervals", fontsize=9)
-        ax2.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return png
+def to_markdown(b: Bench, ivs: dict, grid: dict[float, dict[str, Run]], quick: bool) -> str:
+    lines = ["# Mixture of efficient experts" + (" (QUICK smoke setting: numbers are meaningless)" if quick else ""),
+             "", *teacher_lines(b),
+             f"Intervals (K = {b.p.intervals.k}, grid {b.p.intervals.grid}): chosen boundaries "
+             f"{ivs['chosen']['boundaries']} with J = {ivs['chosen']['objective']:.4f}; uniform "
+             f"{ivs['uniform']['boundaries']} with J = {ivs['uniform']['objective']:.4f}.",
+             "Training steps: elastic + pruned fine-tuning summed over experts; Diff-Pruning gets the same.", ""]
+    for budget, runs in grid.items():
+        ch = runs["experts-chosen"]
+        lines += [f"## Budget {budget} (router: {ch.extra['router_ratio']:.3f} before adjustment, offset "
+                  f"{ch.extra['router_offset']:.2f}; steps per expert {ch.extra['steps_per_expert']}, MACs share "
+                  f"{' / '.join(f'{s:.2f}' for s in ch.extra['macs_share'])})", "", TABLE_HEAD,
+                  run_row(ch, [compare(ch, runs[m]) for m in ("experts-uniform", "diff-pruning")]),
+                  run_row(runs["experts-uniform"]), run_row(runs["diff-pruning"]), ""]
+    return "\n".join(lines + ["![PSNR and FID vs MACs](experts.png)"]) + "\n"
 
 
 def main(
-    quick: Annotated[bool, typer.Option("--quick", help="tiny smoke setting in .work/bench-experts-quick")] = False,
-    root: Annotated[Path, typer.Option(help="project folder holding params.yaml, data/ and models/")] = REPO,
+    quick: Annotated[bool, typer.Option("--quick", help="tiny smoke setting in .work/bench-quick")] = False,
+    root: Annotated[Path, typer.Option(help="project folder holding params.yaml")] = REPO,
     out: Annotated[Path, typer.Option(help="folder for experts.json / .md / .png")] = REPO / "benchmarks/results",
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Run the benchmark and write its JSON, Markdown and plot."""
     quiet_defaults()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    bench = REPO / (".work/bench-experts-quick" if quick else ".work/bench-experts")
+    teacher_steps, budgets = BENCH_TEACHER_STEPS, BUDGETS
     if quick:
-        root, out = bench / "baseline", bench / "results"
+        root, teacher_steps, budgets = REPO / ".work/bench-quick", QUICK_TEACHER_STEPS, BUDGETS[1:2]
+        out = root / "results"
         root.mkdir(parents=True, exist_ok=True)
-    p = bench_params(root, QUICK if quick else None)
-    baseline = core.ensure_baseline(root, p, progress=progress)
-    teacher_sha = read_config(baseline.teacher)["sha256"]
-    # the teacher under the benchmark's protocol, in a folder of the benchmark's own
-    base = _project(bench, f"base-{fingerprint(teacher_sha, p.data, p.evaluate)}",
-                    {rel: baseline.root / rel for rel in SHARED})
-    teacher = _evaluated(base, p, "teacher", core.TEACHER)
-    teacher["fid_floor"] = read_json(base / core.FEATURES / "floor.json")["fid_floor"]
-
-    variants = {kind: intervals_variant(base, p, kind, teacher_sha, progress) for kind in ("chosen", "uniform")}
+    p = bench_params(root, QUICK if quick else BENCH_FRACTIONS)
+    b = setup("experts", root, p, teacher_steps=teacher_steps, progress=progress)
+    base = _project(b.root / ".work" / "bench-experts", f"base-{b.key}",
+                    {"data/dataset": b.root / core.DATASET, core.FEATURES: b.root / core.FEATURES,
+                     core.TEACHER: b.teacher_dir})
+    variants = {kind: intervals_variant(base, p, kind, b.key, progress) for kind in ("chosen", "uniform")}
     ivs = {kind: read_json(v / stages.INTERVALS / "intervals.json") for kind, v in variants.items()}
-    runs = []
-    for budget in BUDGETS:
-        for kind, variant in variants.items():
-            log.info("budget %.1f, %s intervals", budget, kind)
-            runs.append({"model": f"experts ({kind} intervals)"} | mixture_run(variant, p, budget, progress))
-        # Diff-Pruning at the MACs the chosen mixture really reached (a budget below the smallest
-        # mixture of the elastic space is not reachable; the router then keeps the smallest one)
-        reached = runs[-2]["metrics"]["macs_ratio_vs_teacher"]
-        log.info("budget %.1f, diff-pruning at %.3f of the teacher's MACs", budget, reached)
-        dp = diff_pruning_run(base, p, reached, runs[-1]["train_steps"], progress)
-        if dp is not None:
-            runs.append({"model": "diff-pruning", "budget": budget} | dp)
-    doc = {
-        "quick": quick,
-        "teacher": teacher,
-        "intervals": {kind: {"boundaries": d["boundaries"], "objective": d["objective"], "cuts": d["cuts"]}
-                      for kind, d in ivs.items()} | {"grid": ivs["chosen"]["grid"],
-                                                     "cutoff_curve": ivs["chosen"]["cutoff_curve"]},
-        "params": {s: to_dict(p.section(s)) for s in ("data", "teacher", "evaluate", "intervals", "experts", "router",
-                                                      "prune_experts", "taylor", "finetune")},
-        "runs": runs,
-    }
-    write_json(out / "experts.json", doc)
-    with atomic_path(out / "experts.md") as tmp:
-        tmp.write_text(to_markdown(doc))
-    save_plot(doc, out / "experts.png")
+    grid: dict[float, dict[str, Run]] = {}
+    for budget in budgets:
+        runs = {f"experts-{kind}": mixture_run(b, v, kind, budget, progress) for kind, v in variants.items()}
+        ch = runs["experts-chosen"]
+        runs["diff-pruning"] = diff_pruning_run(b, ch.macs_ratio, ch.extra["train_steps"], progress)
+        grid[budget] = runs
+    doc = {"quick": quick, "teacher": b.reference()[0], "teacher_training": b.teacher_info,
+           "intervals": {kind: {"boundaries": d["boundaries"], "objective": d["objective"], "cuts": d["cuts"]}
+                         for kind, d in ivs.items()},
+           "params": {s: to_dict(p.section(s)) for s in ("data", "teacher", "evaluate", "intervals", "experts",
+                                                         "router", "prune_experts", "taylor")},
+           "budgets": [{"budget": bud, "runs": {m: r.to_json() for m, r in runs.items()},
+                        "chosen_vs": [compare(runs["experts-chosen"], runs[m]) for m in ("experts-uniform", "diff-pruning")]}
+                       for bud, runs in grid.items()]}
+    write_results(out, "experts", doc, to_markdown(b, ivs, grid, quick))
+    series = {m: [runs[m] for runs in grid.values()] for m in ("experts-chosen", "experts-uniform", "diff-pruning")}
+    plot_pareto(series, out / "experts.png", "Timestep experts vs one Diff-Pruning model", b.reference()[0]["fid"])
     with atomic_path(out / "experts-alignment.png") as tmp:
         shutil.copyfile(variants["chosen"] / stages.INTERVALS / "alignment.png", tmp)
-    log.info("wrote %s, %s and %s", out / "experts.json", out / "experts.md", out / "experts.png")
 
 
 if __name__ == "__main__":
