@@ -111,3 +111,24 @@ def test_rgb_folder_extractor_passes_calibration(tmp_path: Path):
 def test_rgb_folder_class_only_net_is_refused(tmp_path: Path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"failed calibration: .*blur scored [\d.]+, needs >= [\d.]+"):
         _features(_rgb_project(tmp_path, epochs=20), monkeypatch, weak_epochs=10)
+
+
+def test_feature_net_with_quality_head_round_trips(tmp_path: Path):
+    torch.manual_seed(0)
+    net = fidmod.FeatureNet(3, 16, 3, width=8, num_quality=1 + len(fidmod.CORRUPTIONS)).eval()
+    fidmod.save_feature_net(net, tmp_path / "f", {"accuracy": 1.0, "task": "classes",
+                                                  "objective": fidmod.objective_name(net, "classes")})
+    loaded, doc = fidmod.load_feature_net(tmp_path / "f")
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    assert doc["hparams"]["num_quality"] == 5 and loaded.quality is not None
+    assert torch.equal(loaded.quality(loaded.features(x)), net.quality(net.features(x)))
+    assert fidmod.feature_net_extractor(tmp_path / "f").name.startswith("featnet-classes+quality(dim=32")
+
+
+def test_corrupt_labels_every_image_and_stays_in_range():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 8, 8, generator=g) * 2 - 1
+    xc, q = fidmod.corrupt(x, g)
+    assert xc.shape == x.shape and xc.min() >= -1 and xc.max() <= 1
+    assert set(q.tolist()) == set(range(1, 1 + len(fidmod.CORRUPTIONS)))
+    assert (xc - x).flatten(1).abs().amax(1).min() > 0  # no image left untouched

@@ -2,6 +2,11 @@
 network trained on the dataset's own classes (always for digits). The extractor's name is returned
 with every FID so no number is ever shown without saying what it measured.
 
+A classifier alone learns features blind to image quality (issue 19: pure colour noise scored a
+better FID than the teacher), so the feature network also learns to tell real images from
+corrupted ones (``FeatureNet.quality``, :func:`corrupt`), and the ``features`` stage calibrates
+every extractor against known-bad sets (:mod:`diffprune.metrics.calibration`).
+
 Images are quantised to uint8 before feature extraction, as clean-fid does with saved images.
 """
 
@@ -94,18 +99,20 @@ def corrupt(x: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Te
     """Corrupt every image of ``x`` ``(B, C, H, W)`` -> (``(B, C, H, W)`` images, ``(B,)`` labels 1..4).
 
     Each image gets one kind (label ``1 + CORRUPTIONS.index(kind)``) blended in at a random strength
-    ``a`` (``(1 - a) x + a c(x)``): Gaussian noise with the batch's per-channel pixel statistics, a heavy blur,
-    its pixels shuffled (a in [0.3, 1]), or another image of the batch superimposed (a in [0.3, 0.7]),
-    so the features grade how far an image is from real, not only whether it is pure noise.
+    ``a`` (``(1 - a) x + a c(x)``): Gaussian noise with the batch's per-channel pixel statistics, a
+    heavy blur or its pixels shuffled (``a`` in [0.3, 1]), or another image of the batch superimposed
+    (``a`` in [0.3, 0.7]), so the features grade how far an image is from real, not only whether it
+    is pure noise.
     """
     b = x.shape[0]
     kind = torch.randint(len(CORRUPTIONS), (b,), generator=g)
-    a = (0.3 + 0.7 * torch.rand(b, generator=g)).view(b, 1, 1, 1)
+    a = (0.3 + 0.7 * torch.rand(b, generator=g)).view(b, 1, 1, 1)  # noise, blur, shuffle: 30% .. 100%
     noise = x.mean(dim=(0, 2, 3), keepdim=True) + x.std(dim=(0, 2, 3), keepdim=True) * torch.randn(x.shape, generator=g)
     blur = gaussian_blur(x, 0.25 * x.shape[-1])
     other = x[torch.randperm(b, generator=g)]
     cands = torch.stack([noise, blur, shuffle_pixels(x, g), other])  # (4, B, C, H, W)
     c = cands[kind, torch.arange(b)]
+    # mix: 30% .. 70% (at 0% or 100% it would be a real image)
     a = torch.where(kind.view(b, 1, 1, 1) == CORRUPTIONS.index("mix"), 0.3 + 0.4 * (a - 0.3) / 0.7, a)
     return ((1 - a) * x + a * c).clamp(-1, 1), kind + 1
 
