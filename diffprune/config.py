@@ -323,13 +323,10 @@ def _config_error(exc: ValidationError, cls: type, prefix: str) -> ConfigError:
 
 
 def resolve_device(name: str) -> "torch.device":  # noqa: F821
-    """Turn a device name into a torch.device, refusing one this machine lacks (or ``meta`` and such).
-
-    ``"auto"`` (served models) means CUDA when available, else the CPU."""
+    """A torch.device for ``name`` ("auto" = CUDA if available, else CPU); refuses one this machine lacks."""
     import torch
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     have = ["cpu"] + ["cuda"] * (n > 0) + [f"cuda:{i}" for i in range(n)] + ["mps"] * torch.backends.mps.is_available()
     if name not in have:

@@ -15,7 +15,8 @@ from ..config import ConfigError, Params, fingerprint, resolve_device, to_dict
 from ..data import cache_dataset, load_split
 from ..io import atomic_path, read_json, write_json
 from ..metrics.evaluate import compare_to_teacher, evaluate, latency_probe, machine_info, paired_latency, save_grid
-from ..metrics.fid import get_extractor, save_feature_net, train_feature_net, fid
+from ..metrics.calibration import calibrate, calibration_failures, calibration_table, check_calibration
+from ..metrics.fid import CORRUPTIONS, get_extractor, objective_name, save_feature_net, train_feature_net
 from ..models.checkpoint import save_model
 from ..models.unet import build_scheduler, build_unet, load_pretrained, sampling_scheduler
 from ..sampling import ModelDenoiser, sample
@@ -84,8 +85,14 @@ def run_data(p: Params, root: Path, **_: Any) -> dict:
 
 @stage("features")
 def run_features(p: Params, root: Path, progress: bool = True, **_: Any) -> dict:
-    """Train the FID feature network on the train split, check it on the ref split, and compute the
-    FID floor (held-out real images vs training images)."""
+    """Train the FID feature network on the train split, check it on the ref split, compute the
+    FID floor (held-out real images vs training images) and calibrate the extractor.
+
+    The calibration scores known-bad sets made from the dataset (noise, blur, shuffled pixels, the
+    mean image; :mod:`diffprune.metrics.calibration`) and refuses an extractor that puts any of them
+    too close to the floor. ``calibration.json`` is written either way (to show why);
+    ``floor.json`` (with the calibration in it) only when the extractor passes.
+    """
     train_x, train_y = load_split(safe_subpath(root, DATASET), "train")
     ref_x, ref_y = load_split(safe_subpath(root, DATASET), "ref")
     out = safe_subpath(root, FEATURES)
@@ -94,12 +101,20 @@ def run_features(p: Params, root: Path, progress: bool = True, **_: Any) -> dict
     if acc < p.evaluate.min_feature_accuracy:
         raise RuntimeError(f"feature network reached only {acc:.3f} held-out accuracy "
                            f"(< evaluate.min_feature_accuracy = {p.evaluate.min_feature_accuracy})")
-    save_feature_net(net, out, {"accuracy": acc, "task": task})
+    objective = objective_name(net, task)
+    save_feature_net(net, out, {"accuracy": acc, "task": task, "objective": objective, "corruptions": CORRUPTIONS})
     ext = get_extractor(out, p.evaluate.inception_weights)
-    floor = fid(ext.fn(ref_x), ext.fn(train_x))
+    cal = calibrate(ext.fn, ref_x, train_x, seed=p.project.seed)
+    failures = calibration_failures(cal)
+    write_json(out / "calibration.json", {"feature_extractor": ext.name, **cal, "passed": not failures,
+                                          "failures": failures})
+    log.info("FID calibration of %s: %s", ext.name, calibration_table(cal))
+    check_calibration(cal, ext.name)
+    floor = cal["floor"]
     write_json(out / "floor.json", {"fid_floor": floor, "feature_extractor": ext.name, "accuracy": acc,
-                                    "task": task, "num_ref": len(ref_x), "num_train": len(train_x)})
-    log.info("feature net: %s held-out accuracy %.3f; FID floor %.3f", task, acc, floor)
+                                    "task": task, "objective": objective, "num_ref": len(ref_x),
+                                    "num_train": len(train_x), "calibration": cal})
+    log.info("feature net: %s held-out accuracy %.3f; FID floor %.3f", objective, acc, floor)
     return {"features": str(out), "fid_floor": floor, "accuracy": acc}
 
 
