@@ -1,8 +1,7 @@
 """Frozen, validated configuration: one pydantic dataclass per pipeline stage, loaded from params.yaml.
 
-Every value is checked at the edge; a bad one raises :class:`ConfigError` naming the key and the value
-(``teacher.lr = 'abc': expected a number``). Defaults equal params.yaml; ``params.schema.json`` is generated
-from these classes (:func:`write_schema`). Being dataclasses, ``dataclasses.replace`` works (and validates).
+Every value is checked at the edge: a bad one raises :class:`ConfigError` naming key and value. Defaults
+equal params.yaml; ``params.schema.json`` is generated from these classes (:func:`write_schema`).
 """
 
 import dataclasses
