@@ -46,6 +46,7 @@ COLUMNS: dict[str, Callable[[dict], Any]] = {
     "speedup": lambda r: round(r.get("speedup_vs_teacher", 1.0), 2),
     "PSNR vs teacher": _num("psnr_vs_teacher", digits=2),
     "SSIM vs teacher": _num("ssim_vs_teacher"),
+    "verdict": lambda r: "DEGENERATE: " + r["verdict"] if r.get("degenerate") else "ok",
 }
 
 

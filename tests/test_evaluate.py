@@ -85,3 +85,42 @@ def test_fidelity_gives_a_confidence_interval_that_holds_the_mean_and_shrinks_wi
         lo, hi = m["psnr_vs_teacher_ci95"]
         assert lo < m["psnr_vs_teacher"] < hi
     assert a["psnr_vs_teacher"] > b["psnr_vs_teacher"] + 10 and a["ssim_vs_teacher"] > b["ssim_vs_teacher"]
+
+
+_CAL = {"floor": 0.3, "bad": {"gauss": 90.0, "blur": 120.0}, "half_bad": {"gauss": 30.0, "blur": 50.0}}
+
+
+def test_quality_verdict_flags_noise_side_fid_and_chance_fidelity():
+    import torch
+
+    from diffprune.metrics.evaluate import quality_verdict
+
+    g = torch.Generator().manual_seed(0)
+    ref = (torch.rand((32, 1, 8, 8), generator=g) > 0.5).float() * 2 - 1  # distinct teacher samples
+    close = (ref + 0.05 * torch.randn(ref.shape, generator=g)).clamp(-1, 1)
+    unrelated = (torch.rand(ref.shape, generator=g) > 0.5).float() * 2 - 1  # images, but not from these noises
+    good = quality_verdict({"fid": 1.0}, _CAL, close, ref)
+    assert good == {"degenerate": False, "verdict": "ok"}
+    bad_fid = quality_verdict({"fid": 31.0}, _CAL, close, ref)
+    assert bad_fid["degenerate"] and "noise side" in bad_fid["verdict"] and "half-gauss 30" in bad_fid["verdict"]
+    lost = quality_verdict({"fid": 1.0}, _CAL, unrelated, ref)
+    assert lost["degenerate"] and "no better than unrelated teacher samples" in lost["verdict"]
+    assert quality_verdict({"fid": 1.0}, None, close, None) == {"degenerate": False, "verdict": "ok"}
+
+
+def test_a_degenerate_model_is_not_registered(tmp_path, monkeypatch):
+    from diffprune import registry
+    from diffprune.config import Params
+    from diffprune.io import read_json, write_json
+    from diffprune.stages.core import run_register
+
+    def boom(*a, **k):
+        raise AssertionError("a degenerate model reached the registry")
+
+    monkeypatch.setattr(registry, "register_model", boom)
+    (tmp_path / "models" / "teacher").mkdir(parents=True)
+    write_json(tmp_path / "models" / "eval" / "teacher" / "metrics.json",
+               {"fid": 40.0, "degenerate": True, "verdict": "FID 40 is on the noise side"})
+    out = run_register(Params(), tmp_path, "teacher")
+    assert out == {"registered": False, "target": "teacher", "refused": "FID 40 is on the noise side"}
+    assert read_json(tmp_path / "models" / "registry" / "teacher.json") == out

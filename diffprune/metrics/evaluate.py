@@ -180,3 +180,32 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     if str(device).startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+def quality_verdict(metrics: dict, calibration: dict | None, samples: torch.Tensor,
+                    reference: torch.Tensor | None) -> dict[str, Any]:
+    """Is a model degenerate? Two measured floors, each shown with its reason.
+
+    * FID on the noise side of the extractor's calibration (:func:`diffprune.metrics.calibration.judge_fid`:
+      no better than a set that is half noise, blur, shuffled pixels or the mean image);
+    * fidelity to the teacher no better than chance: the mean PSNR of ``samples (N, C, H, W)``
+      against the teacher's ``reference`` from the same noises is at most the PSNR of the teacher's
+      samples against *other* teacher samples (the pairs shifted by one), i.e. the model has lost
+      the noise-to-image mapping it was compressed from.
+
+    Returns ``{"degenerate": bool, "verdict": str}`` (the reasons of every failed floor, or "ok").
+    """
+    from .calibration import judge_fid
+
+    reasons = []
+    if calibration and calibration.get("half_bad"):
+        ok, why = judge_fid(metrics["fid"], calibration)
+        if not ok:
+            reasons.append(why)
+    if reference is not None and reference.shape[0] > 1:
+        unpaired = float(psnr(reference, reference.roll(1, 0)))
+        paired = float(psnr(samples, reference))
+        if paired <= unpaired:
+            reasons.append(f"PSNR vs the teacher {paired:.2f} dB is no better than unrelated teacher samples "
+                           f"({unpaired:.2f} dB)")
+    return {"degenerate": bool(reasons), "verdict": "; ".join(reasons) or "ok"}

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from ..config import ConfigError, Params, fingerprint, resolve_device, to_dict
 from ..data import cache_dataset, load_split
 from ..io import atomic_path, read_json, write_json
-from ..metrics.evaluate import compare_to_teacher, evaluate, latency_probe, machine_info, paired_latency, save_grid
+from ..metrics.evaluate import (compare_to_teacher, evaluate, latency_probe, machine_info, paired_latency,
+                                quality_verdict, save_grid)
 from ..metrics.calibration import calibrate, calibration_failures, calibration_table, check_calibration
 from ..metrics.fid import CORRUPTIONS, get_extractor, objective_name, save_feature_net, train_feature_net
 from ..models.checkpoint import save_model
@@ -197,6 +198,9 @@ def run_evaluate(p: Params, root: Path, target: str = "teacher", progress: bool 
                                 progress=progress)
     floor = read_json(feats_dir / "floor.json")
     metrics["fid_floor"] = floor["fid_floor"]
+    metrics |= quality_verdict(metrics, floor.get("calibration"), samples, reference)
+    if metrics["degenerate"]:
+        log.warning("%s is degenerate: %s", target, metrics["verdict"])
     if reference is not None:
         metrics |= compare_to_teacher(metrics, read_json(eval_dir(root, "teacher") / "metrics.json"))
         metrics |= _speedup(p, root, loaded, sched, device)
@@ -234,6 +238,11 @@ def run_register(p: Params, root: Path, target: str = "teacher", **_: Any) -> di
             raise ConfigError(f"{path}: the {target} model's {name} is missing (run its stages first)")
     ev = eval_dir(root, target)
     metrics = read_json(ev / "metrics.json")
+    if metrics.get("degenerate"):  # never offered to the registry: a one-line reason instead
+        log.warning("not registering %s: %s", target, metrics["verdict"])
+        refused = {"registered": False, "target": target, "refused": metrics["verdict"]}
+        write_json(safe_subpath(root, f"models/registry/{target}.json"), refused)
+        return refused
     content = registry.model_content_hash(paths)
     dvc_hashes = versioning.stage_hashes(root) if (root / "dvc.lock").exists() else {}
     tags = {f"dvc.{k}": v for k, v in dvc_hashes.items() if k in (DATASET, *tgt.paths.values())}
