@@ -18,7 +18,7 @@ BIN = Path(sys.executable).parent
 
 def test_flow_and_dvc_list_the_same_stages():
     from diffprune.flows.pipeline import PIPELINE
-    from diffprune.flows.stamps import stage_specs
+    from diffprune.flows.specs import stage_specs
 
     assert PIPELINE == list(stage_specs(REPO))
 

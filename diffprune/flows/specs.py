@@ -48,6 +48,9 @@ def _norm(st: dict) -> dict:
         "deps": paths(st.get("deps")),
         "params": [p for p in st.get("params", []) if isinstance(p, str)],
         "outs": paths(st.get("outs")) + paths(st.get("metrics")) + paths(st.get("plots")),
+        # outputs git keeps (``cache: false``: metrics, plots, small reports), not DVC's cache
+        "uncached": [next(iter(i)) for kind in ("outs", "metrics", "plots") for i in st.get(kind) or []
+                     if isinstance(i, dict) and next(iter(i.values())).get("cache") is False],
     }
 
 
