@@ -197,7 +197,7 @@ def _change(change: Any) -> str:
 
 def commit_stage(root: str | Path, name: str) -> None:
     """Record stage ``name``'s current deps, params and outs in ``dvc.lock`` (``dvc commit -f NAME``)."""
-    run_dvc(root, "commit", "--force", "--quiet", name)
+    run_dvc(root, "commit", "--force", name)  # not --quiet: that would hide the error too
 
 
 def push_missing(root: str | Path, stages: Sequence[str] = ()) -> list[str]:

@@ -35,9 +35,13 @@ def _flow(root: Path, only: list[str], push: bool = False, params: Path | None =
     return prune_pipeline(params_path=str(params or root / "params.yaml"), root=str(root), only=only, push=push)
 
 
+# every param a stage tracks must be in params.yaml (DVC records them from there)
+COMPLETE = {"evaluate": {"sampler": "ddim"}}
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    root = make_project(tmp_path / "proj", code=True)
+    root = make_project(tmp_path / "proj", COMPLETE, code=True)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     return root
 
@@ -111,4 +115,11 @@ def test_a_folder_without_the_code_is_refused_up_front(tmp_path: Path, harness) 
     root = make_project(tmp_path / "bare")
     with pytest.raises(ConfigError, match=r"deps \[.*diffprune/.*\] are missing"):
         _flow(root, ["data"])
+    assert not (root / "data").exists()
+
+
+def test_a_tracked_param_left_to_its_default_is_refused_up_front(tmp_path: Path, harness) -> None:
+    root = make_project(tmp_path / "proj", code=True)  # the tiny params leave evaluate.sampler out
+    with pytest.raises(ConfigError, match=r"params.yaml lacks evaluate.sampler, which dvc.yaml's stages track"):
+        _flow(root, ["evaluate@teacher"])
     assert not (root / "data").exists()

@@ -30,7 +30,7 @@ from diffprune.io import write_json
 from diffprune.env import quiet_defaults
 from diffprune.report import collect, metrics_table
 from diffprune.tasks.stages import run_stage
-from diffprune.flows.specs import missing_sources, needed, stage_specs, upstream
+from diffprune.flows.specs import missing_params, missing_sources, needed, stage_specs, upstream
 
 # The stages in run order; dvc.yaml declares the same ones (a test checks it).
 PIPELINE: list[str] = [
@@ -80,6 +80,10 @@ def _stages(root: Path, only: Optional[list[str]]) -> tuple[list[str], dict[str,
     if absent:
         raise ConfigError(f"{root}: dvc.yaml deps {absent} are missing; the project folder must hold the "
                           f"code and inputs its stages depend on (a clone of the repository)")
+    unset = missing_params(root, stages, specs)
+    if unset:
+        raise ConfigError(f"{root / 'params.yaml'} lacks {', '.join(unset)}, which dvc.yaml's stages track: "
+                          f"write them there (DVC records params from that file, not the code's defaults)")
     return stages, specs
 
 

@@ -54,6 +54,21 @@ def _norm(st: dict) -> dict:
     }
 
 
+def missing_params(root: Path, stages: list[str], specs: dict[str, dict[str, Any]]) -> list[str]:
+    """Param keys that ``stages`` track (dvc.yaml ``params:``) but ``root/params.yaml`` does not hold:
+    DVC records a stage's params from that file, so a value left to the code's default cannot be."""
+    f = Path(root) / "params.yaml"
+    doc = yaml.safe_load(f.read_text()) if f.exists() else {}
+    return [k for k in sorted({k for name in stages for k in specs[name]["params"]}) if not _has_key(doc, k)]
+
+
+def _has_key(doc: Any, key: str) -> bool:
+    *parents, last = key.split(".")
+    for part in parents:
+        doc = doc.get(part) if isinstance(doc, dict) else None
+    return isinstance(doc, dict) and last in doc
+
+
 def _under(path: str, folder: str) -> bool:
     return path == folder.rstrip("/") or path.startswith(folder.rstrip("/") + "/")
 
