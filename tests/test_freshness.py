@@ -121,5 +121,5 @@ def test_a_folder_without_the_code_is_refused_up_front(tmp_path: Path, harness) 
 def test_a_tracked_param_left_to_its_default_is_refused_up_front(tmp_path: Path, harness) -> None:
     root = make_project(tmp_path / "proj", code=True)  # the tiny params leave evaluate.sampler out
     with pytest.raises(ConfigError, match=r"params.yaml lacks evaluate.sampler, which dvc.yaml's stages track"):
-        _flow(root, ["evaluate@teacher"])
+        _flow(root, ["dipgo"])
     assert not (root / "data").exists()
