@@ -6,13 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-export DO_NOT_TRACK := 1
-export DVC_NO_ANALYTICS := 1
-export MLFLOW_DISABLE_TELEMETRY := true
-export MLFLOW_ENABLE_TELEMETRY := false
-export PREFECT_SERVER_ANALYTICS_ENABLED := false
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 600
-export HF_HUB_DISABLE_TELEMETRY := 1
+# telemetry off etc.: diffprune/env.py holds the defaults; QUIET runs a command with them set
+QUIET := $(BIN)/python -m diffprune.env
 export PYTHONUNBUFFERED := 1
 
 PREFECT_PORT ?= 4200
@@ -29,27 +24,24 @@ $(INSTALLED): pyproject.toml
 setup: $(INSTALLED)
 
 demo: setup
-	@git rev-parse --git-dir >/dev/null 2>&1 || git init -q
-	@test -d .dvc || $(BIN)/dvc init -q
-	@$(BIN)/dvc remote add --local -d -f local "$(CURDIR)/.dvc-remote" >/dev/null
-	@mkdir -p .dvc-remote
-	time $(BIN)/diffprune run
+	@$(BIN)/python -m diffprune.versioning init-demo
+	time $(QUIET) $(BIN)/diffprune run
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(QUIET) $(BIN)/python -m pytest -q
 
 test-all: setup
-	$(BIN)/python -m pytest -q -m ''
+	$(QUIET) $(BIN)/python -m pytest -q -m ''
 
 bench: $(addprefix bench-,$(BENCHES))
 
 $(addprefix bench-,$(BENCHES)): bench-%: setup
-	$(BIN)/python -m benchmarks.$*
+	$(QUIET) $(BIN)/python -m benchmarks.$*
 
 ui: setup
 	@mkdir -p .work
-	@nohup $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > .work/prefect-server.log 2>&1 &
-	@nohup $(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) --backend-store-uri sqlite:///$(CURDIR)/mlruns.db \
+	@nohup $(QUIET) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > .work/prefect-server.log 2>&1 &
+	@nohup $(QUIET) $(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) --backend-store-uri sqlite:///$(CURDIR)/mlruns.db \
 		--default-artifact-root $(CURDIR)/mlartifacts > .work/mlflow-ui.log 2>&1 &
 	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)   (export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api to run flows against it)"
 	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)"

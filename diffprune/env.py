@@ -1,4 +1,8 @@
-"""Process defaults for an offline machine: telemetry off, long ephemeral-server startup."""
+"""Process defaults for an offline machine: telemetry off, long ephemeral-server startup.
+
+The one place they are written: the CLI and the flow call :func:`quiet_defaults`; the Makefile runs
+the servers it starts through ``python -m diffprune.env COMMAND``.
+"""
 
 from __future__ import annotations
 
@@ -21,3 +25,20 @@ def quiet_defaults() -> None:
     """Set the defaults above where the user has not set them."""
     for k, v in DEFAULTS.items():
         os.environ.setdefault(k, v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m diffprune.env COMMAND [ARGS]``: run COMMAND with the defaults above (``make ui``)."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args:
+        print("usage: python -m diffprune.env COMMAND [ARGS...]", file=sys.stderr)
+        return 2
+    quiet_defaults()
+    os.execvp(args[0], args)  # replaces this process: the command gets its signals and exit status
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -47,9 +47,9 @@ def _dvc_command() -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["DVC_NO_ANALYTICS"] = "1"
-    return env
+    from .env import DEFAULTS
+
+    return {**DEFAULTS, **os.environ}
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -161,15 +161,110 @@ def stage_hashes(root: str | Path, stages: Sequence[str] | None = None) -> dict[
     return hashes
 
 
-def status(root: str | Path, *, cloud: bool = False) -> dict[str, Any]:
-    """``dvc status --json`` as a dict: empty when everything is up to date.
+def status(root: str | Path, targets: Sequence[str] = (), *, cloud: bool = False) -> dict[str, Any]:
+    """``dvc status --json [TARGETS]`` as a dict: empty when everything (or each target) is up to date.
 
     With ``cloud``, compares the cache with the default remote instead (``dvc status -c``).
     """
-    args = ["status", "--json"] + (["--cloud"] if cloud else [])
+    args = ["status", "--json", *(["--cloud"] if cloud else []), *targets]
     out = run_dvc(root, *args).stdout.strip()
     start = out.find("{")
     try:
         return json.loads(out[start:]) if start >= 0 else {}
     except json.JSONDecodeError as e:
         raise VersioningError(f"`dvc {' '.join(args)}` printed unparseable JSON: {_tail(out, 5)}") from e
+
+
+def describe(entries: Any) -> str:
+    """One line from a stage's ``dvc status --json`` entries: ``deps models/teacher modified; ...``."""
+    parts: list[str] = []
+    for entry in entries if isinstance(entries, list) else [entries]:
+        if not isinstance(entry, dict):
+            parts.append(str(entry))
+            continue
+        for kind, changes in entry.items():
+            what = kind.replace("changed ", "")
+            items = changes.items() if isinstance(changes, dict) else [(changes, "")]
+            parts += [f"{what} {path} {_change(change)}".strip() for path, change in items]
+    return "; ".join(parts) or "not recorded in dvc.lock"
+
+
+def _change(change: Any) -> str:
+    if isinstance(change, dict):  # params: {"modified": "evaluate.steps"} or {"evaluate.steps": "modified"}
+        return ", ".join(f"{k} {v}" for k, v in change.items())
+    return str(change)
+
+
+def commit_stage(root: str | Path, name: str) -> None:
+    """Record stage ``name``'s current deps, params and outs in ``dvc.lock`` (``dvc commit -f NAME``)."""
+    run_dvc(root, "commit", "--force", name)  # not --quiet: that would hide the error too
+
+
+def push_missing(root: str | Path, stages: Sequence[str] = ()) -> list[str]:
+    """Push what the default remote lacks of ``stages``' outputs (all when empty); returns the paths
+    it lacked (``[]`` when the remote has everything, or there is no default remote)."""
+    if default_remote(root) is None:
+        return []
+    missing = sorted(status(root, stages, cloud=True))
+    if missing:
+        run_dvc(root, "push", "--quiet", *stages)
+    return missing
+
+
+def save_experiment(root: str | Path, include: Sequence[str] = ()) -> str | None:
+    """``dvc exp save``: commit code, params, ``dvc.lock`` and the untracked files ``include`` (the
+    metrics, which git does not ignore) as a DVC experiment; returns its name. None outside git or
+    before the repository's first commit (an experiment needs a baseline commit)."""
+    root = Path(root).resolve()
+    if _git_toplevel(root) is None:
+        return None
+    head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode != 0:
+        return None
+    present = [p for p in include if (root / p).exists()]
+    args = [a for p in present for a in ("--include-untracked", p)]
+    out = run_dvc(root, "exp", "save", "--force", *args).stdout
+    words = [w.strip("'\".") for w in out.split() if w.strip("'\".")]
+    return words[-1] if words else None
+
+
+def ensure_dvc(root: str | Path) -> Path:
+    """:func:`ensure_repo` inside a git work tree; elsewhere a DVC repository without git (``--no-scm``)."""
+    root = Path(root).resolve()
+    if _git_toplevel(root) is not None:
+        return ensure_repo(root)
+    if not (root / ".dvc").is_dir():
+        run_dvc(root, "init", "--quiet", "--no-scm")
+        run_dvc(root, "config", "--local", "core.analytics", "false")
+    return root
+
+
+def init_demo(root: str | Path) -> str:
+    """Make ``root`` a git + DVC repository with the local remote ``root/.dvc-remote`` (``make demo``)."""
+    root = Path(root).resolve()
+    if _git_toplevel(root) is None:
+        subprocess.run(["git", "init", "-q", str(root)], check=True)
+    ensure_repo(root)
+    return configure_remote(root, root / ".dvc-remote")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m diffprune.versioning init-demo [ROOT]``: what ``make demo`` needs before a run."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] != "init-demo" or len(args) > 2:
+        print("usage: python -m diffprune.versioning init-demo [ROOT]", file=sys.stderr)
+        return 2
+    from .env import quiet_defaults
+
+    quiet_defaults()
+    try:
+        remote = init_demo(args[1] if len(args) > 1 else ".")
+    except VersioningError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"DVC ready; default remote: {remote}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

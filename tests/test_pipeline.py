@@ -18,7 +18,7 @@ BIN = Path(sys.executable).parent
 
 def test_flow_and_dvc_list_the_same_stages():
     from diffprune.flows.pipeline import PIPELINE
-    from diffprune.flows.stamps import stage_specs
+    from diffprune.flows.specs import stage_specs
 
     assert PIPELINE == list(stage_specs(REPO))
 
@@ -42,8 +42,14 @@ def flow_run(tmp_path_factory):
 
     from diffprune.flows.pipeline import prune_pipeline
 
-    root = make_project(tmp_path_factory.mktemp("flow") / "proj")
+    # evaluate.sampler: every param a stage tracks must be in params.yaml (DVC records them from there)
+    root = make_project(tmp_path_factory.mktemp("flow") / "proj", {"evaluate": {"sampler": "ddim"}}, code=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "config", "user.name", "t"], cwd=root, check=True)
+    subprocess.run(["git", "config", "user.email", "t@t"], cwd=root, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-qm", "project"], cwd=root, check=True)  # the experiments' baseline
     with prefect_test_harness(server_startup_timeout=600):
         first = prune_pipeline(params_path=str(root / "params.yaml"), root=str(root), push=False)
         second = prune_pipeline(params_path=str(root / "params.yaml"), root=str(root), push=False)
@@ -64,6 +70,27 @@ def test_flow_runs_every_stage_then_skips_them(flow_run):
     assert pruned["params"] < m["params"] and pruned["trajectory_macs"] < m["trajectory_macs"]
     assert 0 < pruned["macs_ratio_vs_teacher"] < 1 and "psnr_vs_teacher" in pruned
     assert (root / "models/eval/teacher/grid.png").stat().st_size > 0
+
+
+def test_flow_records_every_stage_in_dvc_lock_and_saves_the_run(flow_run):
+    from diffprune import versioning
+
+    root, first, second = flow_run
+    assert versioning.status(root) == {}, "a stage the flow ran must be clean for dvc status"
+    r = subprocess.run([str(BIN / "dvc"), "metrics", "show", "--json"], cwd=root, capture_output=True, text=True,
+                       env=_env(root))
+    assert r.returncode == 0 and "models/eval/teacher/metrics.json" in r.stdout, r.stderr[-1500:]
+    # metrics are kept by git (and so by the experiment commit), cached outputs by DVC
+    assert subprocess.run(["git", "check-ignore", "-q", "models/eval/teacher/metrics.json"], cwd=root).returncode == 1
+    assert subprocess.run(["git", "check-ignore", "-q", "models/teacher"], cwd=root).returncode == 0
+    assert first["experiment"] and second["experiment"] is None  # a run that ran nothing saves nothing
+    refs = subprocess.run(["git", "for-each-ref", "--format=%(refname)", "refs/exps"], cwd=root,
+                          capture_output=True, text=True).stdout.split()
+    refs = [r for r in refs if not r.startswith("refs/exps/exec/")]  # DVC's own bookkeeping refs
+    assert len(refs) == 1 and refs[0].endswith(first["experiment"])
+    files = subprocess.run(["git", "ls-tree", "-r", "--name-only", refs[0]], cwd=root, capture_output=True,
+                           text=True).stdout.split()
+    assert {"dvc.lock", "params.yaml", "models/eval/teacher/metrics.json", "models/registry/teacher.json"} <= set(files)
 
 
 def test_flow_registers_the_teacher_in_mlflow(flow_run):

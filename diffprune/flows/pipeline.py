@@ -1,8 +1,12 @@
 """The Prefect flow ``prune-pipeline``: every stage of dvc.yaml, in order, as retryable tasks.
 
-A stage whose inputs (dvc.yaml deps, params) are unchanged since its last success is skipped. At the
-end the outputs are versioned (dvc commit + push to the default remote) and a table artifact of the
-metrics is published.
+``dvc.lock`` is the one record of what is up to date, for ``dvc repro`` and this flow alike: a stage
+runs only when ``dvc status`` says it changed (its deps, params or outs differ from ``dvc.lock``), and
+right after it succeeds ``dvc commit -f NAME`` records it there. A killed run thus leaves the lock
+consistent, and the next run (of either tool) redoes only what was not recorded. Skipped stages
+appear in the run as a ``Skipped`` task naming why. At the end the outputs the default remote lacks
+are pushed, the run is saved as a DVC experiment (a git commit) when the project is a git repository,
+and a table artifact of the metrics is published.
 """
 
 from __future__ import annotations
@@ -14,18 +18,19 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from filelock import FileLock
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.states import Completed, State
 
 from diffprune.config import ConfigError, fingerprint, load_params
 from diffprune.io import write_json
 from diffprune.env import quiet_defaults
 from diffprune.report import collect, metrics_table
 from diffprune.tasks.stages import run_stage
-from diffprune.flows.stamps import input_key, is_fresh, stage_specs, write_stamp
+from diffprune.flows.specs import missing_params, missing_sources, needed, stage_specs, upstream
 
 # The stages in run order; dvc.yaml declares the same ones (a test checks it).
 PIPELINE: list[str] = [
@@ -36,69 +41,104 @@ PIPELINE: list[str] = [
 ]
 
 
-def _needed(only: list[str], specs: dict) -> set[str]:
-    """``only`` plus every stage whose outputs they depend on."""
-    producers = {o: name for name, s in specs.items() for o in s["outs"]}
-    need, todo = set(), list(only)
-    while todo:
-        name = todo.pop()
-        if name in need:
-            continue
-        if name not in specs:
-            raise ConfigError(f"unknown stage {name!r} (known: {', '.join(specs)})")
-        need.add(name)
-        for dep in specs[name]["deps"]:
-            for out, prod in producers.items():
-                if dep == out or dep.startswith(out.rstrip("/") + "/"):
-                    todo.append(prod)
-    return need
-
-
 @flow(name="prune-pipeline", log_prints=True)
 def prune_pipeline(params_path: str = "params.yaml", root: str = ".", only: Optional[list[str]] = None,
                    push: bool = True) -> dict:
-    """Run (or skip, when up to date) every pipeline stage; version outputs; publish the metrics."""
+    """Run every pipeline stage that DVC does not find up to date; record each in ``dvc.lock``;
+    push to the default remote (``push``); save the run as an experiment; publish the metrics.
+
+    Returns ``{"ran", "skipped", "pushed", "experiment", "table"}``.
+    """
     quiet_defaults()
     log = get_run_logger()
     rootp = Path(root).resolve()
     params = load_params(params_path)
     with _claim_workspace(rootp, params):
-        return _pipeline(rootp, params_path, params, only, push, log)
+        check_params_file(rootp, params_path)
+        return _pipeline(rootp, params_path, only, push, log)
 
 
-def _pipeline(rootp: Path, params_path: str, params, only: Optional[list[str]], push: bool, log) -> dict:
-    specs = stage_specs(rootp)
+def check_params_file(root: Path, params_path: str | Path) -> None:
+    """Refuse a run whose params are not ``root/params.yaml``: DVC records (in ``dvc.lock``) and
+    ``dvc repro`` uses the params of that file, so any other file would make the record lie."""
+    expected = root / "params.yaml"
+    if Path(params_path).resolve() != expected:
+        raise ConfigError(f"--params {params_path}: a run must use {expected} (DVC records the params of "
+                          f"that file); copy yours there, or give the run its own --root holding it as params.yaml")
+
+
+def _stages(root: Path, only: Optional[list[str]]) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The stages to consider, in run order, and every stage's spec; refuses a folder lacking the
+    files (code, mostly) that the stages depend on and no stage produces."""
+    specs = stage_specs(root)
     missing = [s for s in PIPELINE if s not in specs]
     if missing:
         raise ConfigError(f"dvc.yaml lacks pipeline stages {missing}")
-    wanted = _needed(only, specs) if only else set(PIPELINE)
-    ran, skipped = [], []
-    for name in PIPELINE:
-        if name not in wanted:
-            continue
-        spec = specs[name]
+    wanted = needed(only, specs) if only else set(PIPELINE)
+    stages = [s for s in PIPELINE if s in wanted]
+    absent = missing_sources(root, stages, specs)
+    if absent:
+        raise ConfigError(f"{root}: dvc.yaml deps {absent} are missing; the project folder must hold the "
+                          f"code and inputs its stages depend on (a clone of the repository)")
+    unset = missing_params(root, stages, specs)
+    if unset:
+        raise ConfigError(f"{root / 'params.yaml'} lacks {', '.join(unset)}, which dvc.yaml's stages track: "
+                          f"write them there (DVC records params from that file, not the code's defaults)")
+    return stages, specs
+
+
+def _pipeline(root: Path, params_path: str, only: Optional[list[str]], push: bool, log: logging.Logger) -> dict:
+    from diffprune import versioning
+
+    stages, specs = _stages(root, only)
+    with _lock(root, "dvc"):  # DVC allows one command at a time per repository
+        versioning.ensure_dvc(root)
+        dirty = versioning.status(root, stages)
+    ran: list[str] = []
+    skipped: list[str] = []
+    for name in stages:
         # one run at a time per stage and workspace: a concurrent run with the same inputs waits,
-        # then finds the stage fresh and reuses its outputs instead of computing them again
-        with _lock(rootp, name):
-            key = input_key(rootp, spec, params)
-            if is_fresh(rootp, name, key, spec):
-                log.info("skip %s: inputs unchanged since its last success", name)
+        # then finds the stage recorded in dvc.lock and reuses its outputs instead of computing them
+        with _lock(root, name):
+            reason = _stale(root, name, dirty, upstream(name, specs) & set(ran))
+            if reason is None:
+                skip_stage.with_options(name=name)(name, "up to date in dvc.lock")
                 skipped.append(name)
                 continue
-            if name.startswith("register@") and push:
-                _version(rootp, [s for s in PIPELINE if s in wanted and s != name and not s.startswith("register@")
-                                 and PIPELINE.index(s) < PIPELINE.index(name)], push=False, log=log)
-            _run(name, str(Path(params_path).resolve()), rootp)
-            write_stamp(rootp, name, key, spec)
+            log.info("run %s: %s", name, reason)
+            _run(name, str(Path(params_path).resolve()), root)
+            with _lock(root, "dvc"):
+                versioning.commit_stage(root, name)
         ran.append(name)
-    if push and ran:
-        _version(rootp, [s for s in PIPELINE if s in wanted], push=True, log=log)
-    table = metrics_table(rootp)
-    rows = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in collect(rootp)]
-    if rows:
-        create_table_artifact(table=rows, key="prune-pipeline-metrics", description="diffprune: metrics of every model")
-    log.info("metrics:\n%s", table)
-    return {"ran": ran, "skipped": skipped, "table": table}
+    pushed = _push(root, stages, log) if push else []
+    experiment = _save_experiment(root, [o for s in stages for o in specs[s]["uncached"]], ran, log)
+    table = metrics_table(root)
+    _publish(root, table, log)
+    return {"ran": ran, "skipped": skipped, "pushed": pushed, "experiment": experiment, "table": table}
+
+
+def _stale(root: Path, name: str, dirty: dict[str, Any], ran_upstream: set[str]) -> Optional[str]:
+    """Why stage ``name`` must run, or None when ``dvc.lock`` records it as it is now.
+
+    ``dirty`` is ``dvc status`` of every stage at the start of the run; a stage found clean then is
+    asked again only when a stage it depends on has run since. A stage found dirty is asked again
+    (under its lock): a concurrent run may have run and recorded it meanwhile.
+    """
+    from diffprune import versioning
+
+    if name not in dirty and not ran_upstream:
+        return None
+    with _lock(root, "dvc"):
+        now = versioning.status(root, [name])
+    if name not in now:
+        return None
+    return versioning.describe(now[name])
+
+
+@task(persist_result=False)
+def skip_stage(name: str, reason: str) -> State:
+    """A visible trace of a skipped stage in the flow run: a ``Skipped`` (completed) task run."""
+    return Completed(name="Skipped", message=f"{name}: {reason}")
 
 
 # stages made of independent per-expert parts: one task per expert, run concurrently, then the
@@ -116,6 +156,50 @@ def _run(name: str, params_path: str, root: Path) -> None:
         for f in futures:
             f.result()
     run_stage.with_options(name=name)(name, params_path, str(root))
+
+
+def _push(root: Path, stages: list[str], log: logging.Logger) -> list[str]:
+    """Push what the default remote lacks (also what a killed earlier push left behind)."""
+    from diffprune import versioning
+
+    with _lock(root, "dvc"):
+        pushed = versioning.push_missing(root, stages)
+    if pushed:
+        log.info("pushed %s to the default remote", ", ".join(pushed))
+    return pushed
+
+
+def _save_experiment(root: Path, include: list[str], ran: list[str], log: logging.Logger) -> Optional[str]:
+    """Record code, params, dvc.lock and metrics as a DVC experiment (a git commit); its name, or
+    None outside git. A run that ran nothing records nothing new."""
+    from diffprune import versioning
+
+    if not ran:
+        return None
+    with _lock(root, "dvc"):
+        ref = versioning.save_experiment(root, include)
+    if ref:
+        log.info("run saved as DVC experiment %s (`dvc exp show`, `dvc exp apply %s`)", ref, ref)
+    return ref
+
+
+def metrics_rows(root: Path) -> list[dict[str, Any]]:
+    """The metrics of every evaluated model as table rows: ``model`` first, every scalar column
+    (absent ones as None), floats rounded to 4 significant digits."""
+    rows = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in collect(root)]
+    columns = ["model"] + sorted({k for r in rows for k in r} - {"model"})
+    return [{c: _round(r.get(c)) for c in columns} for r in rows]
+
+
+def _round(v: Any) -> Any:
+    return float(f"{v:.4g}") if isinstance(v, float) else v
+
+
+def _publish(root: Path, table: str, log: logging.Logger) -> None:
+    rows = metrics_rows(root)
+    if rows:
+        create_table_artifact(table=rows, key="prune-pipeline-metrics", description="diffprune: metrics of every model")
+    log.info("metrics:\n%s", table)
 
 
 @contextlib.contextmanager
@@ -153,13 +237,3 @@ def _lock(root: Path, name: str) -> FileLock:
     path = root / ".work" / "locks" / f"{name.replace('@', '--')}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(path))
-
-
-def _version(root: Path, stages: list[str], push: bool, log: logging.Logger) -> None:
-    from diffprune import versioning
-
-    if not (root / ".dvc").exists():
-        log.warning("no DVC repository at %s: outputs not versioned (run `make demo` or `dvc init`)", root)
-        return
-    with _lock(root, "dvc"):  # DVC allows one command at a time per repository
-        versioning.commit_and_push(root, stages, push=push)
