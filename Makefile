@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED := 1
 
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
-BENCHES := $(patsubst benchmarks/%.py,%,$(filter-out benchmarks/__init__.py benchmarks/common.py,$(wildcard benchmarks/*.py)))
+BENCHES := $(patsubst benchmarks/%.py,%,$(filter-out benchmarks/__init__.py benchmarks/common.py benchmarks/tables.py,$(wildcard benchmarks/*.py)))
 
 .PHONY: setup demo test test-all bench ui ui-stop clean $(addprefix bench-,$(BENCHES))
 

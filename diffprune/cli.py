@@ -12,7 +12,6 @@ from typing import Annotated, Callable, Iterator, Optional
 
 import click
 import typer
-from filelock import FileLock
 
 from .env import quiet_defaults
 
@@ -101,32 +100,21 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-def stage_lock(root: Path, name: str) -> FileLock:
-    """The per-stage lock the Prefect flow takes (same file: ``.work/locks/NAME.lock``, ``@`` -> ``--``),
-    so ``diffprune stage`` (DVC), the flow and a second ``diffprune stage`` exclude each other."""
-    path = root / ".work" / "locks" / f"{name.replace('@', '--')}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path))
-
-
-def _run_stage_once(name: str, p, root: Path, run: Callable[[], dict]) -> dict:
-    """Run a stage under its lock; skip it when the stamp the flow writes says its inputs are unchanged
-    and its outputs intact (so a concurrent second run waits, then reuses the first one's outputs)."""
+def _run_stage_once(name: str, root: Path, run: Callable[[], dict]) -> dict:
+    """Run a stage under its lock (the flow's); when a concurrent ``diffprune stage`` of the same
+    stage produced its outputs while this one waited, reuse them instead of computing them again."""
     from .config import ConfigError
-    from .flows.stamps import input_key, is_fresh, stage_specs, write_stamp
+    from .flows.specs import stage_specs
+    from .locks import exclusive_stage
 
-    with stage_lock(root, name):
-        try:
-            spec = stage_specs(root).get(name)
-        except ConfigError:  # no dvc.yaml: nothing to compare against
-            spec = None
-        key = input_key(root, spec, p) if spec else None
-        if spec and is_fresh(root, name, key, spec):
-            return {"skipped": name, "reason": "inputs unchanged since its last success"}
-        out = run()
-        if spec:
-            write_stamp(root, name, input_key(root, spec, p), spec)
-        return out
+    try:
+        outs = stage_specs(root).get(name, {}).get("outs", [])
+    except ConfigError:  # no dvc.yaml: nothing to compare against
+        outs = []
+    with exclusive_stage(root, name, outs) as produced_meanwhile:
+        if produced_meanwhile:
+            return {"skipped": name, "reason": "a concurrent run of this stage produced its outputs"}
+        return run()
 
 
 @app.command("stage")
@@ -145,7 +133,7 @@ def stage_cmd(
         fn = get_stage(name)
         kwargs = {"target": target} if target else {}
         rootp = root.resolve()
-        out = _run_stage_once(f"{name}@{target}" if target else name, p, rootp, lambda: fn(p, rootp, **kwargs))
+        out = _run_stage_once(f"{name}@{target}" if target else name, rootp, lambda: fn(p, rootp, **kwargs))
     typer.echo(json.dumps({k: v for k, v in out.items() if k != "metrics"}, default=str))
 
 

@@ -50,9 +50,17 @@ COLUMNS: dict[str, Callable[[dict], Any]] = {
 }
 
 
-def table_rows(root: Path) -> list[dict[str, Any]]:
-    """One dict per evaluated model, the model first, every column, values rounded for display."""
-    return [{name: get(r) for name, get in COLUMNS.items()} for r in collect(root)]
+def table_rows(root: Path, every: bool = False) -> list[dict[str, Any]]:
+    """One dict per evaluated model: the model first, the :data:`COLUMNS` rounded for display, and
+    with ``every`` all other scalar metrics after them (floats to 4 significant digits)."""
+    rows = []
+    for r in collect(root):
+        row = {name: get(r) for name, get in COLUMNS.items()}
+        if every:
+            rest = sorted(k for k, v in r.items() if k != "model" and not isinstance(v, (list, dict)))
+            row |= {k: float(f"{r[k]:.4g}") if isinstance(r[k], float) else r[k] for k in rest}
+        rows.append(row)
+    return rows
 
 
 def metrics_table(root: Path) -> str:

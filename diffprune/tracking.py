@@ -22,6 +22,8 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from .env import quiet_defaults
+
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 MODEL_NAME_IN_RUN = "model"
@@ -49,8 +51,7 @@ def disable_telemetry() -> None:
     ``MLFLOW_ENABLE_TELEMETRY=false`` are ignored by it). Its client starts when ``mlflow`` is first
     imported, so also export the variable before the process starts.
     """
-    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    os.environ.setdefault("DO_NOT_TRACK", "true")
+    quiet_defaults()  # MLFLOW_DISABLE_TELEMETRY=true unless the user set it (diffprune/env.py)
     try:
         from mlflow.telemetry import set_telemetry_client
 

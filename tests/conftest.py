@@ -33,7 +33,7 @@ TINY_PARAMS = {
     "project": {"device": "cpu", "seed": 0},
     "data": {"source": "digits", "image_size": 8, "max_images": 240, "ref_fraction": 0.25},
     "teacher": TINY_TEACHER,
-    "evaluate": {"steps": 4, "num_samples": 40, "batch_size": 40, "seeds": [0], "grid_size": 16,
+    "evaluate": {"sampler": "ddim", "steps": 4, "num_samples": 40, "batch_size": 40, "seeds": [0], "grid_size": 16,
                  "latency_batch": 4, "latency_repeats": 1, "feature_epochs": 2, "min_feature_accuracy": 0.0,
                  "inception_weights": None},
     "register": {"model_name": "tiny-teacher", "experiment": "tiny"},

@@ -124,3 +124,12 @@ def test_a_degenerate_model_is_not_registered(tmp_path, monkeypatch):
     out = run_register(Params(), tmp_path, "teacher")
     assert out == {"registered": False, "target": "teacher", "refused": "FID 40 is on the noise side"}
     assert read_json(tmp_path / "models" / "registry" / "teacher.json") == out
+
+
+def test_report_rows_with_every_column_keep_the_display_columns_first(tmp_path):
+    from diffprune.report import COLUMNS, table_rows
+
+    _write_metrics(tmp_path, "teacher", kid=0.0123456)
+    (row,) = table_rows(tmp_path, every=True)
+    assert list(row)[: len(COLUMNS)] == list(COLUMNS)
+    assert row["kid"] == 0.01235 and row["latency_batch"] == 64 and "fid_per_seed" not in row

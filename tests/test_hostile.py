@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from diffprune import registry, serving, tracking
-from diffprune.cli import MAX_IMAGES, MAX_STEPS, app, stage_lock
+from diffprune.cli import MAX_IMAGES, MAX_STEPS, app
 from diffprune.config import ConfigError, DataConfig, TeacherConfig
 from diffprune.io import ArtifactError
 from diffprune.models.checkpoint import save_model
@@ -256,11 +256,24 @@ def test_only_transient_errors_are_retried() -> None:
 
 # ----------------------------------------------------------------------------- 8. stage lock
 
-def test_stage_lock_is_the_flows_lock(tmp_path: Path) -> None:
+def test_stage_lock_is_the_flows_lock_and_never_leaves_the_project(tmp_path: Path) -> None:
+    from diffprune.config import ConfigError
     from diffprune.flows.pipeline import _lock
+    from diffprune.locks import stage_lock
 
+    proj = tmp_path / "proj"
+    proj.mkdir()
     for name in ("teacher", "evaluate@teacher"):
-        assert stage_lock(tmp_path, name).lock_file == _lock(tmp_path, name).lock_file
+        assert stage_lock(proj, name).lock_file == _lock(proj, name).lock_file
+    # 9. a .work symlinked outside the project: no lock (nor anything else) is written through it
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    other = tmp_path / "proj2"
+    other.mkdir()
+    (other / ".work").symlink_to(outside)
+    with pytest.raises(ConfigError, match="escapes the project"):
+        stage_lock(other, "teacher")
+    assert not any(outside.rglob("*"))
 
 
 def test_two_stage_commands_at_once_compute_once(tmp_path: Path) -> None:

@@ -168,7 +168,7 @@ def test_two_runs_at_once_with_the_same_config_compute_each_stage_once(tmp_path)
     """Both runs finish; every stage is computed by exactly one of them and reused by the other."""
     from diffprune.flows.pipeline import PIPELINE
 
-    root = make_project(tmp_path / "proj")
+    root = make_project(tmp_path / "proj", code=True)
     procs = []
     for i in range(2):
         env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp_path / f"prefect{i}")}
@@ -190,7 +190,7 @@ def test_a_run_of_another_config_is_refused_while_one_is_live(tmp_path):
     """A second config never overwrites a live run's outputs: it is refused, and the first finishes."""
     import json
 
-    root = make_project(tmp_path / "proj")
+    root = make_project(tmp_path / "proj", code=True)
     other = yaml.safe_load((root / "params.yaml").read_text())
     other["teacher"]["steps"] = 7
     (root / "other.yaml").write_text(yaml.safe_dump(other))

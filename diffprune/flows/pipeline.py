@@ -27,8 +27,9 @@ from prefect.states import Completed, State
 
 from diffprune.config import ConfigError, fingerprint, load_params
 from diffprune.io import write_json
+from diffprune.locks import stage_lock
 from diffprune.env import quiet_defaults
-from diffprune.report import collect, metrics_table
+from diffprune.report import metrics_table, table_rows
 from diffprune.tasks.stages import run_stage
 from diffprune.flows.specs import missing_params, missing_sources, needed, stage_specs, upstream
 
@@ -183,20 +184,8 @@ def _save_experiment(root: Path, include: list[str], ran: list[str], log: loggin
     return ref
 
 
-def metrics_rows(root: Path) -> list[dict[str, Any]]:
-    """The metrics of every evaluated model as table rows: ``model`` first, every scalar column
-    (absent ones as None), floats rounded to 4 significant digits."""
-    rows = [{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in collect(root)]
-    columns = ["model"] + sorted({k for r in rows for k in r} - {"model"})
-    return [{c: _round(r.get(c)) for c in columns} for r in rows]
-
-
-def _round(v: Any) -> Any:
-    return float(f"{v:.4g}") if isinstance(v, float) else v
-
-
 def _publish(root: Path, table: str, log: logging.Logger) -> None:
-    rows = metrics_rows(root)
+    rows = table_rows(root, every=True)
     if rows:
         create_table_artifact(table=rows, key="prune-pipeline-metrics", description="diffprune: metrics of every model")
     log.info("metrics:\n%s", table)
@@ -234,6 +223,4 @@ def _alive(pid: int) -> bool:
 
 
 def _lock(root: Path, name: str) -> FileLock:
-    path = root / ".work" / "locks" / f"{name.replace('@', '--')}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path))
+    return stage_lock(root, name)
