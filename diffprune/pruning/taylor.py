@@ -36,6 +36,7 @@ from ..config import ConfigError, FinetuneConfig, TaylorConfig
 from ..metrics.cost import num_parameters, unet_macs
 from ..sampling import predict
 from ..training import TrainSpec, denoising_loss
+from .groupnorm import GroupwisePruner, ReferenceTaylorImportance
 from .surgery import PruningError, attention_layers, check_pruned, repair_attributes
 
 __all__ = ["IMPORTANCES", "PruningError", "GradientTrace", "accumulate_timestep_gradients", "timestep_loss",
@@ -118,12 +119,13 @@ def timestep_loss(model: nn.Module, scheduler, x0: torch.Tensor, noise: torch.Te
 def make_importance(name: str) -> tp.importance.Importance:
     """The channel-group scorer ``group -> (n_channels,)`` for an importance name.
 
-    ``diff-pruning`` and ``taylor`` share the Taylor scorer ``|w * grad|`` (they differ only in
-    which timesteps fill the gradients); ``magnitude`` is the L2 norm of the weights; ``random`` is
-    uniform noise (seeded by the caller).
+    ``diff-pruning`` and ``taylor`` share the reference's Taylor scorer, ``(w * grad)^2`` summed over
+    the coupled layers, GroupNorm affine weights included (they differ only in which timesteps fill
+    the gradients); ``magnitude`` is the L2 norm of the weights; ``random`` is uniform noise (seeded
+    by the caller). Every scorer only ranks channels within a GroupNorm block (:mod:`.groupnorm`).
     """
     if name in ("diff-pruning", "taylor"):
-        return tp.importance.GroupTaylorImportance()
+        return ReferenceTaylorImportance()
     if name == "magnitude":
         return tp.importance.GroupMagnitudeImportance(p=2)
     if name == "random":
@@ -144,12 +146,20 @@ def _heads_to_remove(heads: int, ratio: float) -> int:
 
 
 def _head_plan(model: nn.Module, ratio: float) -> tuple[dict[nn.Module, int], dict[nn.Module, float]]:
-    """torch-pruning's ``num_heads`` (q/k/v -> heads) and per-attention head pruning ratios."""
+    """torch-pruning's ``num_heads`` (q/k/v -> heads) and per-attention head pruning ratios.
+
+    A single-head attention is left out: its one head cannot go, so its inner width (q/k/v outputs,
+    ``to_out`` inputs, one coupled group) is pruned like any layer, as in the reference; its softmax
+    scale stays the teacher's. Keeping it whole instead leaves the CIFAR-10 DDPM at 3.63G MACs, not
+    3.50G, after ratio 0.3 (paper: 3.4G).
+    """
     num_heads: dict[nn.Module, int] = {}
     head_ratio: dict[nn.Module, float] = {}
     for name, attn in attention_layers(model).items():
         if any(getattr(attn, proj, None) is None for proj in ("to_q", "to_k", "to_v")):
             raise PruningError(f"{name}: attention without separate to_q/to_k/to_v projections is not supported")
+        if attn.heads == 1:
+            continue
         for proj in (attn.to_q, attn.to_k, attn.to_v):
             num_heads[proj] = attn.heads
         k = _heads_to_remove(attn.heads, ratio)
@@ -229,7 +239,7 @@ def _channel_groups(student: nn.Module, x0: torch.Tensor, cfg: TaylorConfig, las
     num_heads, head_ratio = _head_plan(student, cfg.ratio)
     example = (x0[:1], torch.zeros((1,), dtype=torch.long, device=x0.device))
     try:
-        return tp.pruner.BasePruner(
+        return GroupwisePruner(
             student,
             example_inputs=example,
             importance=_TrackedImportance(make_importance(cfg.importance), last),
