@@ -28,9 +28,10 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .surgery import PruningError
+from .surgery import PruningError, attention_layers
 
-__all__ = ["ReferenceTaylorImportance", "GroupwisePruner", "per_block_removed", "rank_within_blocks"]
+__all__ = ["ReferenceTaylorImportance", "GroupwisePruner", "per_block_removed", "rank_within_blocks", "heads_to_remove",
+           "head_plan"]
 
 _OUT_FNS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 _IN_FNS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
@@ -155,3 +156,31 @@ class GroupwisePruner(tp.pruner.BasePruner):
         channels, blocks, removed = self.plan[module]
         # C - int(C * (1 - ratio)) == k * G exactly, with half a channel of slack against rounding
         return (removed * blocks - 0.5) / channels if removed > 0 else 0.0
+
+
+def heads_to_remove(heads: int, ratio: float) -> int:
+    """Whole heads to drop: ``floor(ratio * heads)``, always keeping at least one."""
+    return max(0, min(heads - 1, int(math.floor(ratio * heads + 1e-9))))
+
+
+def head_plan(model: nn.Module, ratio: float) -> tuple[dict[nn.Module, int], dict[nn.Module, float]]:
+    """torch-pruning's ``num_heads`` (q/k/v -> heads) and per-attention head pruning ratios.
+
+    A single-head attention is left out: its one head cannot go, so its inner width (q/k/v outputs,
+    ``to_out`` inputs, one coupled group) is pruned like any layer, as in the reference; its softmax
+    scale stays the teacher's. Keeping it whole instead leaves the CIFAR-10 DDPM at 3.63G MACs, not
+    3.50G, after ratio 0.3 (paper: 3.4G).
+    """
+    num_heads: dict[nn.Module, int] = {}
+    head_ratio: dict[nn.Module, float] = {}
+    for name, attn in attention_layers(model).items():
+        if any(getattr(attn, proj, None) is None for proj in ("to_q", "to_k", "to_v")):
+            raise PruningError(f"{name}: attention without separate to_q/to_k/to_v projections is not supported")
+        if attn.heads == 1:
+            continue
+        for proj in (attn.to_q, attn.to_k, attn.to_v):
+            num_heads[proj] = attn.heads
+        k = heads_to_remove(attn.heads, ratio)
+        # torch-pruning removes ceil(r * heads) heads per layer; (k - 0.5) / heads yields exactly k
+        head_ratio[attn] = (k - 0.5) / attn.heads if k > 0 else 0.0
+    return num_heads, head_ratio
