@@ -266,10 +266,9 @@ def prune_unet(
     """Prune ``cfg.ratio`` of the channels of every layer of a diffusers UNet (Diff-Pruning).
 
     The teacher ``model`` is left untouched: a deep copy is scored, pruned and returned.
-    ``ratio`` follows the reference: every GroupNorm group of ``g`` channels of every coupled channel
-    group loses its ``floor(ratio * g)`` least important channels (at most ``g - 1``), a layer without
-    GroupNorm ``floor(ratio * C)``; multi-head attention keeps ``heads - floor(ratio * heads)`` whole
-    heads (at least one); the report gives what was achieved.
+    As in the reference, every GroupNorm group of ``g`` channels loses its ``floor(ratio * g)`` least
+    important channels (at most ``g - 1``), a layer without GroupNorm ``floor(ratio * C)``; multi-head
+    attention keeps ``heads - floor(ratio * heads)`` whole heads (at least one).
 
     Args:
         model: the pre-trained UNet; its ``conv_out`` keeps all its output channels.
