@@ -163,6 +163,7 @@ class TaylorConfig:
     batch_size: Batch = 128
     max_timesteps: Int = Field(1000, ge=1, le=TIMESTEPS)  # one gradient pass per timestep
     seed: Seed = 0
+    target_macs_ratio: Optional[Fraction] = None  # pruned / teacher MACs; set: ratio is searched; None: use ratio
 
 
 @_section("finetune")
@@ -370,8 +371,7 @@ def read_yaml(path: str | Path) -> Any:
 
 
 def load_params(path: str | Path | None = "params.yaml", overrides: dict | None = None) -> Params:
-    """Load and validate params.yaml, with ``overrides`` (nested mapping) merged over it. A missing
-    file is an error naming it; ``path=None`` starts from the defaults (``Params()``)."""
+    """Load and validate params.yaml, ``overrides`` (nested mapping) merged over it; ``path=None``: defaults."""
     raw: Any = (None if path is None else read_yaml(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")

@@ -17,12 +17,13 @@ from diffprune.metrics.cost import num_parameters, unet_macs
 from diffprune.models.checkpoint import load_model, save_model
 from diffprune.models.unet import build_unet
 from diffprune.pruning.surgery import PruningError, check_pruned, head_dim
+from diffprune.pruning.groupnorm import ReferenceTaylorImportance, heads_to_remove, rank_within_blocks
 from diffprune.pruning.taylor import (
-    _heads_to_remove,
     accumulate_timestep_gradients,
     finetune_spec,
     make_importance,
     prune_unet,
+    search_ratio,
 )
 
 T_TRAIN = 20  # training timesteps of the test scheduler: keeps the gradient loop short
@@ -160,7 +161,7 @@ def test_attention_loses_whole_heads() -> None:
 
 @pytest.mark.parametrize("heads,ratio,removed", [(1, 0.5, 0), (2, 0.3, 0), (2, 0.5, 1), (8, 0.3, 2), (4, 0.99, 3)])
 def test_heads_to_remove_floors_and_keeps_one(heads: int, ratio: float, removed: int) -> None:
-    assert _heads_to_remove(heads, ratio) == removed
+    assert heads_to_remove(heads, ratio) == removed
 
 
 # ----------------------------------------------------------------------------- timestep threshold
@@ -258,13 +259,14 @@ def test_unknown_importance_is_refused() -> None:
 # ----------------------------------------------------------------------------- errors name the layer
 
 def test_unsupported_network_fails_naming_a_layer() -> None:
-    # NCSN++-style skip blocks: torch-pruning cannot group the FIR skip path's channels
+    # NCSN++-style skip blocks: torch-pruning does not couple the FIR skip path's channels, so the
+    # pruned copy is inconsistent (per-GroupNorm-block counts; upstream's rounding failed at skip_conv)
     torch.manual_seed(0)
     skip = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
                        down_block_types=("SkipDownBlock2D", "SkipDownBlock2D"),
                        up_block_types=("SkipUpBlock2D", "SkipUpBlock2D"), norm_num_groups=4, add_attention=False)
     before = copy.deepcopy(skip.state_dict())
-    with pytest.raises(PruningError, match=r"channel group of down_blocks\.0\.skip_conv"):
+    with pytest.raises(PruningError, match=r"pruned network fails at down_blocks\.0\.resnet_down\.conv1 \(Conv2d\)"):
         prune_unet(skip, _scheduler(), _images(skip), _cfg(importance="magnitude"))
     assert all(torch.equal(before[k], v) for k, v in skip.state_dict().items())
 
@@ -317,3 +319,98 @@ def test_finetune_spec_steps(fraction: float, teacher_steps: int, steps: int) ->
 def test_finetune_spec_refuses_empty_teacher() -> None:
     with pytest.raises(ConfigError, match="teacher.steps = 0"):
         finetune_spec(FinetuneConfig(), 0)
+
+
+# ----------------------------------------------------------------------------- GroupNorm groups (reference)
+
+def _eight_per_group() -> UNet2DModel:
+    """1x8x8, no attention, 16 channels in 2 GroupNorm groups of 8 at every level."""
+    return build_unet(TeacherConfig(block_out_channels=[16, 16], attention=[False, False], layers_per_block=1,
+                                    norm_num_groups=2), DataConfig(image_size=8))
+
+
+def _kept(teacher_bias: torch.Tensor, pruned_bias: torch.Tensor) -> list[int]:
+    """Teacher channel index of every channel the pruned layer kept (biases are distinct)."""
+    return [int((teacher_bias == b).nonzero().item()) for b in pruned_bias]
+
+
+def _resnet_conv1s(model: UNet2DModel) -> dict[str, nn.Conv2d]:
+    return {n: m.conv1 for n, m in model.named_modules() if isinstance(m, ResnetBlock2D)}
+
+
+@pytest.mark.parametrize("importance", ["diff-pruning", "magnitude"])
+def test_each_groupnorm_group_loses_floor_ratio_channels(importance: str) -> None:
+    teacher = _seeded(_eight_per_group)
+    pruned, _ = prune_unet(teacher, _scheduler(), _images(teacher), _cfg(importance=importance, ratio=0.3))
+    norms = {n: m for n, m in pruned.named_modules() if isinstance(m, nn.GroupNorm)}
+    for n, m in norms.items():  # 8 -> 6 per group (upstream's rounding kept int(0.7 * 8) = 5)
+        assert m.num_channels == teacher.get_submodule(n).num_channels * 6 // 8, n
+    before, after = _resnet_conv1s(teacher), _resnet_conv1s(pruned)
+    for n, conv in after.items():
+        kept = _kept(before[n].bias.detach(), conv.bias.detach())
+        assert [sum(k // 8 == g for k in kept) for g in range(2)] == [6, 6], n  # 2 of 8 in EACH group
+
+
+@pytest.mark.parametrize("importance", ["diff-pruning", "taylor", "magnitude"])
+def test_selection_within_a_group_follows_importance(importance: str) -> None:
+    teacher = _seeded(_eight_per_group)
+    block = teacher.down_blocks[0].resnets[0]
+    with torch.no_grad():  # channel 11 (second group) owns no weight anywhere: it scores 0
+        for w in (block.conv1.weight[11], block.conv1.bias[11:12], block.time_emb_proj.weight[11],
+                  block.time_emb_proj.bias[11:12], block.norm2.weight[11:12], block.conv2.weight[:, 11]):
+            w.zero_()
+    pruned, _ = prune_unet(teacher, _scheduler(), _images(teacher), _cfg(importance=importance, ratio=0.15))
+    kept = _kept(block.conv1.bias.detach(), pruned.down_blocks[0].resnets[0].conv1.bias.detach())
+    assert sorted(set(range(16)) - set(kept))[1] == 11 and 11 not in kept  # floor(0.15 * 8) = 1 per group
+
+
+def test_score_sums_squared_taylor_terms_including_groupnorm() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 1), nn.GroupNorm(2, 4), nn.Conv2d(4, 1, 1))
+    dg = tp.DependencyGraph().build_dependency(net, example_inputs=torch.randn(1, 1, 2, 2))
+    group = dg.get_pruning_group(net[0], tp.prune_conv_out_channels, idxs=list(range(4)))
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    net[1].weight.data = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    net[1].weight.grad = torch.tensor([0.0, 0.0, 3.0, 0.0])  # only GroupNorm's affine weight has a gradient
+    assert torch.equal(ReferenceTaylorImportance()(group), torch.tensor([0.0, 0.0, 81.0, 0.0]))
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    sq = [(p.detach() * p.grad) ** 2 for p in (net[0].weight, net[1].weight, net[2].weight)]
+    expected = sq[0].flatten(1).sum(1) + sq[1] + sq[2].transpose(0, 1).flatten(1).sum(1)  # biases excluded
+    assert torch.allclose(ReferenceTaylorImportance()(group), expected)
+
+
+def test_rank_within_blocks() -> None:
+    score = torch.tensor([3.0, 1.0, 2.0, 0.5, 9.0, 9.0])
+    assert rank_within_blocks(score, 2).tolist() == [2.0, 0.0, 1.0, 0.0, 1.0, 2.0]  # ties: lower index first
+    with pytest.raises(PruningError, match="into 4 equal blocks"):
+        rank_within_blocks(score, 4)
+
+
+# ----------------------------------------------------------------------------- MACs target
+
+@pytest.mark.parametrize("target", [0.56, 0.39])
+def test_search_ratio_meets_a_macs_target(target: float) -> None:
+    # 8 channels per GroupNorm group: the MACs move in steps (~(1 - k/8)^2: 1, 0.77, 0.56, 0.39, ...)
+    teacher = _seeded(_eight_per_group)
+    found = search_ratio(teacher, _images(teacher), _cfg(), target)
+    assert found.within and abs(found.macs_ratio - target) <= 0.02 * target and 0 < found.ratio < 1
+    _, rep = prune_unet(teacher, _scheduler(), _images(teacher), _cfg(ratio=found.ratio))
+    assert rep["macs_after"] / rep["macs_before"] == pytest.approx(found.macs_ratio)  # importance-independent
+
+
+def test_search_ratio_says_when_a_target_falls_between_steps() -> None:
+    teacher = _seeded(_eight_per_group)
+    found = search_ratio(teacher, _images(teacher), _cfg(), 0.47)
+    assert not found.within and abs(found.macs_ratio - 0.47) > 0.02 * 0.47
+    assert found.macs_ratio == pytest.approx(0.39, abs=0.01) or found.macs_ratio == pytest.approx(0.56, abs=0.01)
+    with pytest.raises(ConfigError, match="target_macs_ratio = 1.0"):
+        search_ratio(teacher, _images(teacher), _cfg(), 1.0)
+
+
+def test_target_macs_ratio_config() -> None:
+    assert TaylorConfig().target_macs_ratio is None
+    assert TaylorConfig(target_macs_ratio=0.56).target_macs_ratio == 0.56
+    with pytest.raises(ConfigError, match="taylor.target_macs_ratio"):
+        TaylorConfig(target_macs_ratio=1.5)

@@ -28,11 +28,15 @@ def attention_layers(model: nn.Module) -> dict[str, Attention]:
 
 
 def head_dim(attn: Attention) -> int:
-    """Channels per head; pruning removes whole heads, so this never changes.
+    """Channels per head; pruning removes whole heads, so this never changes with two heads or more.
 
     Read from the softmax scale ``dim_head ** -0.5`` fixed at construction, so a stale ``heads``
-    cannot hide; an attention built without that scale falls back to ``inner_dim // heads``.
+    cannot hide; an attention built without that scale falls back to ``inner_dim // heads``. A
+    single-head attention's width is its whole inner width (``to_q`` outputs): Diff-Pruning prunes
+    it freely and keeps the teacher's softmax scale.
     """
+    if attn.heads == 1:
+        return attn.to_q.out_features
     if getattr(attn, "scale_qk", False) and attn.scale > 0:
         return int(round(attn.scale ** -2))
     return attn.inner_dim // attn.heads

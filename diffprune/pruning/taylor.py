@@ -14,7 +14,8 @@ The code keeps Torch-Pruning's three concerns apart and wraps it rather than for
    q/k/v projections of every diffusers ``Attention`` are declared multi-head so whole heads go.
 2. *importance*: :func:`make_importance` (Taylor on accumulated gradients, or the ablations
    magnitude / random); the gradients come from :func:`accumulate_timestep_gradients`.
-3. *pruner*: ``torch_pruning.pruner.BasePruner`` with ``pruning_ratio``, after which
+3. *pruner*: :class:`~diffprune.pruning.groupnorm.GroupwisePruner` (a ``BasePruner`` removing
+   ``floor(ratio * g)`` channels, by importance, from every GroupNorm group of ``g``), after which
    :func:`~diffprune.pruning.surgery.repair_attributes` rewrites every static attribute pruning left
    stale and :func:`~diffprune.pruning.surgery.check_pruned` refuses a network whose declared sizes
    disagree with its weights.
@@ -23,6 +24,7 @@ The code keeps Torch-Pruning's three concerns apart and wraps it rather than for
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -36,10 +38,11 @@ from ..config import ConfigError, FinetuneConfig, TaylorConfig
 from ..metrics.cost import num_parameters, unet_macs
 from ..sampling import predict
 from ..training import TrainSpec, denoising_loss
-from .surgery import PruningError, attention_layers, check_pruned, repair_attributes
+from .groupnorm import GroupwisePruner, ReferenceTaylorImportance, head_plan
+from .surgery import PruningError, check_pruned, repair_attributes
 
 __all__ = ["IMPORTANCES", "PruningError", "GradientTrace", "accumulate_timestep_gradients", "timestep_loss",
-           "make_importance", "effective_threshold", "prune_unet", "finetune_spec"]
+           "make_importance", "effective_threshold", "prune_unet", "RatioSearch", "search_ratio", "finetune_spec"]
 
 IMPORTANCES = ("diff-pruning", "taylor", "magnitude", "random")
 
@@ -118,12 +121,13 @@ def timestep_loss(model: nn.Module, scheduler, x0: torch.Tensor, noise: torch.Te
 def make_importance(name: str) -> tp.importance.Importance:
     """The channel-group scorer ``group -> (n_channels,)`` for an importance name.
 
-    ``diff-pruning`` and ``taylor`` share the Taylor scorer ``|w * grad|`` (they differ only in
-    which timesteps fill the gradients); ``magnitude`` is the L2 norm of the weights; ``random`` is
-    uniform noise (seeded by the caller).
+    ``diff-pruning`` and ``taylor`` share the reference's Taylor scorer, ``(w * grad)^2`` summed over
+    the coupled layers, GroupNorm affine weights included (they differ only in which timesteps fill
+    the gradients); ``magnitude`` is the L2 norm of the weights; ``random`` is uniform noise (seeded
+    by the caller). Every scorer only ranks channels within a GroupNorm block (:mod:`.groupnorm`).
     """
     if name in ("diff-pruning", "taylor"):
-        return tp.importance.GroupTaylorImportance()
+        return ReferenceTaylorImportance()
     if name == "magnitude":
         return tp.importance.GroupMagnitudeImportance(p=2)
     if name == "random":
@@ -136,29 +140,7 @@ def effective_threshold(cfg: TaylorConfig) -> float:
     return cfg.threshold if cfg.importance == "diff-pruning" else 0.0
 
 
-# ----------------------------------------------------------------------------- 3. attention heads
-
-def _heads_to_remove(heads: int, ratio: float) -> int:
-    """Whole heads to drop: ``floor(ratio * heads)``, always keeping at least one."""
-    return max(0, min(heads - 1, int(math.floor(ratio * heads + 1e-9))))
-
-
-def _head_plan(model: nn.Module, ratio: float) -> tuple[dict[nn.Module, int], dict[nn.Module, float]]:
-    """torch-pruning's ``num_heads`` (q/k/v -> heads) and per-attention head pruning ratios."""
-    num_heads: dict[nn.Module, int] = {}
-    head_ratio: dict[nn.Module, float] = {}
-    for name, attn in attention_layers(model).items():
-        if any(getattr(attn, proj, None) is None for proj in ("to_q", "to_k", "to_v")):
-            raise PruningError(f"{name}: attention without separate to_q/to_k/to_v projections is not supported")
-        for proj in (attn.to_q, attn.to_k, attn.to_v):
-            num_heads[proj] = attn.heads
-        k = _heads_to_remove(attn.heads, ratio)
-        # torch-pruning removes ceil(r * heads) heads per layer; (k - 0.5) / heads yields exactly k
-        head_ratio[attn] = (k - 0.5) / attn.heads if k > 0 else 0.0
-    return num_heads, head_ratio
-
-
-# ----------------------------------------------------------------------------- 4. the pipeline
+# ----------------------------------------------------------------------------- 3. the pipeline
 
 def _forward(model: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return predict(model, *inputs)
@@ -226,10 +208,10 @@ def _channel_groups(student: nn.Module, x0: torch.Tensor, cfg: TaylorConfig, las
     Args:
         x0: ``(B, C, H, W)``; its first image is the example input of the trace.
     """
-    num_heads, head_ratio = _head_plan(student, cfg.ratio)
+    num_heads, head_ratio = head_plan(student, cfg.ratio)
     example = (x0[:1], torch.zeros((1,), dtype=torch.long, device=x0.device))
     try:
-        return tp.pruner.BasePruner(
+        return GroupwisePruner(
             student,
             example_inputs=example,
             importance=_TrackedImportance(make_importance(cfg.importance), last),
@@ -284,9 +266,9 @@ def prune_unet(
     """Prune ``cfg.ratio`` of the channels of every layer of a diffusers UNet (Diff-Pruning).
 
     The teacher ``model`` is left untouched: a deep copy is scored, pruned and returned.
-    ``ratio`` follows torch-pruning: every layer keeps ``int((1 - ratio) * g)`` channels of each
-    GroupNorm group of ``g`` channels (small groups lose more than ``ratio``), and attention keeps
-    ``heads - floor(ratio * heads)`` whole heads (at least one); the report gives what was achieved.
+    As in the reference, every GroupNorm group of ``g`` channels loses its ``floor(ratio * g)`` least
+    important channels (at most ``g - 1``), a layer without GroupNorm ``floor(ratio * C)``; multi-head
+    attention keeps ``heads - floor(ratio * heads)`` whole heads (at least one).
 
     Args:
         model: the pre-trained UNet; its ``conv_out`` keeps all its output channels.
@@ -334,6 +316,48 @@ def prune_unet(
         "params_after": num_parameters(student), "macs_before": macs_before,
         "macs_after": unet_macs(student, sample_shape),
     }
+
+
+@dataclass(frozen=True)
+class RatioSearch:
+    """What :func:`search_ratio` found: the channel ``ratio``, its ``macs_ratio``, ``within`` tolerance."""
+
+    ratio: float
+    macs_ratio: float
+    target: float
+    within: bool
+
+
+def search_ratio(model: UNet2DModel, images: torch.Tensor, cfg: TaylorConfig, target: float, *,
+                 tolerance: float = 0.02, iters: int = 14, device: str | torch.device = "cpu") -> RatioSearch:
+    """Bisect the channel ratio until pruned / teacher MACs is within ``tolerance`` (relative) of ``target``.
+
+    The channels and heads removed depend on the ratio only, never on the scores, so every probe
+    prunes by magnitude (no gradient pass); the MACs move in steps, so the closest probe is returned
+    and ``within`` says whether it met the tolerance.
+
+    Args:
+        images: ``(N, C, H, W)`` in [-1, 1]; one image suffices (it only traces the graph).
+        target: kept MACs fraction in (0, 1).
+    """
+    if not 0.0 < target < 1.0:
+        raise ConfigError(f"taylor.target_macs_ratio = {target!r}: must be in (0, 1)")
+    probe_cfg = dataclasses.replace(cfg, importance="magnitude", batch_size=1)
+    lo, hi, best = 0.0, 0.99, None
+    for _ in range(iters):
+        mid = round(0.5 * (lo + hi), 6)
+        try:
+            rep = prune_unet(model, None, images[:1], dataclasses.replace(probe_cfg, ratio=mid), device=device)[1]
+            got = rep["macs_after"] / rep["macs_before"]
+        except PruningError:  # nothing consistent left at this ratio: prune less
+            got = 0.0
+        if best is None or abs(got - target) < abs(best[1] - target):
+            best = (mid, got)
+        if abs(got - target) <= tolerance * target:
+            break
+        lo, hi = (mid, hi) if got > target else (lo, mid)
+    assert best is not None
+    return RatioSearch(best[0], best[1], target, abs(best[1] - target) <= tolerance * target)
 
 
 def finetune_spec(cfg: FinetuneConfig, teacher_steps: int) -> TrainSpec:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from ..config import Params, resolve_device, to_dict
 from ..data import load_split
 from ..io import write_json
 from ..models.checkpoint import load_model, load_scheduler_config, read_config, save_model
-from ..pruning.taylor import finetune_spec, prune_unet
+from ..pruning.taylor import finetune_spec, prune_unet, search_ratio
 from ..training import spec_json
 from . import safe_subpath, stage
 from .core import DATASET, TEACHER, ProgressFn, train_or_resume, work_dir
@@ -27,7 +28,8 @@ def _scheduler(ckpt: Path):
 
 @stage("taylor")
 def run_taylor(p: Params, root: Path, **_: Any) -> dict:
-    """Prune the teacher with the configured importance and ratio; writes models/taylor."""
+    """Prune the teacher with the configured importance and ratio (or the ratio whose MACs meet
+    ``taylor.target_macs_ratio``, recorded as ``ratio_found``); writes models/taylor."""
     device = resolve_device(p.project.device)
     teacher_dir = safe_subpath(root, TEACHER)
     teacher = load_model(teacher_dir, device)
@@ -35,8 +37,14 @@ def run_taylor(p: Params, root: Path, **_: Any) -> dict:
     images, _ = load_split(safe_subpath(root, DATASET), "train")
     g = torch.Generator().manual_seed(p.taylor.seed)
     batch = images[torch.randperm(len(images), generator=g)[: p.taylor.batch_size]]
-    pruned, report = prune_unet(teacher, scheduler, batch, p.taylor, device=device)
-    report = {k: v for k, v in report.items() if k != "losses"} | {"config": to_dict(p.taylor)}
+    cfg, search = p.taylor, {}
+    if cfg.target_macs_ratio is not None:  # bisect the channel ratio to the MACs target (2% relative)
+        found = search_ratio(teacher, batch, cfg, cfg.target_macs_ratio, device=device)
+        cfg = dataclasses.replace(cfg, ratio=found.ratio)
+        search = {"target_macs_ratio": found.target, "ratio_found": found.ratio, "target_met": found.within}
+    pruned, report = prune_unet(teacher, scheduler, batch, cfg, device=device)
+    report = ({k: v for k, v in report.items() if k != "losses"} | search
+              | {"macs_ratio": report["macs_after"] / report["macs_before"], "config": to_dict(p.taylor)})
     out = save_model(pruned.cpu(), safe_subpath(root, PRUNED), scheduler_config=dict(scheduler.config), meta=report)
     write_json(safe_subpath(root, "models/taylor-report.json"), report)
     return {"pruned": str(out), "params_after": report["params_after"], "macs_after": report["macs_after"]}
