@@ -10,8 +10,9 @@ A benchmark file holds only what it compares; everything else is here:
   trajectory MACs counted while sampling) with **paired fidelity** to the teacher (same initial
   noises, per-image PSNR/SSIM, 95% CIs) and an **honest speedup** (timed against the teacher in the
   same process, interleaved); each finished run is cached, so an interrupted benchmark resumes;
-* :func:`match_macs` searches a method's knob until its MACs land within 2% of a target, so methods
-  are compared at equal cost.
+* equal cost: methods are compared at trajectory MACs within :data:`MACS_TOLERANCE` of each other
+  (a pruning ratio is searched with :func:`diffprune.pruning.taylor.search_ratio`; a pair that could
+  not be matched is flagged in the tables).
 
 Tables, significance and plots: :mod:`benchmarks.tables`.
 """
@@ -24,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -267,36 +268,3 @@ def setup(name: str, root: Path, p: Params, *, teacher_steps: int, progress: boo
     info = {**info, "fid_floor": read_json(root / FEATURES / "floor.json")["fid_floor"]}
     return Bench(name, p, root, device, teacher, teacher_dir, info, load_scheduler_config(teacher_dir), images,
                  extractor, extractor.fn(images), key)
-
-
-# ----------------------------------------------------------------------------- equal cost
-
-@dataclass(frozen=True)
-class Matched:
-    """The knob value whose MACs ratio came closest to the target, and whether it is within tolerance."""
-
-    knob: float
-    ratio: float
-    target: float
-    within: bool
-
-
-def match_macs(ratio_of: Callable[[float], float], target: float, lo: float, hi: float, *,
-               tolerance: float = MACS_TOLERANCE, iters: int = 12) -> Matched:
-    """Bisect a knob in ``[lo, hi]`` (``ratio_of`` decreasing in it, e.g. a pruning ratio) until the
-    MACs ratio is within ``tolerance`` (relative) of ``target``; returns the closest probe.
-
-    A method whose MACs move in steps (GroupNorm rounding) may have no knob within tolerance: then
-    ``within`` is False and the benchmark must say so rather than compare unequal costs silently.
-    """
-    best: tuple[float, float] | None = None
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        r = ratio_of(mid)
-        if best is None or abs(r - target) < abs(best[1] - target):
-            best = (mid, r)
-        if abs(r - target) <= tolerance * target:
-            break
-        lo, hi = (mid, hi) if r > target else (lo, mid)
-    assert best is not None
-    return Matched(best[0], best[1], target, abs(best[1] - target) <= tolerance * target)

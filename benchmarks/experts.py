@@ -35,7 +35,7 @@ from diffprune.config import Params, fingerprint, to_dict
 from diffprune.env import quiet_defaults
 from diffprune.io import atomic_path, read_json, write_json
 from diffprune.pruning.experts import objective, uniform_boundaries, uniform_cuts
-from diffprune.pruning.taylor import PruningError, prune_unet
+from diffprune.pruning.taylor import prune_unet, search_ratio
 from diffprune.sampling import ModelDenoiser
 from diffprune.stages import core
 from diffprune.stages import experts as stages
@@ -50,7 +50,6 @@ from benchmarks.common import (
     Bench,
     Run,
     bench_params,
-    match_macs,
     setup,
     with_values,
 )
@@ -156,28 +155,17 @@ def mixture_run(b: Bench, variant: Path, kind: str, budget: float, progress: boo
 def diff_pruning_run(b: Bench, target: float, train_steps: int, progress: bool) -> Run:
     """One Diff-Pruning model at ``target`` MACs (channel ratio searched to within 2%), fine-tuned for
     ``train_steps`` steps with the experts' fine-tuning recipe."""
-    def ratio_of(r: float) -> float:
-        cfg = with_values(b.p.taylor, importance="diff-pruning", ratio=round(r, 6))
-        cache = core.work_dir(b.root, "bench-taylor-probe", b.key, cfg) / "probe.json"
-        if not cache.exists():
-            try:
-                _, rep = prune_unet(b.teacher, b.train_scheduler, b.images, cfg, device=b.device)
-                write_json(cache, {"macs_ratio": rep["macs_after"] / rep["macs_before"]})
-            except PruningError:
-                write_json(cache, {"macs_ratio": 0.0})
-        return read_json(cache)["macs_ratio"]
-
-    m = match_macs(ratio_of, target, 0.0, 0.95)
-    cfg = with_values(b.p.taylor, importance="diff-pruning", ratio=round(m.knob, 6))
+    m = search_ratio(b.teacher, b.images, b.p.taylor, target, device=b.device)
+    cfg = with_values(b.p.taylor, importance="diff-pruning", ratio=m.ratio)
     pruned, report = prune_unet(b.teacher, b.train_scheduler, b.images, cfg, device=b.device)
     f = b.p.prune_experts
     spec = TrainSpec(steps=train_steps, batch_size=f.batch_size, lr=f.lr, ema_decay=f.ema_decay,
                      checkpoint_every=f.checkpoint_every, seed=f.seed, distill=f.distill)
     work = core.work_dir(b.root, "bench-experts-diffpruning", b.key, cfg, spec)
     tuned = core.train_or_resume(pruned, b.images, b.train_scheduler, spec, work, device=b.device, progress=progress,
-                                 desc=f"diff-pruning r={m.knob:.3f}", teacher=b.teacher if spec.distill else None)
+                                 desc=f"diff-pruning r={m.ratio:.3f}", teacher=b.teacher if spec.distill else None)
     return b.run("diff-pruning", ModelDenoiser(tuned), [tuned], key=(to_dict(cfg), train_steps),
-                 extra={"channel_ratio": m.knob, "macs_within_2pct": m.within, "train_steps": train_steps,
+                 extra={"channel_ratio": m.ratio, "macs_within_2pct": m.within, "train_steps": train_steps,
                         "params": report["params_after"]})
 
 

@@ -2,7 +2,7 @@
 
 On the benchmark teacher, for each target MACs ratio (0.56x: the paper's operating point, 6.1G ->
 3.4G on CIFAR-10; and 0.35x) and every importance, the channel ratio is searched until the pruned
-UNet's MACs land within 2% of the target (:func:`benchmarks.common.match_macs`); the pruned net is
+UNet's MACs land within 2% of the target (:func:`diffprune.pruning.taylor.search_ratio`); the pruned net is
 evaluated right away and again after fine-tuning for ``finetune.fraction`` (at most 0.2) of the
 teacher's training steps, the same steps for every importance. Diff-Pruning is compared with each
 ablation at both stages: paired test on per-image PSNR against the teacher, FID intervals.
@@ -24,8 +24,7 @@ import typer
 
 from diffprune.config import to_dict
 from diffprune.env import quiet_defaults
-from diffprune.io import read_json, write_json
-from diffprune.pruning.taylor import IMPORTANCES, PruningError, finetune_spec, prune_unet
+from diffprune.pruning.taylor import IMPORTANCES, RatioSearch, finetune_spec, prune_unet, search_ratio
 from diffprune.sampling import ModelDenoiser
 from diffprune.stages.core import train_or_resume, work_dir
 
@@ -34,10 +33,8 @@ from benchmarks.common import (
     QUICK_SPINE,
     QUICK_TEACHER_STEPS,
     Bench,
-    Matched,
     Run,
     bench_params,
-    match_macs,
     setup,
     with_values,
 )
@@ -58,28 +55,13 @@ QUICK: dict[str, Any] = {
 }
 
 
-def _macs_ratio(b: Bench, importance: str, ratio: float) -> float:
-    """MACs after pruning / before, for one (importance, channel ratio) probe (cached)."""
-    cfg = with_values(b.p.taylor, importance=importance, ratio=round(ratio, 6))
-    cache = work_dir(b.root, "bench-taylor-probe", b.key, cfg) / "probe.json"
-    if cache.exists():
-        return read_json(cache)["macs_ratio"]
-    try:
-        _, rep = prune_unet(b.teacher, b.train_scheduler, b.images, cfg, device=b.device)
-        r = rep["macs_after"] / rep["macs_before"]
-    except PruningError:  # nothing left to prune at this ratio
-        r = 0.0
-    write_json(cache, {"macs_ratio": r})
-    return r
-
-
-def run_one(b: Bench, importance: str, target: float, progress: bool) -> tuple[Matched, Run, Run]:
+def run_one(b: Bench, importance: str, target: float, progress: bool) -> tuple[RatioSearch, Run, Run]:
     """Prune at the ratio matching ``target`` MACs, evaluate; fine-tune, evaluate."""
-    m = match_macs(lambda r: _macs_ratio(b, importance, r), target, 0.0, 0.95)
-    cfg = with_values(b.p.taylor, importance=importance, ratio=round(m.knob, 6))
+    m = search_ratio(b.teacher, b.images, b.p.taylor, target, device=b.device)  # the same ratio for every importance
+    cfg = with_values(b.p.taylor, importance=importance, ratio=m.ratio)
     spec = finetune_spec(b.p.finetune, b.p.teacher.steps)
     pruned, report = prune_unet(b.teacher, b.train_scheduler, b.images, cfg, device=b.device)
-    extra = {"importance": importance, "channel_ratio": m.knob, "macs_within_2pct": m.within,
+    extra = {"importance": importance, "channel_ratio": m.ratio, "macs_within_2pct": m.within,
              "timesteps_used": report["timesteps_used"], "params": report["params_after"]}
     right_after = b.run(f"{importance}-pruned", ModelDenoiser(pruned.eval()), [pruned], key=to_dict(cfg),
                         extra={**extra, "train_steps": 0})
@@ -91,7 +73,7 @@ def run_one(b: Bench, importance: str, target: float, progress: bool) -> tuple[M
     return m, right_after, after
 
 
-def to_markdown(b: Bench, grid: dict[float, dict[str, tuple[Matched, Run, Run]]], quick: bool, steps: int) -> str:
+def to_markdown(b: Bench, grid: dict[float, dict[str, tuple[RatioSearch, Run, Run]]], quick: bool, steps: int) -> str:
     lines = ["# Diff-Pruning vs ablations at equal MACs" + (" (QUICK smoke setting: numbers are meaningless)"
                                                             if quick else ""), "", *teacher_lines(b),
              f"Fine-tuning: {steps} steps for every importance (finetune.fraction "
