@@ -35,6 +35,7 @@ from torch import nn
 
 from diffprune.config import Params, fingerprint, load_params, resolve_device, to_dict
 from diffprune.data import load_split
+from diffprune.env import quiet_defaults
 from diffprune.io import atomic_path, read_json, write_json
 from diffprune.metrics.evaluate import evaluate, latency_probe, paired_latency
 from diffprune.metrics.fid import fid, get_extractor
@@ -61,6 +62,25 @@ QUICK_SPINE: dict[str, dict[str, Any]] = {
 }
 BENCH_TEACHER_STEPS = 8000  # 8x the demo teacher: its curve (benchmarks/results/teacher.md) flattens before
 QUICK_TEACHER_STEPS = 6
+
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK_ROOT = REPO / ".work" / "bench-quick"  # every benchmark's --quick smoke run lives here
+
+
+def start(name: str, *, quick: bool, root: Path, out: Path, overrides: dict[str, dict[str, Any]] | None,
+          progress: bool = True) -> tuple[Bench, Path]:
+    """What every benchmark's ``main`` does first: quiet defaults, logging, the smoke folder for
+    ``--quick`` (``overrides`` then hold the tiny setting), the params, :func:`setup`.
+    Returns the bench and the folder results go to."""
+    quiet_defaults()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    steps = QUICK_TEACHER_STEPS if quick else BENCH_TEACHER_STEPS
+    if quick:
+        root, out = QUICK_ROOT, QUICK_ROOT / "results"
+        root.mkdir(parents=True, exist_ok=True)
+    p = bench_params(root, overrides)
+    return setup(name, root, p, teacher_steps=steps, progress=progress), out
 
 
 def bench_params(root: Path, quick: dict[str, dict[str, Any]] | None) -> Params:

@@ -29,7 +29,6 @@ from typing import Annotated, Any
 import typer
 
 from diffprune.config import to_dict
-from diffprune.env import quiet_defaults
 from diffprune.io import read_json, write_json
 from diffprune.pruning.dipgo import (
     Schedule,
@@ -42,21 +41,11 @@ from diffprune.pruning.dipgo import (
 from diffprune.sampling import ModelDenoiser
 from diffprune.stages.core import work_dir
 
-from benchmarks.common import (
-    BENCH_TEACHER_STEPS,
-    QUICK_SPINE,
-    QUICK_TEACHER_STEPS,
-    Bench,
-    Run,
-    bench_params,
-    setup,
-    with_values,
-)
+from benchmarks.common import REPO, Bench, QUICK_SPINE, Run, start, with_values
 from benchmarks.tables import TABLE_HEAD, compare, plot_pareto, run_row, teacher_lines, write_results
 
 log = logging.getLogger("benchmarks.dipgo")
 
-REPO = Path(__file__).resolve().parents[1]
 BASELINES = ("fewer-steps", "deepcache", "random")
 RATIOS = (0.5, 0.33, 0.25)
 SHORT_TRAJECTORY = 20
@@ -131,15 +120,8 @@ def main(
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Run the benchmark and write its JSON + Markdown + PNG results."""
-    quiet_defaults()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    teacher_steps = BENCH_TEACHER_STEPS
-    if quick:
-        root, teacher_steps = REPO / ".work/bench-quick", QUICK_TEACHER_STEPS
-        out = root / "results"
-        root.mkdir(parents=True, exist_ok=True)
-    p = bench_params(root, QUICK if quick else None)
-    b = setup("dipgo", root, p, teacher_steps=teacher_steps, progress=progress)
+    b, out = start("dipgo", quick=quick, root=root, out=out, overrides=QUICK if quick else None, progress=progress)
+    p = b.p
     short = 4 if quick else SHORT_TRAJECTORY
     grid = {(steps, r): point(b, out, steps, r, progress)
             for steps in (p.evaluate.steps, short) for r in RATIOS if r * p.evaluate.steps / steps <= 1.0}

@@ -32,7 +32,6 @@ from typing import Annotated, Any
 import typer
 
 from diffprune.config import Params, fingerprint, to_dict
-from diffprune.env import quiet_defaults
 from diffprune.io import atomic_path, read_json, write_json
 from diffprune.pruning.experts import objective, uniform_boundaries, uniform_cuts
 from diffprune.pruning.taylor import prune_unet, search_ratio
@@ -43,21 +42,11 @@ from diffprune.stages.router import run_router
 from diffprune.targets import load_target
 from diffprune.training import TrainSpec
 
-from benchmarks.common import (
-    BENCH_TEACHER_STEPS,
-    QUICK_SPINE,
-    QUICK_TEACHER_STEPS,
-    Bench,
-    Run,
-    bench_params,
-    setup,
-    with_values,
-)
+from benchmarks.common import REPO, Bench, QUICK_SPINE, Run, start, with_values
 from benchmarks.tables import TABLE_HEAD, compare, plot_pareto, run_row, teacher_lines, write_results
 
 log = logging.getLogger("benchmarks.experts")
 
-REPO = Path(__file__).resolve().parents[1]
 BUDGETS = (0.3, 0.5, 0.7)
 # training per expert, as fractions of the benchmark teacher's steps: 2 experts x (0.05 + 0.05) =
 # 20% of the teacher in all, which Diff-Pruning gets too
@@ -193,15 +182,9 @@ def main(
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Run the benchmark and write its JSON, Markdown and plot."""
-    quiet_defaults()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    teacher_steps, budgets = BENCH_TEACHER_STEPS, BUDGETS
-    if quick:
-        root, teacher_steps, budgets = REPO / ".work/bench-quick", QUICK_TEACHER_STEPS, BUDGETS[1:2]
-        out = root / "results"
-        root.mkdir(parents=True, exist_ok=True)
-    p = bench_params(root, QUICK if quick else BENCH_FRACTIONS)
-    b = setup("experts", root, p, teacher_steps=teacher_steps, progress=progress)
+    b, out = start("experts", quick=quick, root=root, out=out, overrides=QUICK if quick else BENCH_FRACTIONS,
+                   progress=progress)
+    p, budgets = b.p, BUDGETS[1:2] if quick else BUDGETS
     base = _project(b.root / ".work" / "bench-experts", f"base-{b.key}",
                     {"data/dataset": b.root / core.DATASET, core.FEATURES: b.root / core.FEATURES,
                      core.TEACHER: b.teacher_dir})

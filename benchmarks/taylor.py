@@ -23,35 +23,24 @@ from typing import Annotated, Any
 import typer
 
 from diffprune.config import to_dict
-from diffprune.env import quiet_defaults
 from diffprune.pruning.taylor import IMPORTANCES, RatioSearch, finetune_spec, prune_unet, search_ratio
 from diffprune.sampling import ModelDenoiser
 from diffprune.stages.core import train_or_resume, work_dir
 
-from benchmarks.common import (
-    BENCH_TEACHER_STEPS,
-    QUICK_SPINE,
-    QUICK_TEACHER_STEPS,
-    Bench,
-    Run,
-    bench_params,
-    setup,
-    with_values,
-)
+from benchmarks.common import REPO, Bench, QUICK_SPINE, Run, start, with_values
 from benchmarks.tables import TABLE_HEAD, compare, plot_pareto, run_row, teacher_lines, write_results
 
 log = logging.getLogger("benchmarks.taylor")
 
-REPO = Path(__file__).resolve().parents[1]
 TARGETS = (0.56, 0.35)
-MAX_FINETUNE_FRACTION = 0.2  # of the teacher's training steps
+FULL = {"finetune": {"fraction": 0.2}}  # fine-tuning: 20% of the teacher's training steps (the issue's cap)
 ABLATIONS = ("taylor", "magnitude", "random")
 
 # A tiny end-to-end setting: checks that the benchmark runs, says nothing about the method.
 QUICK: dict[str, Any] = {
     **QUICK_SPINE,
     "taylor": {"batch_size": 16, "max_timesteps": 20},
-    "finetune": {"batch_size": 16, "checkpoint_every": 1},
+    "finetune": {"fraction": 0.2, "batch_size": 16, "checkpoint_every": 1},
 }
 
 
@@ -96,21 +85,12 @@ def main(
     targets: Annotated[str, typer.Option(help="comma-separated MACs ratios")] = ",".join(map(str, TARGETS)),
 ) -> None:
     """Run the benchmark and write its JSON + Markdown + PNG results."""
-    quiet_defaults()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         target_list = [float(t) for t in targets.split(",") if t.strip()]
     except ValueError:
         raise typer.BadParameter(f"--targets = {targets!r}: expected comma-separated numbers") from None
-    teacher_steps = BENCH_TEACHER_STEPS
-    if quick:
-        root, teacher_steps, target_list = REPO / ".work/bench-quick", QUICK_TEACHER_STEPS, target_list[:1]
-        out = root / "results"
-        root.mkdir(parents=True, exist_ok=True)
-    p = bench_params(root, QUICK if quick else None)
-    if p.finetune.fraction > MAX_FINETUNE_FRACTION:
-        p = with_values(p, finetune=with_values(p.finetune, fraction=MAX_FINETUNE_FRACTION))
-    b = setup("taylor", root, p, teacher_steps=teacher_steps, progress=progress)
+    b, out = start("taylor", quick=quick, root=root, out=out, overrides=QUICK if quick else FULL, progress=progress)
+    p, target_list = b.p, target_list[:1] if quick else target_list
     grid = {t: {imp: run_one(b, imp, t, progress) for imp in IMPORTANCES} for t in target_list}
     steps = finetune_spec(b.p.finetune, b.p.teacher.steps).steps
     doc = {"quick": quick, "teacher": b.reference()[0], "teacher_training": b.teacher_info, "finetune_steps": steps,

@@ -1,6 +1,6 @@
 """Benchmark: the benchmark teacher's convergence curve (the teacher every other benchmark uses).
 
-Trains the digits teacher with the demo's recipe for ``--steps`` (default 8x the demo's), scoring the
+Trains the digits teacher with the demo's recipe for 8x the demo's steps (``BENCH_TEACHER_STEPS``), scoring the
 EMA weights at 8 points (FID on the feature net under the protocol, held-out denoising loss), and
 writes ``benchmarks/results/teacher.{json,md,png}``. Cached: the other benchmarks reuse it.
 
@@ -12,19 +12,16 @@ Usage::
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from diffprune.env import quiet_defaults
 from diffprune.io import atomic_path
 
-from benchmarks.common import BENCH_TEACHER_STEPS, QUICK_SPINE, QUICK_TEACHER_STEPS, bench_params, setup
+from benchmarks.common import REPO, QUICK_SPINE, start
 from benchmarks.tables import write_results
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def plot_curve(curve: list[dict], png: Path) -> Path:
@@ -64,20 +61,13 @@ def to_markdown(info: dict, quick: bool) -> str:
 
 def main(
     quick: Annotated[bool, typer.Option("--quick", help="tiny smoke setting in .work/bench-quick")] = False,
-    steps: Annotated[int, typer.Option(min=1, max=1_000_000, help="training steps")] = BENCH_TEACHER_STEPS,
     root: Annotated[Path, typer.Option(help="project folder holding params.yaml")] = REPO,
     out: Annotated[Path, typer.Option(help="folder for teacher.json, .md, .png")] = REPO / "benchmarks/results",
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
 ) -> None:
     """Train (or reuse) the benchmark teacher and write its convergence curve."""
-    quiet_defaults()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if quick:
-        root, steps = REPO / ".work/bench-quick", QUICK_TEACHER_STEPS
-        out = root / "results"
-        root.mkdir(parents=True, exist_ok=True)
-    p = bench_params(root, QUICK_SPINE if quick else None)
-    b = setup("teacher", root, p, teacher_steps=steps, progress=progress)
+    b, out = start("teacher", quick=quick, root=root, out=out, overrides=QUICK_SPINE if quick else None,
+                   progress=progress)
     write_results(out, "teacher", {"quick": quick, **b.teacher_info}, to_markdown(b.teacher_info, quick))
     plot_curve(b.teacher_info["curve"], out / "teacher.png")
 

@@ -93,18 +93,20 @@ def num_parameters(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
+def timed(fn: Callable[[], Any]) -> float:
+    """Wall-clock seconds of one ``fn()`` (CUDA work synchronised before and after)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def measure_latency(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> dict[str, float]:
     """Wall-clock seconds of ``fn()``: median and min over ``repeats`` runs after ``warmup``."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times.sort()
+    times = sorted(timed(fn) for _ in range(repeats))
     return {"median_s": times[len(times) // 2], "min_s": times[0]}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import platform
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,7 +17,7 @@ from torch import nn
 from ..config import EvaluateConfig
 from ..io import atomic_path
 from ..sampling import Denoiser, sample
-from .cost import MacCounter, measure_latency, num_parameters
+from .cost import MacCounter, measure_latency, num_parameters, timed
 from .fid import Extractor, fid
 from .image import psnr, ssim
 from .stats import kid, mean_ci
@@ -147,13 +146,7 @@ def paired_latency(candidate: Callable[[], Any], reference: Callable[[], Any], *
     times: dict[str, list[float]] = {"reference": [], "candidate": []}
     for _ in range(max(1, repeats)):
         for name, fn in (("reference", reference), ("candidate", candidate)):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(timed(fn))
     med = {k: float(np.median(v)) for k, v in times.items()}
     return {"latency_s": med["candidate"], "teacher_latency_s": med["reference"],
             "speedup_vs_teacher": med["reference"] / med["candidate"]}
