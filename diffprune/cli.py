@@ -139,7 +139,8 @@ def stage_cmd(
 
 @app.command("run")
 def run_cmd(
-    params: Annotated[Optional[Path], typer.Option("--params", "-p", help="params.yaml [default: ROOT/params.yaml]")] = None,
+    params: Annotated[Optional[Path],
+                      typer.Option("--params", "-p", help="params.yaml [default: ROOT/params.yaml]")] = None,
     root: RootOpt = Path("."),
     only: Annotated[Optional[str], typer.Option(help="comma-separated stage names to run (with what they need)")] = None,
     push: Annotated[bool, typer.Option(help="dvc commit + push the outputs when done")] = True,

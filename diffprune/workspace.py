@@ -201,7 +201,8 @@ def code_hash(sources: list[str], package: Path | None = None) -> dict[str, Any]
             rel = f"{PACKAGE}/{f.relative_to(package).as_posix()}"
             files[rel] = hashlib.sha256(f.read_bytes()).hexdigest()
     blob = "".join(f"{k}\0{v}\n" for k, v in sorted(files.items()))
-    return {"sources": sources, "sha256": hashlib.sha256(blob.encode()).hexdigest(), "files": dict(sorted(files.items()))}
+    digest = hashlib.sha256(blob.encode()).hexdigest()
+    return {"sources": sources, "sha256": digest, "files": dict(sorted(files.items()))}
 
 
 def _write_if_changed(path: Path, text: str) -> bool:
@@ -308,6 +309,8 @@ def init_workspace(dest: str | Path, data: str | Path) -> str:
         raise WorkspaceError("git: not found on PATH (a workspace is a git + DVC repository)")
     dest = Path(dest).absolute()
     _check_dest(dest)
+    if Path(data).is_dir() and Path(data).resolve() in dest.resolve().parents:
+        raise WorkspaceError(f"{dest}: inside --data {data}; its outputs (PNG grids) would become training images")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.init-", dir=dest.parent))
     try:
         values = _write_files(tmp, Path(data))

@@ -121,6 +121,8 @@ def _bad_case(case: str, tmp: Path) -> tuple[list[str], str]:
     if case == "dest a file":
         (tmp / "ws").write_text("a file")
         return ["init", str(tmp / "ws"), "--data", str(good)], "not a folder"
+    if case == "dest inside data":
+        return ["init", str(good / "ws"), "--data", str(good)], "inside --data"
     if case == "data missing":
         return ["init", str(tmp / "ws"), "--data", str(tmp / "nowhere")], "no such folder"
     if case == "data a file":
@@ -138,7 +140,7 @@ def _bad_case(case: str, tmp: Path) -> tuple[list[str], str]:
     return ["init", str(tmp / "ws"), "--data", str(tmp / "bad")], "cannot read image"
 
 
-@pytest.mark.parametrize("case", ["dest not empty", "dest a file", "data missing", "data a file", "no images",
+@pytest.mark.parametrize("case", ["dest not empty", "dest a file", "dest inside data", "data missing", "data a file", "no images",
                                   "one image", "corrupt image"])
 def test_init_refuses_bad_input(tmp_path: Path, case: str) -> None:
     args, expected = _bad_case(case, tmp_path)
