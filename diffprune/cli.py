@@ -139,7 +139,8 @@ def stage_cmd(
 
 @app.command("run")
 def run_cmd(
-    params: ParamsOpt = Path("params.yaml"),
+    params: Annotated[Optional[Path],
+                      typer.Option("--params", "-p", help="params.yaml [default: ROOT/params.yaml]")] = None,
     root: RootOpt = Path("."),
     only: Annotated[Optional[str], typer.Option(help="comma-separated stage names to run (with what they need)")] = None,
     push: Annotated[bool, typer.Option(help="dvc commit + push the outputs when done")] = True,
@@ -147,6 +148,7 @@ def run_cmd(
     """Run the Prefect flow `prune-pipeline` (ephemeral server unless PREFECT_API_URL is set)."""
     from .config import load_params
 
+    params = params or root / "params.yaml"
     with _errors():
         load_params(params)  # fail fast, before any server starts
         from .flows.pipeline import prune_pipeline
@@ -155,6 +157,29 @@ def run_cmd(
                                 only=only.split(",") if only else None, push=push)
     typer.echo(result["table"])
     typer.echo(f"\nran: {', '.join(result['ran']) or '-'}\nskipped (unchanged): {', '.join(result['skipped']) or '-'}")
+
+
+@app.command("init")
+def init_cmd(
+    dest: Annotated[Path, typer.Argument(help="the new workspace folder (must not exist, or be empty)")],
+    data: Annotated[Path, typer.Option("--data", help="your folder of images (sub-folders = classes)")],
+) -> None:
+    """Create a self-contained workspace (git + DVC, params.yaml, dvc.yaml) for your image folder."""
+    from .workspace import init_workspace
+
+    with _errors():
+        summary = init_workspace(dest, data)
+    typer.echo(summary)
+
+
+@app.command("code-hash")
+def code_hash_cmd(root: RootOpt = Path(".")) -> None:
+    """Rewrite a workspace's .diffprune/code/STAGE.json from the installed package (its `code` stage)."""
+    from .workspace import refresh_code_hashes
+
+    with _errors():
+        changed = refresh_code_hashes(root.resolve())
+    typer.echo(f"code hashes changed: {', '.join(changed) or '-'}")
 
 
 @app.command("report")

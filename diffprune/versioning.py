@@ -211,10 +211,11 @@ def push_missing(root: str | Path, stages: Sequence[str] = ()) -> list[str]:
     return missing
 
 
-def save_experiment(root: str | Path, include: Sequence[str] = ()) -> str | None:
-    """``dvc exp save``: commit code, params, ``dvc.lock`` and the untracked files ``include`` (the
-    metrics, which git does not ignore) as a DVC experiment; returns its name. None outside git or
-    before the repository's first commit (an experiment needs a baseline commit)."""
+def save_experiment(root: str | Path, include: Sequence[str] = (), stages: Sequence[str] = ()) -> str | None:
+    """``dvc exp save [STAGES]``: commit code, params, ``dvc.lock`` and the untracked files ``include``
+    (the metrics, which git does not ignore) as a DVC experiment; returns its name. None outside git or
+    before the repository's first commit (an experiment needs a baseline commit). ``stages`` limits
+    DVC's caching to them (all when empty, which fails while another stage's outputs are absent)."""
     root = Path(root).resolve()
     if _git_toplevel(root) is None:
         return None
@@ -223,7 +224,7 @@ def save_experiment(root: str | Path, include: Sequence[str] = ()) -> str | None
         return None
     present = [p for p in include if (root / p).exists()]
     args = [a for p in present for a in ("--include-untracked", p)]
-    out = run_dvc(root, "exp", "save", "--force", *args).stdout
+    out = run_dvc(root, "exp", "save", "--force", *args, *stages).stdout
     words = [w.strip("'\".") for w in out.split() if w.strip("'\".")]
     return words[-1] if words else None
 

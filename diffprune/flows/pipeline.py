@@ -89,11 +89,12 @@ def _stages(root: Path, only: Optional[list[str]]) -> tuple[list[str], dict[str,
 
 
 def _pipeline(root: Path, params_path: str, only: Optional[list[str]], push: bool, log: logging.Logger) -> dict:
-    from diffprune import versioning
+    from diffprune import versioning, workspace
 
     stages, specs = _stages(root, only)
     with _lock(root, "dvc"):  # DVC allows one command at a time per repository
         versioning.ensure_dvc(root)
+        workspace.refresh_code_hashes(root)  # a workspace's code hashes (for dvc repro: its `code` stage)
         dirty = versioning.status(root, stages)
     ran: list[str] = []
     skipped: list[str] = []
@@ -112,7 +113,7 @@ def _pipeline(root: Path, params_path: str, only: Optional[list[str]], push: boo
                 versioning.commit_stage(root, name)
         ran.append(name)
     pushed = _push(root, stages, log) if push else []
-    experiment = _save_experiment(root, [o for s in stages for o in specs[s]["uncached"]], ran, log)
+    experiment = _save_experiment(root, [o for s in stages for o in specs[s]["uncached"]], ran, log, stages)
     table = metrics_table(root)
     _publish(root, table, log)
     return {"ran": ran, "skipped": skipped, "pushed": pushed, "experiment": experiment, "table": table}
@@ -170,15 +171,17 @@ def _push(root: Path, stages: list[str], log: logging.Logger) -> list[str]:
     return pushed
 
 
-def _save_experiment(root: Path, include: list[str], ran: list[str], log: logging.Logger) -> Optional[str]:
-    """Record code, params, dvc.lock and metrics as a DVC experiment (a git commit); its name, or
-    None outside git. A run that ran nothing records nothing new."""
+def _save_experiment(root: Path, include: list[str], ran: list[str], log: logging.Logger,
+                     stages: list[str]) -> Optional[str]:
+    """Record code, params, dvc.lock and metrics as a DVC experiment (a git commit) of ``stages``
+    (a run's ``--only`` leaves other stages without outputs); its name, or None outside git. A run
+    that ran nothing records nothing new."""
     from diffprune import versioning
 
     if not ran:
         return None
     with _lock(root, "dvc"):
-        ref = versioning.save_experiment(root, include)
+        ref = versioning.save_experiment(root, include, stages)
     if ref:
         log.info("run saved as DVC experiment %s (`dvc exp show`, `dvc exp apply %s`)", ref, ref)
     return ref
