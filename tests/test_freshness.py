@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from diffprune import versioning
 from diffprune.config import ConfigError
@@ -119,7 +120,10 @@ def test_a_folder_without_the_code_is_refused_up_front(tmp_path: Path, harness) 
 
 
 def test_a_tracked_param_left_to_its_default_is_refused_up_front(tmp_path: Path, harness) -> None:
-    root = make_project(tmp_path / "proj", code=True)  # the tiny params leave evaluate.sampler out
+    root = make_project(tmp_path / "proj", code=True)
+    doc = yaml.safe_load((root / "params.yaml").read_text())
+    del doc["evaluate"]["sampler"]  # a tracked param left out (to its default)
+    (root / "params.yaml").write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match=r"params.yaml lacks evaluate.sampler, which dvc.yaml's stages track"):
         _flow(root, ["dipgo"])
     assert not (root / "data").exists()
