@@ -182,15 +182,17 @@ class FinetuneConfig:
 @_section("dipgo")
 class DipgoConfig:
     target_ratio: Fraction = 0.33               # kept MACs / full MACs
-    steps: Int = Field(80, ge=1, le=1_000_000)  # <= 1e6: each step runs the full sampler
-    lr: Positive = 0.1
-    momentum: Decay = 0.9                       # SGD momentum
+    steps: Int = Field(100, ge=1, le=1_000_000)  # <= 1e6: each step runs the full sampler
+    lr: Positive = 0.2                          # the reference: 0.1, doubled by --scale_lr
+    momentum: Decay = 0.0                       # SGD momentum (the reference: none)
+    warmup_steps: Int = Field(10, ge=0, le=STEPS)  # linear lr warm-up, then cosine decay
+    clip_grad: Float = Field(1.0, ge=0.0)       # max gradient norm; 0 = no clipping
     weight_decay: Float = Field(1e-4, ge=0.0)
     alpha_s: Float = Field(1.0, ge=0.0)
-    dim: Int = Field(64, ge=1, le=WIDTH)        # query dimension D
+    dim: Int = Field(512, ge=1, le=WIDTH)       # query dimension D (heads: D -> D/4 -> D/4 -> 2)
     batch_size: Batch = 8
     pool_size: Int = Field(256, ge=0, le=BATCH)  # noises whose full-model samples are drawn once; 0 = fresh
-    loss: Literal["ssim", "l1", "l2"] = "ssim"
+    loss: Literal["ssim", "l1", "l2"] = "ssim"  # ssim: a window that fits the image (3 taps on 8 x 8)
     tolerance: Float = Field(0.0125, gt=0.0, lt=1.0)
     model_name: Name = "diffprune-dipgo"
     seed: Seed = 0

@@ -15,6 +15,8 @@ from diffprune.pruning.dipgo import OUTPUT, ConsistencyLoss, GatedRunner, GatePr
 from diffprune.pruning.dipgo import block_costs, block_graph, deepcache_for_ratio, deepcache_schedule, random_schedule
 from diffprune.pruning.dipgo import save_heatmap, schedule_from_scores, schedule_macs, skip_savings, ste_gates
 from diffprune.pruning.dipgo import train_pruner
+from diffprune.pruning.dipgo.gates import fitted_ssim_window
+from diffprune.pruning.dipgo.pruner import warmup_cosine
 from diffprune.sampling import ModelDenoiser, sample, trajectory
 from diffprune.training import TrainState
 
@@ -169,7 +171,7 @@ def test_executed_macs_equal_schedule_macs(model, ddim, kind):
 
 
 def test_skipping_schedule_changes_samples(model, ddim):
-    s = deepcache_schedule(model, T, interval=2, branch=1, sample_shape=SHAPE)
+    s = deepcache_schedule(model, T, interval=2, branch=0, sample_shape=SHAPE)
     kw = dict(num_images=2, sample_shape=SHAPE, steps=T, seed=0)
     assert not torch.equal(sample(ModelDenoiser(model), ddim, **kw), sample(SkipScheduleDenoiser(model, s), ddim, **kw))
 
@@ -230,15 +232,46 @@ def test_heatmap_png(model, tmp_path):
 
 
 def test_deepcache_schedule_structure(model):
-    s = deepcache_schedule(model, T, interval=3, branch=1, sample_shape=SHAPE)
+    """DeepCache recomputes the shallowest branch on the cached output of the up block before it."""
+    s = deepcache_schedule(model, T, interval=3, branch=0, sample_shape=SHAPE)
     ex = s.executed()
     assert ex[0] == ex[3] == [True] * 7
-    # shallow path only: down_0 (feeds up_2's skip) and up_2
-    assert ex[1] == [True, False, False, False, False, False, True]
-    with pytest.raises(ValueError, match="branch"):
+    # branch 0: down_0 and up_2 recomputed, up_1's output (the features entering up_2) reused
+    assert ex[1] == ex[2] == [True, False, False, False, False, False, True]
+    assert s.meta["cached"] == "up_1" and s.keep[1] == [True, True, True, True, True, False, True]
+    # the deeper branches: up_0's output entering up_1, then the mid block's entering up_0
+    deeper = deepcache_schedule(model, T, interval=3, branch=1, sample_shape=SHAPE)
+    assert deeper.meta["cached"] == "up_0"
+    assert deeper.executed()[1] == [True, True, False, False, False, True, True]
+    assert deepcache_schedule(model, T, 3, 2, SHAPE).meta["cached"] == "mid"
+    assert s.macs_ratio < deeper.macs_ratio < 1.0
+    with pytest.raises(ValueError, match="branch = 3"):
         deepcache_schedule(model, T, 2, 3, SHAPE)
     best = deepcache_for_ratio(model, T, 0.5, SHAPE)
     assert best.method == "deepcache" and abs(best.macs_ratio - 0.5) < 0.2
+
+
+def test_deepcache_never_reuses_the_whole_prediction(model):
+    """No DeepCache schedule caches the last up block (that would be 'fewer steps')."""
+    for branch in range(3):
+        s = deepcache_schedule(model, T, interval=2, branch=branch, sample_shape=SHAPE)
+        assert all(row[-1] for row in s.executed())
+
+
+@pytest.mark.parametrize("branch", [0, 1, 2])
+def test_deepcache_macs_counted_equal_predicted(model, ddim, branch):
+    s = deepcache_schedule(model, T, interval=2, branch=branch, sample_shape=SHAPE)
+    with MacCounter(model) as counter:
+        sample(SkipScheduleDenoiser(model, s), ddim, num_images=1, sample_shape=SHAPE, steps=T)
+    assert counter.total == schedule_macs(model, s, SHAPE)
+    assert counter.total == round(s.macs_ratio * block_costs(model, SHAPE).full * T)
+
+
+def test_deepcache_interval_1_is_the_teacher_bit_for_bit(model, ddim):
+    kw = dict(num_images=3, sample_shape=SHAPE, steps=T, seed=2)
+    s = deepcache_schedule(model, T, interval=1, branch=0, sample_shape=SHAPE)
+    assert s.macs_ratio == 1.0
+    assert torch.equal(sample(SkipScheduleDenoiser(model, s), ddim, **kw), sample(ModelDenoiser(model), ddim, **kw))
 
 
 @pytest.mark.parametrize("target", [0.2, 0.45, 0.7])
@@ -264,7 +297,33 @@ def test_initial_pruner_keeps_everything():
     p = GatePruner(num_steps=T, num_blocks=7, dim=16)
     gates = ste_gates(p())
     assert gates.shape == (T, 7) and torch.equal(gates, torch.ones(T, 7))
+    assert torch.equal(p(), torch.tensor([0.0, 1.0]).expand(T, 7, 2))  # last layer: weight 0, bias [0, 1]
     assert (p.keep_scores() > 0.5).all()
+
+
+def test_pruner_has_one_head_per_query():
+    """Each (step, block) query has its own MLP head: a loss on one logit reaches only its head."""
+    p = GatePruner(num_steps=3, num_blocks=4, dim=32, seed=1)
+    assert [tuple(w.shape) for w in p.weights] == [(12, 32, 8), (12, 8, 8), (12, 8, 2)]
+    with torch.no_grad():
+        p.weights[-1].normal_()
+    logits = p()
+    q = 1 * 4 + 2  # step 1, block 2
+    manual = p.queries[q]
+    for i, (w, b) in enumerate(zip(p.weights, p.biases)):
+        manual = manual @ w[q] + b[q]
+        manual = torch.relu(manual) if i < 2 else manual
+    assert torch.allclose(logits[1, 2], manual, atol=1e-6)
+    logits[1, 2, 1].backward()
+    for w in p.weights:
+        touched = (w.grad.flatten(1).abs().sum(1) > 0).nonzero().flatten().tolist()
+        assert touched == [q]
+
+
+def test_warmup_cosine_lr_factor():
+    f = warmup_cosine(3, 13)
+    assert [f(s) for s in range(3)] == pytest.approx([0.25, 0.5, 0.75])
+    assert f(3) == 1.0 and f(8) == pytest.approx(0.5) and f(13) == pytest.approx(0.0)
 
 
 def test_ste_gates_are_hard_forward_soft_backward():
@@ -279,6 +338,11 @@ def test_consistency_loss_kinds():
     a, b = torch.rand(2, 1, 8, 8) * 2 - 1, torch.rand(2, 1, 8, 8) * 2 - 1
     for kind in ("ssim", "l1", "l2"):
         assert ConsistencyLoss(kind)(a, a).abs() < 1e-6 < ConsistencyLoss(kind)(a, b)
+    feats = ConsistencyLoss("features", features=lambda x: x.flatten(1))
+    assert feats(a, a) == 0 < feats(a, b)
+    assert fitted_ssim_window(8, 8) == 3 and fitted_ssim_window(32, 32) == 11 and fitted_ssim_window(16, 20) == 7
+    with pytest.raises(ValueError, match="needs a feature map"):
+        ConsistencyLoss("features")
     with pytest.raises(NotImplementedError, match="unknown consistency loss"):
         ConsistencyLoss("lpips")
 
@@ -286,9 +350,14 @@ def test_consistency_loss_kinds():
 def test_training_reduces_kept_ratio_toward_target(model, sched_config, tmp_path):
     params = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [p.requires_grad for p in model.parameters()]
-    cfg = DipgoConfig(target_ratio=0.5, steps=12, batch_size=2, pool_size=4, dim=16, tolerance=0.05, alpha_s=4.0)
+    cfg = DipgoConfig(target_ratio=0.5, steps=12, batch_size=2, pool_size=4, dim=64, tolerance=0.05, alpha_s=4.0,
+                      lr=2.0, warmup_steps=2)
     schedule, info = train_pruner(model, sched_config, cfg, steps=T, sample_shape=SHAPE, progress=False)
     kept = [h["kept_ratio"] for h in info["history"]]
+    # the sparsity term at the full model: the kept MACs fraction of a step (sum of gamma), over steps 1..T-1
+    assert info["history"][0]["sparsity"] == pytest.approx(4.0 * sum(info["gamma"]), rel=1e-5)
+    assert [h["lr"] for h in info["history"][:3]] == pytest.approx([2.0 / 3, 4.0 / 3, 2.0])  # linear warm-up
+    assert all(h["grad_norm"] >= 0 for h in info["history"])
     assert kept[0] == 1.0 and kept[-1] < 0.9  # starts from the full model, prunes toward the target
     assert abs(info["history"][0]["consistency"]) < 1e-6  # the initial SubNet is the full model
     assert abs(schedule.macs_ratio - 0.5) <= 0.05
@@ -317,7 +386,7 @@ def test_pruner_training_resumes_to_the_same_schedule(tmp_path, monkeypatch):
     model = build_unet(TeacherConfig(block_out_channels=[8, 16, 16], attention=[False, True, False],
                                      norm_num_groups=4), DataConfig()).eval()
     sc = dict(build_scheduler(TeacherConfig()).config)
-    cfg = DipgoConfig(target_ratio=0.5, steps=4, batch_size=2, pool_size=4, dim=8)
+    cfg = DipgoConfig(target_ratio=0.5, steps=4, batch_size=2, pool_size=4, dim=8, tolerance=0.1)  # 4x7 gates: coarse
     kw = dict(steps=4, sample_shape=(1, 8, 8), progress=False, checkpoint_every=2)
     full, full_info = train_pruner(model, sc, cfg, work_dir=tmp_path / "a", **kw)
     real_save = TrainState.save

@@ -7,9 +7,7 @@ block whose consumers all reuse their backups is not needed and not computed, wh
 
 * :func:`schedule_from_scores` - keep the highest-scoring gates until the MACs hit a target
   (DiP-GO's post-processing: bisection on a score threshold);
-* :func:`deepcache_schedule` - DeepCache's uniform schedule (full step every ``interval`` steps,
-  otherwise reuse the up block at depth ``branch`` and compute only the shallow path);
-* :func:`random_schedule` - random scores at a given MACs ratio (a baseline).
+* :mod:`.baselines` - DeepCache's uniform schedule and random schedules at a given MACs ratio.
 """
 
 from __future__ import annotations
@@ -281,72 +279,6 @@ class _GateRanking:
                 if r >= target_ratio - tolerance:
                     break
         return chosen
-
-
-def deepcache_schedule(
-    model: nn.Module | BlockGraph,
-    num_steps: int,
-    interval: int,
-    branch: int,
-    sample_shape: Sequence[int],
-) -> Schedule:
-    """DeepCache's uniform schedule on a UNet graph.
-
-    Every ``interval`` steps (0, N, 2N, ...) the full model runs; at the other steps the up block at
-    depth ``branch`` reuses its backup (depth 0 = the last, full-resolution up block; depth L-1 =
-    the first, deepest one), so only the shallow path above it is computed: the up blocks after it
-    and the down blocks feeding their skip connections.
-    """
-    graph = block_graph(model)
-    ups = [i for i, n in enumerate(graph.block_names) if n.startswith("up_")]
-    if interval < 1:
-        raise ValueError(f"interval = {interval}: expected >= 1")
-    if not 0 <= branch < len(ups):
-        raise ValueError(f"branch = {branch}: expected in [0, {len(ups) - 1}] (up-block depth)")
-    cached = ups[len(ups) - 1 - branch]
-    N = len(graph.block_names)
-    keep = [[True] * N if t % interval == 0 else [k != cached for k in range(N)] for t in range(num_steps)]
-    costs = block_costs(graph, sample_shape)
-    ratio = gate_table_macs(graph.consumers, costs, keep) / (costs.full * num_steps)
-    return Schedule(
-        keep=keep, block_names=graph.block_names, consumers=graph.consumers, macs_ratio=ratio,
-        method="deepcache", meta={"interval": interval, "branch": branch},
-    )
-
-
-def deepcache_for_ratio(
-    model: nn.Module | BlockGraph, num_steps: int, target_ratio: float, sample_shape: Sequence[int]
-) -> Schedule:
-    """The DeepCache (interval, branch) whose MACs ratio is closest to ``target_ratio``."""
-    graph = block_graph(model)
-    n_up = sum(n.startswith("up_") for n in graph.block_names)
-    best: Optional[Schedule] = None
-    for interval in range(1, num_steps + 1):
-        for branch in range(n_up):
-            s = deepcache_schedule(graph, num_steps, interval, branch, sample_shape)
-            if best is None or abs(s.macs_ratio - target_ratio) < abs(best.macs_ratio - target_ratio):
-                best = s
-    assert best is not None
-    best.target_ratio = target_ratio
-    return best
-
-
-def random_schedule(
-    model: nn.Module | BlockGraph,
-    num_steps: int,
-    target_ratio: float,
-    sample_shape: Sequence[int],
-    *,
-    seed: int = 0,
-    tolerance: float = 0.0125,
-) -> Schedule:
-    """Uniformly random gates, thresholded to ``target_ratio`` like DiP-GO's scores."""
-    graph = block_graph(model)
-    g = torch.Generator().manual_seed(seed)
-    scores = torch.rand((num_steps, len(graph.block_names)), generator=g)
-    s = schedule_from_scores(scores, graph, block_costs(graph, sample_shape), target_ratio, tolerance, method="random")
-    s.meta["seed"] = seed
-    return s
 
 
 # ------------------------------------------------------------------------------- heatmap
