@@ -33,24 +33,18 @@ def _fail(message: str | BaseException, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+# errors raised by the input, by module: an exception of a class whose module was never imported
+# cannot have been raised, so they are looked up in sys.modules instead of importing mlflow, datasets
+# and PIL just to catch them (that alone took ~9 s per command)
+_USER_ERRORS = (("diffprune.config", "ConfigError"), ("diffprune.io", "ArtifactError"),
+                ("diffprune.data", "DataError"), ("diffprune.registry", "RegistryError"),
+                ("diffprune.versioning", "VersioningError"), ("PIL.Image", "DecompressionBombError"))
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the input (config, data, artifacts, registry, files): one line, exit 2."""
-    from PIL.Image import DecompressionBombError
-
-    from .config import ConfigError
-    from .data import DataError
-    from .io import ArtifactError
-    from .registry import RegistryError
-
-    errs: list[type[BaseException]] = [ConfigError, DataError, ArtifactError, RegistryError, OSError,
-                                       DecompressionBombError]
-    try:
-        from .versioning import VersioningError
-
-        errs.append(VersioningError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errs)
+    found = [getattr(sys.modules[mod], name) for mod, name in _USER_ERRORS if mod in sys.modules]
+    return (OSError, *found)
 
 
 def _file_in_traceback(e: BaseException) -> str | None:

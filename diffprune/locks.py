@@ -9,11 +9,11 @@ is refused (nothing is written through a link that leaves the project).
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from filelock import FileLock, Timeout
+import psutil
+from filelock import FileLock
 
 from .stages import safe_subpath
 
@@ -27,19 +27,11 @@ def stage_lock(root: Path, name: str) -> FileLock:
 
 @contextlib.contextmanager
 def exclusive_stage(root: Path, name: str, outs: Sequence[str] = ()) -> Iterator[bool]:
-    """Hold stage ``name``'s lock; yields True when another process produced all of ``outs`` (paths
-    relative to ``root``) while this one waited for the lock: the same stage with the same inputs
-    just ran, so the caller can reuse its outputs instead of computing them a second time."""
-    lock = stage_lock(root, name)
-    start = time.time()
-    try:
-        lock.acquire(timeout=0)
-        waited = False
-    except Timeout:
-        lock.acquire()
-        waited = True
-    try:
-        fresh = [safe_subpath(root, o) for o in outs]
-        yield waited and bool(fresh) and all(p.exists() and p.stat().st_mtime >= start for p in fresh)
-    finally:
-        lock.release()
+    """Hold stage ``name``'s lock; yields True when all of ``outs`` (paths relative to ``root``) were
+    written by another process since this one started: the same stage with the same inputs ran
+    concurrently (DVC runs one command per stage; a user started a second one), so the caller can
+    reuse its outputs instead of computing them a second time. Otherwise the caller runs the stage."""
+    started = psutil.Process().create_time()
+    with stage_lock(root, name):
+        paths = [safe_subpath(root, o) for o in outs]
+        yield bool(paths) and all(p.exists() and p.stat().st_mtime >= started for p in paths)

@@ -22,12 +22,9 @@ from .conftest import make_project
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=600):
-        yield
+@pytest.fixture
+def harness(prefect_harness):
+    """The session's Prefect test server (tests/conftest.py)."""
 
 
 def _flow(root: Path, only: list[str], push: bool = False, params: Path | None = None) -> dict:

@@ -155,7 +155,7 @@ def test_bad_model_names_are_refused_up_front(reg: dict[str, Any], name: str) ->
     with pytest.raises(registry.RegistryError, match="model name = "):
         _register(reg["root"], reg["root"] / "ckpt", name=name)
     with pytest.raises(registry.RegistryError, match="model name = "):
-        registry.promote(name, 1)
+        serving.promote(name, 1)
     if name:
         assert _cli("promote", name, "1", "--root", str(reg["root"])).exit_code == 2
 

@@ -36,10 +36,8 @@ def _cli(*args, cwd: Path, check=False):
 
 
 @pytest.fixture(scope="module")
-def flow_run(tmp_path_factory):
+def flow_run(tmp_path_factory, prefect_harness):
     """Run the whole flow once through Prefect (test harness server) on a tiny config."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from diffprune.flows.pipeline import prune_pipeline
 
     # evaluate.sampler: every param a stage tracks must be in params.yaml (DVC records them from there)
@@ -50,9 +48,8 @@ def flow_run(tmp_path_factory):
     subprocess.run(["git", "config", "user.email", "t@t"], cwd=root, check=True)
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
     subprocess.run([*git, "commit", "-qm", "project"], cwd=root, check=True)  # the experiments' baseline
-    with prefect_test_harness(server_startup_timeout=600):
-        first = prune_pipeline(params_path=str(root / "params.yaml"), root=str(root), push=False)
-        second = prune_pipeline(params_path=str(root / "params.yaml"), root=str(root), push=False)
+    first = prune_pipeline(params_path=str(root / "params.yaml"), root=str(root), push=False)
+    second = prune_pipeline(params_path=str(root / "params.yaml"), root=str(root), push=False)
     return root, first, second
 
 
@@ -110,17 +107,14 @@ def test_flow_registers_the_teacher_in_mlflow(flow_run):
     assert int(reg["version"]) == int(v.version)
 
 
-def test_changed_param_reruns_only_what_depends_on_it(flow_run):
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_changed_param_reruns_only_what_depends_on_it(flow_run, prefect_harness):
     from diffprune.flows.pipeline import prune_pipeline
 
     root, _, _ = flow_run
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["evaluate"]["num_samples"] = 30
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    with prefect_test_harness(server_startup_timeout=600):
-        third = prune_pipeline(params_path=str(root / "params.yaml"), root=str(root), push=False)
+    third = prune_pipeline(params_path=str(root / "params.yaml"), root=str(root), push=False)
     assert {"data", "teacher", "taylor", "finetune"} <= set(third["skipped"])
     assert {"evaluate@teacher", "evaluate@finetune", "evaluate@dipgo", "evaluate@experts"} <= set(third["ran"])
 

@@ -69,9 +69,8 @@ def test_sigkill_mid_training_resumes_and_matches(tmp_path, uninterrupted):
     assert _same(_weights(root), uninterrupted)
 
 
-def test_prefect_retries_an_injected_failure_and_resumes(tmp_path, uninterrupted, monkeypatch):
+def test_prefect_retries_an_injected_failure_and_resumes(tmp_path, uninterrupted, monkeypatch, prefect_harness):
     from prefect import flow
-    from prefect.testing.utilities import prefect_test_harness
 
     import diffprune.tasks.stages as tasks
     from diffprune.stages.core import run_data
@@ -94,8 +93,7 @@ def test_prefect_retries_an_injected_failure_and_resumes(tmp_path, uninterrupted
     def one():
         return task("teacher", str(root / "params.yaml"), str(root))
 
-    with prefect_test_harness(server_startup_timeout=600):
-        one()
+    one()
     # 12 checkpoints in an uninterrupted run; the retry resumed at 15, so 3 + 9 reports were made
     assert calls["n"] == 3 + 9
     assert _same(_weights(root), uninterrupted)
