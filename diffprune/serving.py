@@ -25,6 +25,8 @@ from mlflow.models import Model
 from .io import sha256_file, sha256_tree
 from .models.checkpoint import verify
 from .tracking import disable_pickle
+
+DEGENERATE_TAG = "diffprune.degenerate"  # the evaluation's verdict, tagged by the register stage (stages/core.py)
 from .registry import (MODEL_CODE, PYFUNC_LOADER, RegistryError, TAG_ARTIFACT, TAG_CODE, TAG_FORMAT, check_alias, get_version, model_version)
 
 
@@ -118,6 +120,9 @@ def promote(name: str, version: int | str, alias: str = "champion") -> dict[str,
     diffprune model (:func:`verify_model`); returns ``{name, version, alias, model_uri}``."""
     check_alias(alias)
     mv = get_version(name, version)
+    if reason := (mv.tags or {}).get(DEGENERATE_TAG):
+        raise RegistryError(f"models:/{name}/{mv.version} is marked degenerate by its evaluation ({reason}): "
+                            "promotion refused")
     with tempfile.TemporaryDirectory(prefix="diffprune-promote-") as tmp:
         _download(mv, Path(tmp))
         verify_model(mv, Path(tmp))

@@ -123,11 +123,11 @@ def commit_and_push(root: str | Path, stages: Sequence[str] | None = None, *,
     ``dvc push`` uploads them to the default remote when one is configured and ``push`` is set.
     """
     targets = list(stages or [])
-    run_dvc(root, "commit", "--force", "--quiet", *targets)
+    run_dvc(root, "commit", "--force", *targets)  # not --quiet: a failure must show its cause
     remote = default_remote(root)
     pushed = False
     if push and remote is not None:
-        run_dvc(root, "push", "--quiet", *targets)
+        run_dvc(root, "push", *targets)
         pushed = True
     return {"hashes": stage_hashes(root, targets or None), "remote": remote, "pushed": pushed}
 
@@ -207,7 +207,7 @@ def push_missing(root: str | Path, stages: Sequence[str] = ()) -> list[str]:
         return []
     missing = sorted(status(root, stages, cloud=True))
     if missing:
-        run_dvc(root, "push", "--quiet", *stages)
+        run_dvc(root, "push", *stages)
     return missing
 
 

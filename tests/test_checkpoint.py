@@ -53,3 +53,15 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, tiny_unet, monkeypatch
         save_model(tiny_unet, tmp_path / "ck")
     assert (tmp_path / "ck" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_the_same_model_writes_the_same_bytes(tmp_path, tiny_unet, tiny_scheduler):
+    """Byte-deterministic checkpoints: a set in the scheduler config and dict order do not leak into
+    the files (DVC and the registry's content hash read them)."""
+    cfg = dict(tiny_scheduler.config)
+    a = {**cfg, "_class_name": "DDPMScheduler", "extra_set": {"b", "a", "c", "d", "e", "f"}}
+    b = dict(reversed(list({**cfg, "_class_name": "DDPMScheduler", "extra_set": {"f", "e", "d", "c", "b", "a"}}.items())))
+    save_model(tiny_unet, tmp_path / "one", scheduler_config=a, meta={"x": 1, "y": 2})
+    save_model(tiny_unet, tmp_path / "two", scheduler_config=b, meta={"y": 2, "x": 1})
+    for name in ("model.safetensors", "config.json", "scheduler.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

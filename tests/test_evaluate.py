@@ -108,22 +108,39 @@ def test_quality_verdict_flags_noise_side_fid_and_chance_fidelity():
     assert quality_verdict({"fid": 1.0}, None, close, None) == {"degenerate": False, "verdict": "ok"}
 
 
-def test_a_degenerate_model_is_not_registered(tmp_path, monkeypatch):
-    from diffprune import registry
+def test_a_degenerate_model_is_tagged_and_its_promotion_refused(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from diffprune import registry, serving, tracking, versioning
     from diffprune.config import Params
     from diffprune.io import read_json, write_json
     from diffprune.stages.core import run_register
 
-    def boom(*a, **k):
-        raise AssertionError("a degenerate model reached the registry")
+    seen = {}
 
-    monkeypatch.setattr(registry, "register_model", boom)
-    (tmp_path / "models" / "teacher").mkdir(parents=True)
+    def fake_register(**kw):
+        seen.update(kw)
+        return {"name": kw["name"], "version": 3, "created": True}
+
+    monkeypatch.setattr(registry, "register_model", fake_register)
+    monkeypatch.setattr(tracking, "configure", lambda **kw: None)
+    monkeypatch.setattr(versioning, "stage_hashes", lambda root: {})
+    save_dir = tmp_path / "models" / "teacher"
+    save_dir.mkdir(parents=True)
+    (save_dir / "model.safetensors").write_bytes(b"x")
     write_json(tmp_path / "models" / "eval" / "teacher" / "metrics.json",
-               {"fid": 40.0, "degenerate": True, "verdict": "FID 40 is on the noise side"})
+               {"fid": 40.0, "degenerate": True, "verdict": "FID 40 is on the noise side",
+                "feature_extractor": "featnet"})
     out = run_register(Params(), tmp_path, "teacher")
-    assert out == {"registered": False, "target": "teacher", "refused": "FID 40 is on the noise side"}
+    assert seen["tags"][serving.DEGENERATE_TAG] == "FID 40 is on the noise side"
+    assert out[serving.DEGENERATE_TAG] == "FID 40 is on the noise side"
     assert read_json(tmp_path / "models" / "registry" / "teacher.json") == out
+    # promote refuses it before downloading anything
+    monkeypatch.setattr(serving, "get_version", lambda n, v: SimpleNamespace(
+        version=3, tags={serving.DEGENERATE_TAG: "FID 40 is on the noise side"}))
+    monkeypatch.setattr(serving, "_download", lambda *a: (_ for _ in ()).throw(AssertionError("downloaded")))
+    with pytest.raises(registry.RegistryError, match="marked degenerate.*noise side.*promotion refused"):
+        serving.promote("diffprune-teacher", 3)
 
 
 def test_report_rows_with_every_column_keep_the_display_columns_first(tmp_path):

@@ -154,14 +154,18 @@ def save_model(model: nn.Module, path: str | Path, *, scheduler_config: dict | N
             "sha256": sha256_file(tmp / WEIGHTS),
             "meta": meta or {},
         }
-        (tmp / CONFIG).write_text(json.dumps(doc, indent=1, default=_json_default))
+        # sorted keys and sets: the same model writes the same bytes (DVC and the registry hash them)
+        (tmp / CONFIG).write_text(json.dumps(doc, indent=1, sort_keys=True, default=_json_default))
         if scheduler_config is not None:
-            (tmp / SCHEDULER).write_text(json.dumps(dict(scheduler_config), indent=1, default=_json_default))
+            (tmp / SCHEDULER).write_text(json.dumps(dict(scheduler_config), indent=1, sort_keys=True,
+                                                    default=_json_default))
     return path
 
 
 def _json_default(o: Any) -> Any:
-    if isinstance(o, (tuple, set)):
+    if isinstance(o, (set, frozenset)):
+        return sorted(o, key=str)
+    if isinstance(o, tuple):
         return list(o)
     if hasattr(o, "item"):
         return o.item()

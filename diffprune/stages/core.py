@@ -229,7 +229,7 @@ def _speedup(p: Params, root: Path, loaded, sched, device) -> dict:
 def run_register(p: Params, root: Path, target: str = "teacher", **_: Any) -> dict:
     """Log the evaluated model to MLflow and register it (idempotent by content hash: weights,
     architecture and scheduler config, never the checkpoint's timings or sources)."""
-    from .. import registry, tracking, versioning  # glue modules; imported lazily to keep library imports light
+    from .. import registry, serving, tracking, versioning  # glue modules; imported lazily (light library imports)
 
     tgt = get_target(target)
     paths = target_paths(root, target)
@@ -238,11 +238,9 @@ def run_register(p: Params, root: Path, target: str = "teacher", **_: Any) -> di
             raise ConfigError(f"{path}: the {target} model's {name} is missing (run its stages first)")
     ev = eval_dir(root, target)
     metrics = read_json(ev / "metrics.json")
-    if metrics.get("degenerate"):  # never offered to the registry: a one-line reason instead
-        log.warning("not registering %s: %s", target, metrics["verdict"])
-        refused = {"registered": False, "target": target, "refused": metrics["verdict"]}
-        write_json(safe_subpath(root, f"models/registry/{target}.json"), refused)
-        return refused
+    verdict = {serving.DEGENERATE_TAG: metrics["verdict"]} if metrics.get("degenerate") else {}
+    if verdict:  # registered for the record, but `promote` refuses it (serving.promote)
+        log.warning("registering %s marked degenerate (promotion refused): %s", target, metrics["verdict"])
     content = registry.model_content_hash(paths)
     dvc_hashes = versioning.stage_hashes(root) if (root / "dvc.lock").exists() else {}
     tags = {f"dvc.{k}": v for k, v in dvc_hashes.items() if k in (DATASET, *tgt.paths.values())}
@@ -254,11 +252,11 @@ def run_register(p: Params, root: Path, target: str = "teacher", **_: Any) -> di
         sampler=p.evaluate.sampler, steps=p.evaluate.steps, batch_size=p.evaluate.batch_size,
         params={s: to_dict(p.section(s)) for s in (*tgt.sections, "evaluate")},
         metrics=numeric, artifacts=[ev / "grid.png", ev / "metrics.json"],
-        tags={**tags, "feature_extractor": metrics["feature_extractor"], "target": target},
+        tags={**tags, **verdict, "feature_extractor": metrics["feature_extractor"], "target": target},
         experiment=p.register.experiment, content_hash=content,
     )
-    write_json(safe_subpath(root, f"models/registry/{target}.json"), dict(info))
-    return dict(info)
+    write_json(safe_subpath(root, f"models/registry/{target}.json"), {**info, **verdict})
+    return {**info, **verdict}
 
 
 # ----------------------------------------------------------------------------- benchmarks
