@@ -107,6 +107,7 @@ def test_flow_registers_the_teacher_in_mlflow(flow_run):
     assert int(reg["version"]) == int(v.version)
 
 
+@pytest.mark.slow  # ~65 s: a third pipeline run; test_freshness.py covers stage-level freshness in `make test`
 def test_changed_param_reruns_only_what_depends_on_it(flow_run, prefect_harness):
     from diffprune.flows.pipeline import prune_pipeline
 
@@ -119,6 +120,7 @@ def test_changed_param_reruns_only_what_depends_on_it(flow_run, prefect_harness)
     assert {"evaluate@teacher", "evaluate@finetune", "evaluate@dipgo", "evaluate@experts"} <= set(third["ran"])
 
 
+@pytest.mark.slow  # ~30 s: the whole pipeline through dvc repro; test_freshness.py and test_workspace.py run dvc repro
 def test_dvc_repro_reproduces_the_pipeline(tmp_path):
     root = make_project(tmp_path / "proj", code=True)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)

@@ -162,6 +162,7 @@ def test_cli_refuses_bad_params_and_writes_nothing(tmp_path, override):
     assert sorted(p.name for p in root.iterdir()) == ["dvc.yaml", "params.yaml"]
 
 
+@pytest.mark.slow  # ~60 s: two whole CLI runs; `make test` keeps the per-stage lock test in test_hostile.py
 def test_two_runs_at_once_with_the_same_config_compute_each_stage_once(tmp_path):
     """Both runs finish; every stage is computed by exactly one of them and reused by the other (on the
     spine's stages: the property is per stage, and the whole pipeline twice at once takes minutes)."""
