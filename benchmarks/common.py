@@ -37,10 +37,10 @@ from diffprune.config import Params, fingerprint, load_params, resolve_device, t
 from diffprune.data import load_split
 from diffprune.env import quiet_defaults
 from diffprune.io import atomic_path, read_json, write_json
-from diffprune.metrics.evaluate import evaluate, latency_probe, paired_latency
+from diffprune.metrics.evaluate import compare_to_teacher, evaluate, latency_probe, paired_latency
 from diffprune.metrics.fid import fid, get_extractor
 from diffprune.metrics.image import psnr
-from diffprune.models.checkpoint import load_model, save_model
+from diffprune.models.checkpoint import load_model, load_scheduler_config, read_config, save_model
 from diffprune.models.unet import build_scheduler, build_unet, sampling_scheduler
 from diffprune.sampling import Denoiser, ModelDenoiser, sample
 from diffprune.stages.core import DATASET, FEATURES, run_data, run_features, work_dir
@@ -249,7 +249,7 @@ class Bench:
         metrics, x = evaluate(denoiser, self.sampler(), modules, self.protocol(steps), self.extractor,
                               self.train_feats, sample_shape=self.sample_shape, reference=t_samples,
                               device=self.device, progress=False)
-        metrics |= _vs(metrics, t_metrics)
+        metrics |= compare_to_teacher(metrics, t_metrics)
         metrics |= paired_latency(latency_probe(denoiser, self.sampler(), self.protocol(steps), self.sample_shape,
                                                 self.device),
                                   latency_probe(ModelDenoiser(self.teacher), self.sampler(), self.protocol(),
@@ -260,12 +260,6 @@ class Bench:
             save_file({"psnr": per.contiguous()}, str(tmp))
         write_json(cache / "result.json", {"metrics": metrics, "extra": extra or {}})  # last: marks it done
         return Run(method, metrics, per.numpy(), extra or {})
-
-
-def _vs(metrics: dict, teacher: dict) -> dict:
-    from diffprune.metrics.evaluate import compare_to_teacher
-
-    return compare_to_teacher(metrics, teacher)
 
 
 def setup(name: str, root: Path, p: Params, *, teacher_steps: int, progress: bool = True) -> Bench:
@@ -282,8 +276,6 @@ def setup(name: str, root: Path, p: Params, *, teacher_steps: int, progress: boo
     teacher = load_model(teacher_dir, device).eval()
     images, _ = load_split(root / DATASET, "train")
     extractor = get_extractor(root / FEATURES, p.evaluate.inception_weights, device)
-    from diffprune.models.checkpoint import load_scheduler_config, read_config
-
     key = fingerprint(read_config(teacher_dir)["sha256"], p.data, p.evaluate)
     info = {**info, "fid_floor": read_json(root / FEATURES / "floor.json")["fid_floor"]}
     return Bench(name, p, root, device, teacher, teacher_dir, info, load_scheduler_config(teacher_dir), images,
