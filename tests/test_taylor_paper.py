@@ -12,16 +12,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from diffprune.config import TaylorConfig
 from diffprune.metrics.cost import num_parameters
+from diffprune.models.unet import CIFAR10_DDPM
 from diffprune.pruning.taylor import prune_unet
-
-# config.json of google/ddpm-cifar10-32 (diffusers 0.0.4), every architectural key
-CIFAR10_DDPM = dict(
-    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32, norm_eps=1e-6,
-    attention_head_dim=None, act_fn="silu", center_input_sample=False, downsample_padding=0, flip_sin_to_cos=False,
-    freq_shift=1, mid_block_scale_factor=1, time_embedding_type="positional",
-)
 
 
 def _within(value: float, paper: float, rel: float = 0.05) -> bool:

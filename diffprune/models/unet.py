@@ -85,3 +85,14 @@ def load_pretrained(name_or_path: str) -> tuple[UNet2DModel, DDPMScheduler]:
     except (OSError, ValueError, EnvironmentError) as e:
         raise ConfigError(f"teacher.pretrained = {name_or_path!r}: cannot load its scheduler ({e})") from e
     return unet, scheduler
+
+
+# config.json of google/ddpm-cifar10-32 (diffusers 0.0.4), every architectural key: the real
+# architecture of the Diff-Pruning paper's CIFAR-10 table, built locally (counting needs no weights)
+CIFAR10_DDPM: dict = dict(
+    sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32, norm_eps=1e-6,
+    attention_head_dim=None, act_fn="silu", center_input_sample=False, downsample_padding=0, flip_sin_to_cos=False,
+    freq_shift=1, mid_block_scale_factor=1, time_embedding_type="positional",
+)
