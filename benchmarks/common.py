@@ -76,10 +76,10 @@ def start(name: str, *, quick: bool, root: Path, out: Path, overrides: dict[str,
     quiet_defaults()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     steps = QUICK_TEACHER_STEPS if quick else BENCH_TEACHER_STEPS
+    p = bench_params(root, overrides)  # a smoke run reads the project's params, writes to its own folder
     if quick:
         root, out = QUICK_ROOT, QUICK_ROOT / "results"
         root.mkdir(parents=True, exist_ok=True)
-    p = bench_params(root, overrides)
     return setup(name, root, p, teacher_steps=steps, progress=progress), out
 
 
