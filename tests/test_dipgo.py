@@ -285,6 +285,22 @@ def test_bisection_reaches_target_within_tolerance(model, target):
     assert schedule_macs(model, s, SHAPE) == pytest.approx(s.macs_ratio * block_costs(model, SHAPE).full * steps)
 
 
+def test_a_target_between_whole_steps_is_reached_by_swapping_gates(model):
+    """Scores that rank the last block lowest at every step: every other gate is free (its output is
+    not needed while the last block is reused), and keeping any last-block gate adds a whole step.
+    The rank-order fill alone stalls one step short of the band; the swap drops the step's
+    lowest-ranked gates to land in it."""
+    g = block_graph(model)
+    steps, costs = 4, block_costs(model, SHAPE)
+    last = g.block_names.index(g.block_names[-1])
+    scores = torch.linspace(1.0, 0.5, steps * 7).reshape(steps, 7)
+    scores[:, last] = torch.linspace(0.2, 0.1, steps)
+    target = 0.62  # step 0 alone is 0.25, whole steps give 0.5 / 0.75
+    s = schedule_from_scores(scores, g, costs, target, tolerance=0.0125)
+    assert abs(s.macs_ratio - target) <= 0.0125
+    assert schedule_macs(model, s, SHAPE) == pytest.approx(s.macs_ratio * costs.full * steps)
+
+
 def test_bisection_unreachable_target_raises(model):
     g = block_graph(model)
     with pytest.raises(ValueError, match="minimum possible"):
