@@ -58,9 +58,6 @@ QUICK: dict[str, Any] = {
 }
 
 
-HISTORIES: dict[str, list[dict]] = {}  # the pruner's loss history per point (tag -> records), for the curves
-
-
 def plot_histories(histories: dict[str, list[dict]], png: Path) -> None:
     """The pruner's consistency loss and kept-MACs ratio over its training steps, one line per point."""
     import matplotlib
@@ -102,7 +99,6 @@ def point(b: Bench, out: Path, steps: int, target: float, progress: bool) -> dic
     inner = target * full / steps  # the same MACs as a ratio of the shorter trajectory's
     schedule, info = train_schedule(b, steps, inner, progress)
     tag = f"T{steps}_r{target}"
-    HISTORIES[tag] = info.get("history", [])
     schedule.save(out / f"dipgo_schedule_{tag}.json")
     save_heatmap(schedule, out / f"dipgo_schedule_{tag}.png")
     deepcache = deepcache_for_ratio(b.teacher, steps, inner, b.sample_shape)
@@ -163,7 +159,9 @@ def main(
     series["fewer-steps"] = list({runs["fewer-steps"].extra["steps"]: runs["fewer-steps"] for runs in grid.values()}.values())
     plot_pareto(series, out / "dipgo.png", "DiP-GO vs baselines (paired fidelity and FID vs MACs)",
                 b.reference()[0]["fid"])
-    plot_histories(HISTORIES, out / "dipgo_pruner_curves.png")
+    histories = {f"T{s}_r{r}": train_schedule(b, s, r * p.evaluate.steps / s, progress)[1]["history"]
+                 for s, r in grid}  # cached: read back from each point's info.json
+    plot_histories(histories, out / "dipgo_pruner_curves.png")
 
 
 if __name__ == "__main__":

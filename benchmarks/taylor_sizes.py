@@ -10,7 +10,7 @@ params, 6.1G -> 3.4G MACs) and the digits teacher of ``params.yaml``. Writes
 Usage::
 
     python -m benchmarks.taylor_sizes            # the table (about a minute)
-    python -m benchmarks.taylor_sizes --quick    # ratios 0.3 and 0.5 only
+    python -m benchmarks.taylor_sizes --quick    # ratios 0.3 and 0.5 only, in .work/bench-quick
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from diffprune.io import atomic_path
 from diffprune.models.unet import CIFAR10_DDPM, build_unet
 from diffprune.pruning.taylor import prune_unet
 
+from benchmarks import common
 from benchmarks.common import REPO
 from benchmarks.tables import write_results
 
@@ -85,6 +86,8 @@ def main(
 ) -> None:
     """Prune both architectures at every ratio and write the table."""
     ratios = (0.3, 0.5) if quick else RATIOS
+    if quick:  # a smoke run never overwrites the real table
+        out = common.QUICK_ROOT / "results"
     p = load_params(root / "params.yaml")
     torch.manual_seed(0)
     cifar = UNet2DModel(**CIFAR10_DDPM).eval()

@@ -302,7 +302,7 @@ class _GateRanking:
                 droppable.remove(drop)
                 trial.remove(drop)
             r = self.ratio(trial)
-            if current < r <= target_ratio + tolerance:
+            if current < r <= top:
                 chosen, current = trial, r
         return chosen
 
