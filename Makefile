@@ -10,6 +10,8 @@ INSTALLED := $(VENV)/.installed
 QUIET := $(BIN)/python -m diffprune.env
 export PYTHONUNBUFFERED := 1
 
+# the demo's workspace (`diffprune init`): its own git + DVC repository, outside this checkout's history
+DEMO ?= runs/demo
 PREFECT_PORT ?= 4200
 MLFLOW_PORT ?= 5000
 BENCHES := $(patsubst benchmarks/%.py,%,$(filter-out benchmarks/__init__.py benchmarks/common.py benchmarks/tables.py,$(wildcard benchmarks/*.py)))
@@ -24,8 +26,8 @@ $(INSTALLED): pyproject.toml
 setup: $(INSTALLED)
 
 demo: setup
-	@$(BIN)/python -m diffprune.versioning init-demo
-	time $(QUIET) $(BIN)/diffprune run
+	@test -d $(DEMO)/.dvc || (mkdir -p $(dir $(DEMO)) && $(BIN)/diffprune init $(DEMO) --data digits)
+	cd $(DEMO) && time $(CURDIR)/$(BIN)/python -m diffprune.env $(CURDIR)/$(BIN)/diffprune run
 
 test: setup
 	$(QUIET) $(BIN)/python -m pytest -q
@@ -41,8 +43,8 @@ $(addprefix bench-,$(BENCHES)): bench-%: setup
 ui: setup
 	@mkdir -p .work
 	@nohup $(QUIET) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > .work/prefect-server.log 2>&1 &
-	@nohup $(QUIET) $(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) --backend-store-uri sqlite:///$(CURDIR)/mlruns.db \
-		--default-artifact-root $(CURDIR)/mlartifacts > .work/mlflow-ui.log 2>&1 &
+	@nohup $(QUIET) $(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) --backend-store-uri sqlite:///$(CURDIR)/$(DEMO)/mlruns.db \
+		--default-artifact-root $(CURDIR)/$(DEMO)/mlartifacts > .work/mlflow-ui.log 2>&1 &
 	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)   (export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api to run flows against it)"
 	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "logs in .work/; stop both with: make ui-stop"
@@ -52,5 +54,5 @@ ui-stop:
 	-pkill -f "mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT)"
 
 clean:
-	rm -rf data/dataset data/*.json models/* .work mlruns.db mlartifacts
+	rm -rf $(DEMO) data/dataset data/*.json models/* .work mlruns.db mlartifacts
 	@touch models/.gitkeep

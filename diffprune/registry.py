@@ -175,6 +175,33 @@ def get_version(name: str, version: int | str) -> ModelVersion:
         raise RegistryError(f"model {name!r} version {version!r}: not in the registry ({_first_line(e)})") from e
 
 
+def missing_version(record: Mapping[str, Any]) -> str | None:
+    """Why the version a ``models/registry/TARGET.json`` record names is not in the registry MLflow
+    points at (absent, or another run's version of that number after the store was replaced); None
+    when it is there."""
+    try:
+        found = get_version(record["name"], record["version"])
+    except (RegistryError, KeyError, TypeError) as e:
+        return str(e)
+    if record.get("run_id") and found.run_id != record["run_id"]:
+        return (f"model {record['name']!r} version {record['version']} is run {found.run_id} in the registry, "
+                f"not the recorded run {record['run_id']}")
+    return None
+
+
+def tag_version_commit(name: str, version: int | str, commit: str, git_tag: str | None,
+                       experiment: str | None = None) -> None:
+    """Write the run's commit into a version's tags (``git_commit``; ``git_dirty`` false: the commit holds
+    the run's inputs) with the git tag and the DVC experiment naming it."""
+    if not re.fullmatch(r"[0-9a-f]{40,64}", commit or ""):
+        raise ValueError(f"commit = {commit!r}: expected a git commit id")
+    client = MlflowClient()
+    tags = {"git_commit": commit, "git_dirty": "false", **({"diffprune.git_tag": git_tag} if git_tag else {}),
+            **({"diffprune.experiment": experiment} if experiment else {})}
+    for key, value in tags.items():
+        client.set_model_version_tag(check_name(name), check_version(version), key, value)
+
+
 def model_version(uri: str) -> ModelVersion:
     """The registry entry of ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``."""
     m = _MODEL_URI.match(uri) if isinstance(uri, str) else None
@@ -251,11 +278,12 @@ def _registered(version: ModelVersion, run_id: str | None, created: bool) -> Reg
             "model_uri": f"models:/{version.name}/{version.version}", "created": created}
 
 
-def _version_tags(tags: Mapping[str, Any], content: str, kind: str) -> dict[str, str]:
-    """Step 3: run and version tags: the caller's (redacted), the code state, the identity."""
+def _version_tags(tags: Mapping[str, Any], content: str, kind: str, root: Path | None) -> dict[str, str]:
+    """Step 3: run and version tags: the caller's (redacted), the state of the run's git repository
+    (``root``'s, else the package's; a run that records itself replaces it with its commit), the identity."""
     from .mlflow_model import SPEC_FORMAT
 
-    commit, dirty = git_commit()
+    commit, dirty = git_commit(root)
     out = safe_tags(tags) | {"git_commit": commit, TAG_CONTENT: content, "kind": kind, TAG_FORMAT: SPEC_FORMAT}
     if dirty is not None:
         out["git_dirty"] = str(dirty).lower()
@@ -305,7 +333,7 @@ def _log_pyfunc(model_dir: Path, pyfunc_artifacts: Mapping[str, Path], steps: in
 def register_model(*, name: str, model_dir: Path, params: Any, metrics: Mapping[str, Any], artifacts: list[Path],
                    tags: Mapping[str, Any], experiment: str, content_hash: str | None = None,
                    extra_dirs: Mapping[str, Path] | None = None, kind: str = "unet", sampler: str = "ddim",
-                   steps: int = 50, batch_size: int = 256) -> Registered:
+                   steps: int = 50, batch_size: int = 256, root: Path | None = None) -> Registered:
     """Log a run with the model and register it as a new version of ``name`` (idempotent).
 
     When a version of ``name`` tagged ``content_hash`` already exists nothing is logged and that
@@ -323,6 +351,8 @@ def register_model(*, name: str, model_dir: Path, params: Any, metrics: Mapping[
         extra_dirs: more pyfunc artifacts by name (a skip-schedule JSON, a folder of experts).
         kind: the :data:`diffprune.targets.KINDS` entry that rebuilds the denoiser.
         sampler, steps, batch_size: the served model's sampling defaults (``steps`` per request).
+        root: the project the model comes from: its git commit (and whether its inputs were
+            uncommitted) is tagged; default the package's own repository.
     """
     check_name(name)
     extra = _checked_extras(kind, sampler, steps, batch_size, extra_dirs)
@@ -332,7 +362,7 @@ def register_model(*, name: str, model_dir: Path, params: Any, metrics: Mapping[
     existing = find_version(name, content)
     if existing is not None:
         return _registered(existing, existing.run_id, created=False)
-    version_tags = _version_tags(tags, content, kind)
+    version_tags = _version_tags(tags, content, kind, root)
     with tempfile.TemporaryDirectory(prefix="diffprune-pyfunc-") as tmp, mlflow.start_run(
         experiment_id=ensure_experiment(experiment), run_name=f"{name}-{content[:12]}", tags=version_tags,
         nested=mlflow.active_run() is not None,

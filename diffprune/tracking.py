@@ -69,12 +69,16 @@ def disable_pickle() -> None:
     os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
 
 
+TRACKING_ENV = "DIFFPRUNE_TRACKING_URI"  # the registry every run points at, when not the root's own
+
+
 def configure(tracking_uri: str | None = None, root: str | Path = ".",
               artifact_root: str | Path | None = None) -> str:
     """Point MLflow (tracking and registry) at ``tracking_uri``; returns the URI in use.
 
     Args:
-        tracking_uri: default ``sqlite:///<root>/mlruns.db``. Exported as ``MLFLOW_TRACKING_URI``, so
+        tracking_uri: default ``$DIFFPRUNE_TRACKING_URI`` when set (a registry shared by clones and
+            workspaces), else ``sqlite:///<root>/mlruns.db``. Exported as ``MLFLOW_TRACKING_URI``, so
             subprocesses (``mlflow models serve``, Prefect workers) inherit it.
         root: the project folder holding the default database and artifact store.
         artifact_root: where experiments created from now on keep their artifacts; default
@@ -85,6 +89,7 @@ def configure(tracking_uri: str | None = None, root: str | Path = ".",
     disable_pickle()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep task logs readable
     root = Path(root).resolve()
+    tracking_uri = tracking_uri or os.environ.get(TRACKING_ENV) or None
     if tracking_uri is None:
         root.mkdir(parents=True, exist_ok=True)
         tracking_uri = f"sqlite:///{root / DEFAULT_DB}"
@@ -186,21 +191,35 @@ def safe_tags(tags: Mapping[str, Any]) -> dict[str, str]:
 
 
 def git_commit(cwd: str | Path | None = None) -> tuple[str, bool | None]:
-    """``(HEAD commit, dirty)`` of the repository holding this package (else ``cwd``).
+    """``(HEAD commit, dirty)`` of the git repository holding ``cwd`` (a project), else of the one
+    holding this package; ``("unknown", None)`` outside git.
 
-    ``("unknown", None)`` outside git.
+    For a project, ``dirty`` counts only uncommitted changes to its inputs: not the files a run writes
+    itself (``dvc.lock``, the metrics and reports ``dvc.yaml`` declares, DVC's ``.gitignore`` files).
     """
-    for where in (Path(__file__).resolve().parent, Path(cwd or ".").resolve()):
+    places = ([Path(cwd).resolve()] if cwd is not None else []) + [Path(__file__).resolve().parent]
+    for where in places:
         try:
             head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True)
-            if head.returncode != 0:
-                continue
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                                   capture_output=True, text=True)
-            return head.stdout.strip(), (bool(dirty.stdout.strip()) if dirty.returncode == 0 else None)
         except OSError:  # git not installed
             break
+        if head.returncode == 0:
+            return head.stdout.strip(), _dirty(where, project=where == places[0] and cwd is not None)
     return "unknown", None
+
+
+def _dirty(where: Path, project: bool) -> bool | None:
+    from .versioning import dirty_paths
+
+    managed: list[str] = []
+    if project and (where / "dvc.yaml").is_file():
+        from .flows.specs import stage_specs
+
+        managed = [o for spec in stage_specs(where).values() for o in spec["uncached"]]
+    try:
+        return bool(dirty_paths(where, managed))
+    except OSError:
+        return None
 
 
 # ----------------------------------------------------------------------------- registry

@@ -26,6 +26,7 @@ from typing import Any, Sequence, TypedDict
 import yaml
 
 LOCK_FILE = "dvc.lock"
+WORKSPACE_SOURCES = ".diffprune/sources.json"  # written by `diffprune init` only: marks a workspace
 
 
 class VersioningError(RuntimeError):
@@ -105,6 +106,15 @@ def configure_remote(root: str | Path, remote_dir: str | Path, name: str = "loca
     remote = Path(remote_dir).resolve()
     remote.mkdir(parents=True, exist_ok=True)
     run_dvc(root, "remote", "add", "--local", "--default", "--force", name, str(remote))
+    return name
+
+
+def configure_relative_remote(root: str | Path, folder: str, name: str = "local") -> str:
+    """Make ``root/folder`` the default remote ``name`` in the committed ``.dvc/config``, by a path
+    relative to it: a moved workspace keeps its remote; a clone has its own (empty) one until it is
+    given the original's (``dvc remote add -d --local NAME PATH``)."""
+    (Path(root) / folder).mkdir(parents=True, exist_ok=True)
+    run_dvc(root, "remote", "add", "--default", "--force", name, folder)  # DVC stores it relative to .dvc/
     return name
 
 
@@ -217,16 +227,114 @@ def save_experiment(root: str | Path, include: Sequence[str] = (), stages: Seque
     before the repository's first commit (an experiment needs a baseline commit). ``stages`` limits
     DVC's caching to them (all when empty, which fails while another stage's outputs are absent)."""
     root = Path(root).resolve()
-    if _git_toplevel(root) is None:
-        return None
-    head = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=root, capture_output=True, text=True)
-    if head.returncode != 0:
+    if _git_toplevel(root) is None or git(root, "rev-parse", "--verify", "-q", "HEAD", check=False).returncode:
         return None
     present = [p for p in include if (root / p).exists()]
     args = [a for p in present for a in ("--include-untracked", p)]
     out = run_dvc(root, "exp", "save", "--force", *args, *stages).stdout
     words = [w.strip("'\".") for w in out.split() if w.strip("'\".")]
     return words[-1] if words else None
+
+
+# ----------------------------------------------------------------------------- a run as a commit
+
+class RunRecord(TypedDict):
+    """Where a pipeline run was recorded (:func:`record_run`)."""
+
+    commit: str | None       # the git commit holding the run's code, params, dvc.lock and metrics
+    experiment: str | None   # the DVC experiment's name (source checkouts), None for a workspace commit
+    mode: str                # "commit" (a workspace's branch), "experiment" (dvc exp save) or "none"
+
+
+def git(root: str | Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run ``git ARGS`` in ``root`` as the user (diffprune's identity when git knows none)."""
+    who = [] if subprocess.run(["git", "config", "user.email"], cwd=root, capture_output=True).returncode == 0 \
+        else ["-c", "user.name=diffprune", "-c", "user.email=diffprune@localhost"]
+    proc = subprocess.run(["git", *who, *args], cwd=Path(root), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise VersioningError(f"`git {' '.join(args)}` failed in {root} (exit {proc.returncode}):\n"
+                              f"{_tail(proc.stderr or proc.stdout)}")
+    return proc
+
+
+def is_workspace(root: str | Path) -> bool:
+    """A workspace made by ``diffprune init`` (its git repository is diffprune's to commit to)."""
+    top = _git_toplevel(Path(root).resolve())
+    return top == Path(root).resolve() and (Path(root) / WORKSPACE_SOURCES).is_file()
+
+
+def commit_workspace(root: str | Path, message: str) -> str:
+    """Commit everything git does not ignore in the workspace ``root`` (params, dvc.lock, metrics, code
+    hashes: the run's whole record) on its current branch; returns HEAD (unchanged when nothing changed)."""
+    git(root, "add", "-A", "--", ".")
+    if git(root, "diff", "--cached", "--quiet", check=False).returncode:
+        git(root, "commit", "-q", "--no-verify", "-m", message)
+    return git(root, "rev-parse", "HEAD").stdout.strip()
+
+
+def experiment_commit(root: str | Path, name: str) -> str | None:
+    """The commit of the DVC experiment ``name`` (its ``refs/exps/...`` ref), None when not found."""
+    refs = git(root, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").stdout.split("\n")
+    hits = [line.split()[0] for line in refs if line.strip() and line.split()[1].endswith("/" + name)]
+    return hits[0] if hits else None
+
+
+def record_run(root: str | Path, include: Sequence[str], stages: Sequence[str], message: str) -> RunRecord:
+    """Record a finished run as a git commit: in a workspace a commit on its branch (``git status``
+    is clean afterwards), elsewhere a DVC experiment (``dvc exp save``, leaving the branch alone)."""
+    root = Path(root).resolve()
+    if _git_toplevel(root) is None:
+        return {"commit": None, "experiment": None, "mode": "none"}
+    if is_workspace(root):
+        return {"commit": commit_workspace(root, message), "experiment": None, "mode": "commit"}
+    name = save_experiment(root, [LOCK_FILE, *include], stages)  # dvc.lock too while git does not track it
+    return {"commit": experiment_commit(root, name) if name else None, "experiment": name,
+            "mode": "experiment" if name else "none"}
+
+
+def tag_version(root: str | Path, name: str, version: int | str, commit: str) -> str | None:
+    """The git tag ``NAME/vVERSION`` on ``commit`` (``git checkout TAG`` + ``dvc pull`` restores the
+    inputs of that registered version); an existing tag is kept (the version's first run). None when
+    the name makes no valid git tag."""
+    tag = f"{name}/v{int(version)}"
+    if git(root, "check-ref-format", f"refs/tags/{tag}", check=False).returncode:
+        return None
+    if git(root, "rev-parse", "-q", "--verify", f"refs/tags/{tag}", check=False).returncode:
+        git(root, "tag", tag, commit)
+    return tag
+
+
+def git_remote(root: str | Path) -> str | None:
+    """The git remote a run is pushed to: ``origin``, else the only one; None when there is none."""
+    names = git(root, "remote", check=False).stdout.split() if _git_toplevel(Path(root)) else []
+    return "origin" if "origin" in names else (names[0] if len(names) == 1 else None)
+
+
+def push_run(root: str | Path, record: RunRecord, tags: Sequence[str]) -> str | None:
+    """Push a recorded run to the git remote (``dvc exp push`` for an experiment, the branch and the
+    tags for a workspace commit); returns the remote, None when there is none."""
+    remote = git_remote(root)
+    if remote is None or record["mode"] == "none":
+        return None
+    if record["mode"] == "experiment":
+        run_dvc(root, "exp", "push", remote, str(record["experiment"]))
+    else:
+        git(root, "push", "-q", remote, "HEAD")
+    if tags:
+        git(root, "push", "-q", remote, *[f"refs/tags/{t}" for t in tags])
+    return remote
+
+
+def dirty_paths(root: str | Path, managed: Sequence[str] = ()) -> list[str]:
+    """Tracked files changed against HEAD other than what a run writes itself (``dvc.lock``, the
+    ``.gitignore`` files DVC maintains, ``managed`` outputs): what makes a run's inputs uncommitted."""
+    proc = git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", check=False)
+    if proc.returncode:
+        return []
+    paths = [line[3:].strip() for line in proc.stdout.splitlines() if line.strip()]
+    own = {LOCK_FILE, *managed}
+    return [p for p in paths if p not in own and Path(p).name != ".gitignore"
+            and not any(p.startswith(m.rstrip("/") + "/") for m in managed)]
 
 
 def ensure_dvc(root: str | Path) -> Path:

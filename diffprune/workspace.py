@@ -31,10 +31,12 @@ from typing import Any
 import yaml
 
 from .config import ConfigError, load_params
+from .versioning import WORKSPACE_SOURCES
 
 CODE_DIR = ".diffprune/code"          # STAGE.json: hashes of the installed code each stage runs
-SOURCES = ".diffprune/sources.json"   # STAGE -> the package source paths of the project's dvc.yaml
+SOURCES = WORKSPACE_SOURCES          # STAGE -> the package source paths of the project's dvc.yaml
 PACKAGE = "diffprune"
+REMOTE = ".dvc-remote"                # the workspace's default DVC remote (a folder inside it, git-ignored)
 GITIGNORE = "# diffprune workspace: run state, the MLflow store, a local DVC remote\n" \
             ".work/\nmlruns.db\nmlartifacts/\n.dvc-remote/\n"
 CODE_STAGE = {
@@ -111,8 +113,14 @@ def supported_size(side: int, levels: int) -> int:
     return max(step, min(1024, side) // step * step)
 
 
+BUILTIN = "digits"  # the bundled dataset (scikit-learn's 8x8 digits): ``diffprune init DIR --data digits``
+
+
 def data_section(folder: str | Path, levels: int) -> dict[str, Any]:
-    """The ``data:`` values for ``folder``: its absolute path, channels and a supported image size."""
+    """The ``data:`` values for ``folder``: its absolute path, channels and a supported image size
+    (for :data:`BUILTIN`, the project's own digits values)."""
+    if str(folder) == BUILTIN and not Path(folder).exists():
+        return {"source": BUILTIN}
     files = scan_images(folder)
     channels, side = _first_image(files)
     return {"source": str(Path(folder).resolve()), "channels": channels, "image_size": supported_size(side, levels)}
@@ -270,7 +278,12 @@ def _write_files(tmp: Path, data_path: Path) -> dict[str, Any]:
         shutil.copy(top / "params.schema.json", tmp / "params.schema.json")
     else:
         params_text = "\n".join(l for l in params_text.splitlines() if "$schema=" not in l)
-    _valid_params(params_text, data, levels, tmp)
+    if data == {"source": BUILTIN}:  # the bundled digits: the project's params as they are
+        (tmp / "params.yaml").write_text(params_text)
+        loaded = load_params(tmp / "params.yaml").data
+        data.update(source=loaded.source, channels=loaded.channels, image_size=loaded.image_size)
+    else:
+        _valid_params(params_text, data, levels, tmp)
     stages, sources = workspace_stages(yaml.safe_load((top / "dvc.yaml").read_text()))
     (tmp / "dvc.yaml").write_text(DVC_HEADER + yaml.safe_dump(stages, sort_keys=False, width=110))
     (tmp / ".gitignore").write_text(GITIGNORE)
@@ -316,6 +329,7 @@ def init_workspace(dest: str | Path, data: str | Path) -> str:
         values = _write_files(tmp, Path(data))
         _git(tmp, "init", "-q")
         versioning.ensure_repo(tmp)
+        versioning.configure_relative_remote(tmp, REMOTE)
         _first_commit(tmp, dest.name)
         tmp.chmod(0o777 & ~_umask())  # mkdtemp made it private
         if dest.is_dir():
@@ -324,5 +338,5 @@ def init_workspace(dest: str | Path, data: str | Path) -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return (f"workspace {dest}: data {values['source']} ({values['channels']} channel(s), image_size "
+    return (f"workspace {dest}: data {values['source']} ({values.get('channels', 1)} channel(s), image_size "
             f"{values['image_size']}); next: cd {dest} && diffprune run   (or dvc repro)")

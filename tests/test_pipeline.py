@@ -107,6 +107,31 @@ def test_flow_registers_the_teacher_in_mlflow(flow_run):
     assert int(reg["version"]) == int(v.version)
 
 
+def test_a_registered_version_names_the_commit_that_reproduces_it(flow_run):
+    """The version's tags name the run's experiment commit and a git tag on it; that commit's dvc.lock
+    holds the very DVC hashes the version was registered with."""
+    from mlflow import MlflowClient
+
+    from diffprune import tracking
+
+    root, first, _ = flow_run
+    tracking.configure(root=root)
+    v = MlflowClient().get_model_version("tiny-teacher", "1")
+    ref = [r for r in subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"],
+                                     cwd=root, capture_output=True, text=True).stdout.splitlines()
+           if r.endswith("/" + first["experiment"])]
+    assert ref and v.tags["git_commit"] == ref[0].split()[0] == first["commit"], (ref, v.tags)
+    assert v.tags["git_dirty"] == "false" and v.tags["diffprune.experiment"] == first["experiment"]
+    assert v.tags["diffprune.git_tag"] == "tiny-teacher/v1" and "tiny-teacher/v1" in first["tags"]
+    tagged = subprocess.run(["git", "rev-parse", "tiny-teacher/v1^{commit}"], cwd=root, capture_output=True,
+                            text=True).stdout.strip()
+    assert tagged == first["commit"]
+    lock = yaml.safe_load(subprocess.run(["git", "show", "tiny-teacher/v1:dvc.lock"], cwd=root, capture_output=True,
+                                         text=True).stdout)
+    teacher_md5 = {o["path"]: o["md5"] for o in lock["stages"]["teacher"]["outs"]}["models/teacher"]
+    assert v.tags["dvc.models/teacher"] == teacher_md5
+
+
 @pytest.mark.slow  # ~65 s: a third pipeline run; test_freshness.py covers stage-level freshness in `make test`
 def test_changed_param_reruns_only_what_depends_on_it(flow_run, prefect_harness):
     from diffprune.flows.pipeline import prune_pipeline

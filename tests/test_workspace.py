@@ -27,7 +27,7 @@ from .conftest import REPO, TINY_PARAMS
 from .rgb_folder import make_rgb_folder
 
 BIN = Path(sys.executable).parent
-ONLY = ["data", "features", "teacher", "evaluate@teacher"]
+ONLY = ["data", "features", "teacher", "evaluate@teacher", "register@teacher"]
 TINY_SECTIONS = ("teacher", "evaluate", "taylor", "finetune", "dipgo", "intervals", "experts", "router",
                  "prune_experts")
 
@@ -68,7 +68,7 @@ def ran(initialized: dict) -> dict:
     params["data"].update(max_images=240, ref_fraction=0.25)
     params["evaluate"]["feature_epochs"] = 20  # 2 (digits) leaves the RGB feature net short of the FID calibration
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    r = _cli(["run", "--root", "ws", "--only", ",".join(ONLY), "--no-push"], tmp, _env(tmp), timeout=600)
+    r = _cli(["run", "--root", "ws", "--only", ",".join(ONLY)], tmp, _env(tmp), timeout=600)  # pushes to ws/.dvc-remote
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return {**initialized, "run": r.stdout}
 
@@ -183,6 +183,47 @@ def test_a_code_change_makes_its_stages_stale(ran: dict, tmp_path: Path) -> None
     assert set(versioning.status(ws, ONLY)) == set(ONLY)
     refresh_code_hashes(ws)
     assert versioning.status(ws, ONLY) == {}
+
+
+def _git(*args: str, cwd: Path) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_a_run_is_a_commit_of_the_workspace_and_its_versions_are_tagged(ran: dict) -> None:
+    ws = ran["ws"]
+    assert _git("status", "--porcelain", cwd=ws) == "", "a run leaves the workspace committed"
+    assert _git("log", "-1", "--format=%s", cwd=ws).startswith("diffprune run: data, features")
+    reg = json.loads((ws / "models/registry/teacher.json").read_text())
+    tag = f"{reg['name']}/v{reg['version']}"
+    assert _git("rev-parse", f"{tag}^{{commit}}", cwd=ws) == _git("rev-parse", "HEAD", cwd=ws)
+    assert {"dvc.lock", "models/eval/teacher/metrics.json", "models/registry/teacher.json"} <= set(
+        _git("ls-tree", "-r", "--name-only", "HEAD", cwd=ws).split())
+
+
+def test_a_clone_after_dvc_pull_is_up_to_date_and_a_missing_registry_is_noticed(
+        ran: dict, tmp_path: Path, prefect_harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """git clone + dvc pull: clean for DVC, every stage skipped by the flow against the original's
+    registry; against a registry without the recorded version (the clone's own, as after a deleted
+    mlruns.db) only register@teacher runs."""
+    from diffprune.flows.pipeline import prune_pipeline
+    from diffprune.tracking import TRACKING_ENV
+
+    ws, clone = ran["ws"], tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ws), str(clone)], check=True)
+    dvc = [str(BIN / "dvc")]
+    env = _env(tmp_path)
+    subprocess.run([*dvc, "remote", "add", "-d", "--local", "-f", "local", str(ws / ".dvc-remote")], cwd=clone,
+                   check=True, env=env)
+    pulled = subprocess.run([*dvc, "pull", *ONLY], cwd=clone, capture_output=True, text=True, env=env, timeout=300)
+    assert pulled.returncode == 0, pulled.stdout[-2000:] + pulled.stderr[-2000:]
+    assert versioning.status(clone, ONLY) == {}
+    monkeypatch.setenv(TRACKING_ENV, f"sqlite:///{ws / 'mlruns.db'}")
+    out = prune_pipeline(params_path=str(clone / "params.yaml"), root=str(clone), only=ONLY, push=False)
+    assert out["ran"] == [] and out["skipped"] == ONLY
+    monkeypatch.delenv(TRACKING_ENV)
+    out = prune_pipeline(params_path=str(clone / "params.yaml"), root=str(clone), only=ONLY, push=False)
+    assert out["ran"] == ["register@teacher"]
+    assert _git("status", "--porcelain", cwd=clone) == ""
 
 
 def test_dvc_repro_in_the_workspace(ran: dict) -> None:

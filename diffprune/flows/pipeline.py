@@ -3,10 +3,13 @@
 ``dvc.lock`` is the one record of what is up to date, for ``dvc repro`` and this flow alike: a stage
 runs only when ``dvc status`` says it changed (its deps, params or outs differ from ``dvc.lock``), and
 right after it succeeds ``dvc commit -f NAME`` records it there. A killed run thus leaves the lock
-consistent, and the next run (of either tool) redoes only what was not recorded. Skipped stages
+consistent, and the next run (of either tool) redoes only what was not recorded. A ``register@`` stage
+is also stale when the registry it points at lacks the version its record names. Skipped stages
 appear in the run as a ``Skipped`` task naming why. At the end the outputs the default remote lacks
-are pushed, the run is saved as a DVC experiment (a git commit) when the project is a git repository,
-and a table artifact of the metrics is published.
+are pushed, the run is recorded as a git commit (in a ``diffprune init`` workspace a commit on its
+branch, elsewhere a DVC experiment), every model version registered in the run is git-tagged
+``NAME/vVERSION`` on that commit (and the commit written into its tags), both are pushed when a
+git remote exists, and a table artifact of the metrics is published.
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ PIPELINE: list[str] = [
 def prune_pipeline(params_path: str = "params.yaml", root: str = ".", only: Optional[list[str]] = None,
                    push: bool = True) -> dict:
     """Run every pipeline stage that DVC does not find up to date; record each in ``dvc.lock``;
-    push to the default remote (``push``); save the run as an experiment; publish the metrics.
+    push to the default remote (``push``); record the run as a git commit (a workspace commit or a
+    DVC experiment) and tag the versions it registered with it; publish the metrics.
 
-    Returns ``{"ran", "skipped", "pushed", "experiment", "table"}``.
+    Returns ``{"ran", "skipped", "pushed", "experiment", "commit", "tags", "table"}``.
     """
     quiet_defaults()
     log = get_run_logger()
@@ -113,10 +117,11 @@ def _pipeline(root: Path, params_path: str, only: Optional[list[str]], push: boo
                 versioning.commit_stage(root, name)
         ran.append(name)
     pushed = _push(root, stages, log) if push else []
-    experiment = _save_experiment(root, [o for s in stages for o in specs[s]["uncached"]], ran, log, stages)
+    record = _record_run(root, [o for s in stages for o in specs[s]["uncached"]], ran, log, stages)
     table = metrics_table(root)
     _publish(root, table, log)
-    return {"ran": ran, "skipped": skipped, "pushed": pushed, "experiment": experiment, "table": table}
+    return {"ran": ran, "skipped": skipped, "pushed": pushed, "experiment": record["experiment"],
+            "commit": record["commit"], "tags": record["tags"], "table": table}
 
 
 def _stale(root: Path, name: str, dirty: dict[str, Any], ran_upstream: set[str]) -> Optional[str]:
@@ -129,12 +134,26 @@ def _stale(root: Path, name: str, dirty: dict[str, Any], ran_upstream: set[str])
     from diffprune import versioning
 
     if name not in dirty and not ran_upstream:
-        return None
+        return _unregistered(root, name)
     with _lock(root, "dvc"):
         now = versioning.status(root, [name])
     if name not in now:
-        return None
+        return _unregistered(root, name)
     return versioning.describe(now[name])
+
+
+def _unregistered(root: Path, name: str) -> Optional[str]:
+    """For a ``register@`` stage DVC finds recorded: why the version its record names is not in the
+    registry this run points at (a deleted or other ``mlruns.db``), else None."""
+    if not name.startswith("register@"):
+        return None
+    from diffprune import registry, tracking
+    from diffprune.io import read_json
+
+    record = root / f"models/registry/{name.split('@', 1)[1]}.json"
+    uri = tracking.configure(root=root)
+    gap = registry.missing_version(read_json(record)) if record.exists() else f"{record} is missing"
+    return None if gap is None else f"{gap} (registry {uri})"
 
 
 @task(persist_result=False)
@@ -171,20 +190,51 @@ def _push(root: Path, stages: list[str], log: logging.Logger) -> list[str]:
     return pushed
 
 
-def _save_experiment(root: Path, include: list[str], ran: list[str], log: logging.Logger,
-                     stages: list[str]) -> Optional[str]:
-    """Record code, params, dvc.lock and metrics as a DVC experiment (a git commit) of ``stages``
-    (a run's ``--only`` leaves other stages without outputs); its name, or None outside git. A run
-    that ran nothing records nothing new."""
+def _record_run(root: Path, include: list[str], ran: list[str], log: logging.Logger,
+                stages: list[str]) -> dict[str, Any]:
+    """Record code, params, dvc.lock and metrics as a git commit (:func:`versioning.record_run`: a
+    workspace commit, or a DVC experiment of ``stages``, since ``--only`` leaves other stages without
+    outputs); tag each model version registered in this run with it (a git tag and the version's
+    ``git_commit``), and push them when a git remote exists. A run that ran nothing records nothing."""
     from diffprune import versioning
 
     if not ran:
-        return None
+        return {"commit": None, "experiment": None, "mode": "none", "tags": []}
     with _lock(root, "dvc"):
-        ref = versioning.save_experiment(root, include, stages)
-    if ref:
-        log.info("run saved as DVC experiment %s (`dvc exp show`, `dvc exp apply %s`)", ref, ref)
-    return ref
+        record = versioning.record_run(root, include, stages, f"diffprune run: {', '.join(ran)}")
+    if record["commit"]:
+        log.info("run recorded as %s %s%s", "DVC experiment" if record["experiment"] else "commit",
+                 record["commit"][:12], f" ({record['experiment']}: `dvc exp show`)" if record["experiment"] else "")
+    tags = _tag_versions(root, [n.split("@", 1)[1] for n in ran if n.startswith("register@")], record, log)
+    try:
+        with _lock(root, "dvc"):
+            remote = versioning.push_run(root, record, tags)
+        if remote:
+            log.info("run pushed to the git remote %s", remote)
+    except versioning.VersioningError as e:  # the record stays local; the next `git push` can send it
+        log.warning("could not push the run to the git remote: %s", e)
+    return {**record, "tags": tags}
+
+
+def _tag_versions(root: Path, targets: list[str], record: dict[str, Any], log: logging.Logger) -> list[str]:
+    """Git-tag ``NAME/vVERSION`` the run's commit for every version the run registered, and write the
+    commit (and the tag) into the version's tags: ``git checkout TAG && dvc pull`` restores its inputs."""
+    if not targets or not record["commit"]:
+        return []
+    from diffprune import registry, tracking, versioning
+    from diffprune.io import read_json
+
+    tracking.configure(root=root)
+    tags = []
+    for target in targets:
+        reg = read_json(root / f"models/registry/{target}.json")
+        with _lock(root, "dvc"):
+            tag = versioning.tag_version(root, reg["name"], reg["version"], record["commit"])
+        registry.tag_version_commit(reg["name"], reg["version"], record["commit"], tag, record["experiment"])
+        if tag:
+            tags.append(tag)
+            log.info("%s version %s: git tag %s", reg["name"], reg["version"], tag)
+    return tags
 
 
 def _publish(root: Path, table: str, log: logging.Logger) -> None:

@@ -253,7 +253,7 @@ def run_register(p: Params, root: Path, target: str = "teacher", **_: Any) -> di
         params={s: to_dict(p.section(s)) for s in (*tgt.sections, "evaluate")},
         metrics=numeric, artifacts=[ev / "grid.png", ev / "metrics.json"],
         tags={**tags, **verdict, "feature_extractor": metrics["feature_extractor"], "target": target},
-        experiment=p.register.experiment, content_hash=content,
+        experiment=p.register.experiment, content_hash=content, root=root,
     )
     write_json(safe_subpath(root, f"models/registry/{target}.json"), {**info, **verdict})
     return {**info, **verdict}
