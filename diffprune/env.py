@@ -18,6 +18,7 @@ DEFAULTS = {
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "GIT_PYTHON_REFRESH": "quiet",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "diffprune",  # the stages' own log lines reach the task's log
 }
 
 

@@ -224,3 +224,27 @@ def test_timestep_grid_larger_than_the_schedule_is_refused(tmp_path, tiny_unet, 
     with pytest.raises(ConfigError, match="intervals.grid = 5000"):
         get_stage("intervals")(load_params(root / "params.yaml"), root, progress=False)
     assert not (root / "models/intervals").exists()
+
+
+def test_training_progress_reaches_the_task_log_as_lines_every_five_percent(monkeypatch):
+    import diffprune.tasks.stages as tasks
+
+    lines: list[str] = []
+
+    class Logger:
+        def info(self, fmt, *args):
+            lines.append(fmt % args)
+
+    monkeypatch.setattr(tasks, "get_run_logger", lambda: Logger())
+    monkeypatch.setattr(tasks, "create_progress_artifact", lambda **kw: "id")
+    monkeypatch.setattr(tasks, "update_progress_artifact", lambda *a, **kw: None)
+    report = tasks._progress_reporter("teacher")
+    for done in range(1, 1001):
+        report(done, 1000)
+    assert len(lines) == 20 and lines[0] == "teacher: 50/1000 (5%)" and lines[-1] == "teacher: 1000/1000 (100%)"
+    coarse: list[str] = []
+    monkeypatch.setattr(tasks, "get_run_logger", lambda: type("L", (), {"info": lambda s, f, *a: coarse.append(f % a)})())
+    report = tasks._progress_reporter("finetune")
+    for done in (200, 400, 600, 800, 1000):  # one report per checkpoint: each one logged
+        report(done, 1000)
+    assert len(coarse) == 5

@@ -17,7 +17,7 @@ from .core import TEACHER, data_shape, work_dir
 SCHEDULE_DIR = "models/dipgo"
 
 @stage("dipgo")
-def run_dipgo(p: Params, root: Path, progress: bool = True, **_: Any) -> dict:
+def run_dipgo(p: Params, root: Path, progress: bool = True, on_progress: Any = None, **_: Any) -> dict:
     """Train the pruner network on the teacher's sampling trajectory (evaluate.steps DDIM steps) and
     write models/dipgo/{schedule.json, heatmap.png, training.json}."""
     device = resolve_device(p.project.device)
@@ -26,7 +26,7 @@ def run_dipgo(p: Params, root: Path, progress: bool = True, **_: Any) -> dict:
     t0 = time.time()
     schedule, info = train_pruner(teacher, load_scheduler_config(teacher_dir), p.dipgo, steps=p.evaluate.steps,
                                   sample_shape=data_shape(p), device=device, progress=progress,
-                                  sampler=p.evaluate.sampler,
+                                  sampler=p.evaluate.sampler, on_progress=on_progress,
                                   # resumable: keyed by the config and the teacher's weights
                                   work_dir=work_dir(root, "dipgo", p.dipgo, p.evaluate.steps, p.evaluate.sampler,
                                                     read_config(teacher_dir)["sha256"]))

@@ -30,7 +30,7 @@ CHECKPOINT_EVERY = 20  # router steps between training checkpoints
 
 
 @stage("router")
-def run_router(p: Params, root: Path, progress: bool = True, **_: Any) -> dict:
+def run_router(p: Params, root: Path, progress: bool = True, on_progress: Any = None, **_: Any) -> dict:
     """Train the Expert Routing Agent on the frozen elastic experts; select their sub-networks."""
     device = resolve_device(p.project.device)
     doc = _read_intervals(root)
@@ -46,7 +46,8 @@ def run_router(p: Params, root: Path, progress: bool = True, **_: Any) -> dict:
     res = train_router(experts, space, intervals, steps, images, DDPMScheduler.from_config(sched_cfg),
                        budget=r.budget, train_steps=r.steps, lr=r.lr, resource_weight=r.resource_weight,
                        tau=r.temperature, hidden=r.hidden, batch_size=r.batch_size, seed=r.seed, device=device,
-                       progress=progress, distill=r.distill, work_dir=work, checkpoint_every=CHECKPOINT_EVERY)
+                       progress=progress, distill=r.distill, work_dir=work, checkpoint_every=CHECKPOINT_EVERY,
+                       on_progress=on_progress)
     out_doc = _router_doc(res, space, r.budget, intervals, ts, steps, doc["boundaries"]) | {"params": to_dict(r)}
     out = safe_subpath(root, ROUTER)
     with atomic_path(out, is_dir=True) as tmp:

@@ -10,7 +10,7 @@ import errno
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
 
@@ -63,13 +63,18 @@ def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(exc, BaseException) and is_transient(exc)
 
 
-def _progress_reporter(name: str):
-    """A ``(done, total)`` callback that shows progress in the Prefect UI."""
-    state: dict[str, Any] = {}
+def _progress_reporter(name: str, every: float = 5.0):
+    """A ``(done, total)`` callback for the Prefect UI: a progress artifact, and a line in the task's
+    log each time another ``every`` percent is done (the task log gets lines, not a tqdm bar)."""
+    state: dict[str, Any] = {"logged": 0.0}
 
     def report(done: int, total: int) -> None:
         pct = 100.0 * done / max(1, total)
+        if pct < state["logged"] + every and done < total:
+            return
+        state["logged"] = pct - pct % every
         try:
+            get_run_logger().info("%s: %d/%d (%.0f%%)", name, done, total, pct)
             if "id" not in state:
                 state["id"] = create_progress_artifact(progress=pct, description=f"{name}: {done}/{total}")
             else:
@@ -98,8 +103,9 @@ def run_stage(name: str, params_path: str, root: str, expert: int | None = None)
     """Run pipeline stage ``name`` (``evaluate@teacher`` = stage evaluate on target teacher); per-expert
     stages take ``expert`` to train one expert only."""
     base, _, target = name.partition("@")
+    # progress as log lines (the reporter), not a tqdm bar: the terminal shows the task's log too
     kwargs: dict[str, Any] = {"on_progress": _progress_reporter(name if expert is None else f"{name}[{expert}]"),
-                              "progress": True}
+                              "progress": False}
     if target:
         kwargs["target"] = target
     if expert is not None:

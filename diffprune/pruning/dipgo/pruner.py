@@ -83,6 +83,7 @@ def train_pruner(
     work_dir: str | Path | None = None,
     checkpoint_every: int = 20,
     features: Optional[Features] = None,
+    on_progress: Optional[Callable[[int, int], None]] = None,
 ) -> tuple[Schedule, dict[str, Any]]:
     """Learn a ``[steps x N]`` skip schedule for ``model`` at ``cfg.target_ratio`` of its MACs.
 
@@ -100,6 +101,7 @@ def train_pruner(
             checkpointed every ``checkpoint_every`` steps; a rerun resumes from it and ends with
             the same schedule as an uninterrupted run.
         features: a feature map ``(B, C, H, W) -> (B, F)``; given, it replaces ``cfg.loss``.
+        on_progress: called ``(done, total)`` after each optimisation step.
 
     Returns:
         The post-processed :class:`Schedule` and an info dict (timings, loss history, gamma).
@@ -122,6 +124,8 @@ def train_pruner(
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", kept=f"{history[-1]['kept_ratio']:.3f}")
             if state is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == n_iter):
                 state.save(it + 1, meta={"history": history})
+            if on_progress is not None:
+                on_progress(it + 1, n_iter)
         run.runner.reset()
     train_time = time.perf_counter() - t0
     # 4. post-processing: threshold the keep scores to the target MACs ratio

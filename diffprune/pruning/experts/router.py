@@ -106,7 +106,8 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
                  resource_weight: float, tau: float, hidden: int, batch_size: int, seed: int,
                  device: torch.device | str = "cpu", progress: bool = False, distill: float = 0.0,
                  work_dir: Optional[str | Path] = None, checkpoint_every: int = 20,
-                 stop_after: Optional[int] = None) -> RouterResult:
+                 stop_after: Optional[int] = None,
+                 on_progress: Optional[Callable[[int, int], None]] = None) -> RouterResult:
     """Train the ERA with the (elastic) experts frozen; select and calibrate their sub-networks.
 
     Args:
@@ -122,6 +123,7 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
         work_dir: where the training state (agent, optimiser, generator, history) is checkpointed every
             ``checkpoint_every`` steps; a rerun resumes from it and ends as an uninterrupted run.
         stop_after: stop (after checkpointing) once this step is reached (tests of an interrupted run).
+        on_progress: called ``(done, total)`` after each step.
 
     Returns:
         A :class:`RouterResult`; the experts' weights and hooks are left as they were.
@@ -154,6 +156,8 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
             done = step + 1
             if state is not None and (done % checkpoint_every == 0 or done in (train_steps, stop_after)):
                 state.save(done, meta={"history": history})
+            if on_progress is not None:
+                on_progress(done, train_steps)
             if stop_after is not None and done >= stop_after:
                 break
     return _result(agent, space, steps, budget, tau, history)
