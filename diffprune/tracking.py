@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,6 +23,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from .config import ConfigError
 from .env import quiet_defaults
 
 DEFAULT_DB = "mlruns.db"
@@ -118,11 +120,12 @@ def ensure_experiment(name: str) -> str:
     """The id of experiment ``name``, created (artifacts under the artifact root) when missing."""
     client = MlflowClient()
     exp = client.get_experiment_by_name(name)
+    root = _default_artifact_root()
     if exp is not None:
+        _check_location(name, exp.artifact_location, root)
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-    root = _default_artifact_root()
     location = (root / re.sub(r"[^A-Za-z0-9_.\-]+", "_", name)).as_uri() if root else None
     try:
         return client.create_experiment(name, artifact_location=location)
@@ -131,6 +134,18 @@ def ensure_experiment(name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def _check_location(name: str, location: str, root: Path | None) -> None:
+    """Refuse to log into an experiment whose local artifact folder is gone (a moved or copied
+    workspace: its ``mlruns.db`` still names the old place), instead of writing there anew."""
+    if not location.startswith("file:"):
+        return
+    where = Path(urllib.parse.unquote(urllib.parse.urlparse(location).path))
+    if not where.is_dir() and root is not None and root not in where.parents:
+        raise ConfigError(f"MLflow experiment {name!r} keeps its artifacts in {where}, which does not exist "
+                          f"(was the workspace moved or copied from there?): move them back, or point "
+                          f"{TRACKING_ENV} at a registry of this place")
 
 
 # ----------------------------------------------------------------------------- params

@@ -216,3 +216,21 @@ def test_mlflow_models_serve(registry: dict[str, Any]) -> None:
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_a_moved_workspace_says_its_registry_points_at_the_old_place(tmp_path):
+    import shutil
+
+    import mlflow
+
+    from diffprune import tracking
+    from diffprune.config import ConfigError
+
+    old = tmp_path / "old"
+    tracking.configure(root=old)
+    with mlflow.start_run(experiment_id=tracking.ensure_experiment("moved")):
+        mlflow.log_text("x", "x.txt")  # the experiment's artifacts now live under old/mlartifacts
+    shutil.move(old, tmp_path / "new")
+    tracking.configure(root=tmp_path / "new")
+    with pytest.raises(ConfigError, match=r"old/mlartifacts/moved.*does not exist"):
+        tracking.ensure_experiment("moved")
