@@ -129,6 +129,20 @@ def converged(curve: Sequence[dict], rel_fid: float = 0.10, rel_loss: float = 0.
             and last["val_loss"] >= min(c["val_loss"] for c in before) * (1 - rel_loss))
 
 
+def overfitting(curve: Sequence[dict], rel_loss: float = 0.05) -> str | None:
+    """A sentence when the held-out loss at the end is more than ``rel_loss`` above its minimum (the
+    teacher memorises its training images past that point), else None."""
+    if len(curve) < 2:
+        return None
+    best = min(curve, key=lambda c: c["val_loss"])
+    rise = curve[-1]["val_loss"] / best["val_loss"] - 1
+    if rise <= rel_loss:
+        return None
+    low = min(curve, key=lambda c: c["fid"])
+    return (f"over-fits: held-out loss lowest at step {best['step']}, {rise:+.0%} by step {curve[-1]['step']} "
+            f"(FID lowest at step {low['step']})")
+
+
 def bench_teacher(root: Path, p: Params, steps: int, *, points: int = 8, progress: bool = True) -> tuple[Path, dict]:
     """The benchmark teacher (trained ``steps`` steps, the demo's recipe otherwise) and its curve.
 

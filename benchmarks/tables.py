@@ -16,7 +16,7 @@ import numpy as np
 from diffprune.io import atomic_path, write_json
 from diffprune.metrics.stats import intervals_overlap, mean_ci, paired_test
 
-from benchmarks.common import MACS_TOLERANCE, Bench, Run
+from benchmarks.common import MACS_TOLERANCE, Bench, Run, overfitting
 
 
 def fmt_fid(m: dict) -> str:
@@ -72,7 +72,8 @@ def teacher_lines(b: Bench) -> list[str]:
     info, ev = b.teacher_info, b.p.evaluate
     return [
         f"Benchmark teacher: {info['steps']} training steps ({info['train_seconds'] / 60:.1f} min on "
-        f"{info['device']}; converged: {'yes' if info['converged'] else 'NO'}), {t['params']:,} params, "
+        f"{info['device']}; converged: {'yes' if info['converged'] else 'NO'}"
+        f"{'; ' + overfitting(info['curve']) if overfitting(info.get('curve', [])) else ''}), {t['params']:,} params, "
         f"{t['macs_per_step'] / 1e6:.2f} MMACs/step, FID {fmt_fid(t)} (floor {info['fid_floor']:.3f}).",
         f"Protocol: {ev.sampler} {ev.steps} steps, {ev.num_samples} samples per seed, seeds {list(ev.seeds)}, "
         f"features: {t['feature_extractor']}. PSNR/SSIM: each sample against the teacher's sample from the same "

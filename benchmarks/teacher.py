@@ -19,7 +19,7 @@ import typer
 
 from diffprune.io import atomic_path
 
-from benchmarks.common import REPO, QUICK_SPINE, start
+from benchmarks.common import REPO, QUICK_SPINE, overfitting, start
 from benchmarks.tables import write_results
 
 
@@ -52,7 +52,8 @@ def to_markdown(info: dict, quick: bool) -> str:
              f"{info['steps']} training steps in {info['train_seconds'] / 60:.1f} min on {info['device']} "
              f"(scoring included); converged: {'yes' if info['converged'] else 'NO'} (last FID within 10% and "
              "held-out loss within 1% of the best before). FID floor: "
-             f"{info['fid_floor']:.3f}.", "",
+             f"{info['fid_floor']:.3f}.", *([f"The teacher {overfitting(info['curve'])}."]
+                                            if overfitting(info["curve"]) else []), "",
              "| step | FID | held-out loss | minutes |", "|---|---|---|---|"]
     lines += [f"| {c['step']} | {c['fid']:.3f} | {c['val_loss']:.5f} | {c['train_seconds'] / 60:.1f} |"
               for c in info["curve"]]

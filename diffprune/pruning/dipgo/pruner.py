@@ -77,9 +77,9 @@ def train_pruner(
     steps: int,
     sample_shape: Sequence[int],
     device: str | torch.device = "cpu",
-    progress: bool = True,  # a progress bar
+    progress: bool = True,
     sampler: str = "ddim",
-    train_steps: int | None = None,
+    train_steps: Optional[int] = None,
     work_dir: str | Path | None = None,
     checkpoint_every: int = 20,
     features: Optional[Features] = None,
@@ -94,22 +94,20 @@ def train_pruner(
             ``warmup_steps`` then cosine decay, ``clip_grad``, ``alpha_s``, ``loss``).
         steps: T, sampling steps of the protocol the schedule is made for.
         sample_shape: ``(C, H, W)`` of one sample.
-        device: where the teacher lives and training runs.
-        sampler: inference scheduler name (deterministic DDIM by default).
+        device, sampler: where training runs; the inference scheduler (deterministic DDIM by default).
         train_steps: overrides ``cfg.steps`` (for quick runs).
         work_dir: where the pruner's training state (a :class:`~diffprune.training.TrainState`) is
             checkpointed every ``checkpoint_every`` steps; a rerun resumes from it and ends with
             the same schedule as an uninterrupted run.
         features: a feature map ``(B, C, H, W) -> (B, F)``; given, it replaces ``cfg.loss``.
-        on_progress: called ``(done, total)`` after each optimisation step.
+        on_progress: called ``(done, total)`` after each step. progress: show a bar.
 
     Returns:
         The post-processed :class:`Schedule` and an info dict (timings, loss history, gamma).
     """
     _check_deterministic(sampler)
-    n_iter = cfg.steps if train_steps is None else train_steps
+    n_iter, t0 = cfg.steps if train_steps is None else train_steps, time.perf_counter()
     run = _PrunerRun.build(model, scheduler_config, cfg, steps, sample_shape, torch.device(device), sampler, n_iter, features)
-    t0 = time.perf_counter()
     with frozen(run.graph.model):
         # 1. a fixed pool of (noise, full-model sample) pairs, drawn once
         run.draw_pool()
@@ -124,15 +122,17 @@ def train_pruner(
             bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", kept=f"{history[-1]['kept_ratio']:.3f}")
             if state is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == n_iter):
                 state.save(it + 1, meta={"history": history})
-            if on_progress is not None:
-                on_progress(it + 1, n_iter)
+            (on_progress or _no_progress)(it + 1, n_iter)
         run.runner.reset()
-    train_time = time.perf_counter() - t0
+    timings = {"train_time_s": time.perf_counter() - t0, "pool_time_s": pool_time, "train_steps": n_iter}
     # 4. post-processing: threshold the keep scores to the target MACs ratio
     schedule, scores = run.post_process()
     schedule.meta.update({"train_steps": n_iter, "sampler": sampler, "loss": cfg.loss})
-    timings = {"train_time_s": train_time, "pool_time_s": pool_time, "train_steps": n_iter}
     return schedule, run.info(schedule, scores, history, timings)
+
+
+def _no_progress(done: int, total: int) -> None:
+    pass
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
