@@ -179,7 +179,7 @@ def workspace_stages(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, lis
         if found:
             sources[name] = found
         stages[name] = st
-    return {"stages": stages}, sources
+    return {"stages": stages, **({"plots": doc["plots"]} if doc.get("plots") else {})}, sources
 
 
 # --- code hashes -----------------------------------------------------------------------------------

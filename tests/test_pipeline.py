@@ -77,6 +77,13 @@ def test_flow_records_every_stage_in_dvc_lock_and_saves_the_run(flow_run):
     r = subprocess.run([str(BIN / "dvc"), "metrics", "show", "--json"], cwd=root, capture_output=True, text=True,
                        env=_env(root))
     assert r.returncode == 0 and "models/eval/teacher/metrics.json" in r.stdout, r.stderr[-1500:]
+    plots = subprocess.run([str(BIN / "dvc"), "plots", "show", "--json"], cwd=root, capture_output=True, text=True,
+                           env=_env(root))
+    doc = json.loads(plots.stdout)
+    assert not doc.get("errors"), doc.get("errors")
+    points = doc["data"]["fid_vs_macs"][0]["content"]["data"]["values"]
+    assert sorted(v["model"] for v in points) == ["dipgo", "experts", "finetune", "teacher"]
+    assert {"models/dipgo/heatmap.png", "models/intervals/alignment.png"} <= set(doc["data"])
     # metrics are kept by git (and so by the experiment commit), cached outputs by DVC
     assert subprocess.run(["git", "check-ignore", "-q", "models/eval/teacher/metrics.json"], cwd=root).returncode == 1
     assert subprocess.run(["git", "check-ignore", "-q", "models/teacher"], cwd=root).returncode == 0

@@ -210,8 +210,15 @@ def run_evaluate(p: Params, root: Path, target: str = "teacher", progress: bool 
         save_file({"samples": samples.contiguous()}, str(tmp / "samples.safetensors"))
         save_grid(samples[: p.evaluate.grid_size], tmp / "grid.png")
         write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "point.json", [plot_point(target, metrics)])
         write_json(tmp / "protocol.json", {**to_dict(p.evaluate), "machine": machine_info(device)})
     return {"eval": str(out), "metrics": metrics}
+
+
+def plot_point(target: str, metrics: dict) -> dict:
+    """The model's point on dvc.yaml's cost-quality plots (``dvc plots show``: FID and PSNR vs MACs)."""
+    return {"model": target, "macs_ratio_vs_teacher": float(metrics.get("macs_ratio_vs_teacher", 1.0)),
+            "fid": float(metrics["fid"]), "psnr_vs_teacher": metrics.get("psnr_vs_teacher")}
 
 
 def _speedup(p: Params, root: Path, loaded, sched, device) -> dict:
