@@ -19,6 +19,7 @@ DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "GIT_PYTHON_REFRESH": "quiet",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "diffprune",  # the stages' own log lines reach the task's log
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # ...and outside a flow stay local, silently
 }
 
 
