@@ -151,6 +151,9 @@ def run_cmd(
                                 only=only.split(",") if only else None, push=push)
     typer.echo(result["table"])
     typer.echo(f"\nran: {', '.join(result['ran']) or '-'}\nskipped (unchanged): {', '.join(result['skipped']) or '-'}")
+    if result.get("commit"):
+        what = f"DVC experiment {result['experiment']}" if result.get("experiment") else "commit"
+        typer.echo(f"recorded as {what} {result['commit'][:12]}; tagged: {', '.join(result['tags']) or '-'}")
 
 
 @app.command("init")

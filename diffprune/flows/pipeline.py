@@ -230,7 +230,10 @@ def _tag_versions(root: Path, targets: list[str], record: dict[str, Any], log: l
         reg = read_json(root / f"models/registry/{target}.json")
         with _lock(root, "dvc"):
             tag = versioning.tag_version(root, reg["name"], reg["version"], record["commit"])
-        registry.tag_version_commit(reg["name"], reg["version"], record["commit"], tag, record["experiment"])
+        # an existing tag (the version's first run) stays: its commit is the one the version names
+        commit = versioning.git(root, "rev-parse", f"{tag}^{{commit}}").stdout.strip() if tag else record["commit"]
+        registry.tag_version_commit(reg["name"], reg["version"], commit, tag,
+                                    record["experiment"] if commit == record["commit"] else None)
         if tag:
             tags.append(tag)
             log.info("%s version %s: git tag %s", reg["name"], reg["version"], tag)
