@@ -37,8 +37,8 @@ CODE_DIR = ".diffprune/code"          # STAGE.json: hashes of the installed code
 SOURCES = WORKSPACE_SOURCES          # STAGE -> the package source paths of the project's dvc.yaml
 PACKAGE = "diffprune"
 REMOTE = ".dvc-remote"                # the workspace's default DVC remote (a folder inside it, git-ignored)
-GITIGNORE = "# diffprune workspace: run state, the MLflow store, a local DVC remote\n" \
-            ".work/\nmlruns.db\nmlartifacts/\n.dvc-remote/\n"
+GITIGNORE = "# diffprune workspace: run state, the MLflow store, a local DVC remote, dvc plots show's output\n" \
+            ".work/\nmlruns.db\nmlartifacts/\n.dvc-remote/\ndvc_plots/\n"
 CODE_STAGE = {
     "cmd": "diffprune code-hash",
     "always_changed": True,  # rerun by every `dvc repro`; an unchanged hash leaves the stages after it clean
@@ -220,6 +220,21 @@ def _write_if_changed(path: Path, text: str) -> bool:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+    return True
+
+
+def record_code_stage(root: str | Path) -> bool:
+    """Record the workspace's ``code`` stage in ``dvc.lock`` when its files differ from the record (the
+    flow refreshes the hashes itself and never runs it), so a clone's ``dvc status`` lists it only as
+    DVC lists every ``always_changed`` stage; returns whether it was recorded."""
+    from . import versioning
+
+    if not (Path(root) / SOURCES).is_file():
+        return False
+    entries = versioning.status(root, ["code"]).get("code") or []
+    if not any(isinstance(e, dict) for e in entries):  # nothing but "always changed"
+        return False
+    versioning.commit_stage(root, "code")
     return True
 
 

@@ -217,6 +217,7 @@ def test_a_clone_after_dvc_pull_is_up_to_date_and_a_missing_registry_is_noticed(
     pulled = subprocess.run([*dvc, "pull", *ONLY], cwd=clone, capture_output=True, text=True, env=env, timeout=300)
     assert pulled.returncode == 0, pulled.stdout[-2000:] + pulled.stderr[-2000:]
     assert versioning.status(clone, ONLY) == {}
+    assert versioning.status(clone, ["code"]) == {"code": ["always changed"]}  # recorded; DVC lists it still
     monkeypatch.setenv(TRACKING_ENV, f"sqlite:///{ws / 'mlruns.db'}")
     out = prune_pipeline(params_path=str(clone / "params.yaml"), root=str(clone), only=ONLY, push=False)
     assert out["ran"] == [] and out["skipped"] == ONLY

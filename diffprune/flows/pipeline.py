@@ -99,6 +99,7 @@ def _pipeline(root: Path, params_path: str, only: Optional[list[str]], push: boo
     with _lock(root, "dvc"):  # DVC allows one command at a time per repository
         versioning.ensure_dvc(root)
         workspace.refresh_code_hashes(root)  # a workspace's code hashes (for dvc repro: its `code` stage)
+        workspace.record_code_stage(root)
         dirty = versioning.status(root, stages)
     ran: list[str] = []
     skipped: list[str] = []
