@@ -99,7 +99,7 @@ def _pipeline(root: Path, params_path: str, only: Optional[list[str]], push: boo
     with _lock(root, "dvc"):  # DVC allows one command at a time per repository
         versioning.ensure_dvc(root)
         workspace.refresh_code_hashes(root)  # a workspace's code hashes (for dvc repro: its `code` stage)
-        workspace.record_code_stage(root)
+        code_recorded = workspace.record_code_stage(root)
         dirty = versioning.status(root, stages)
     ran: list[str] = []
     skipped: list[str] = []
@@ -118,7 +118,8 @@ def _pipeline(root: Path, params_path: str, only: Optional[list[str]], push: boo
                 versioning.commit_stage(root, name)
         ran.append(name)
     pushed = _push(root, stages, log) if push else []
-    record = _record_run(root, [o for s in stages for o in specs[s]["uncached"]], ran, log, stages)
+    uncached = [o for s in stages for o in specs[s]["uncached"]]
+    record = _record_run(root, uncached, ran or (["code"] if code_recorded else []), log, stages)
     table = metrics_table(root)
     _publish(root, table, log)
     return {"ran": ran, "skipped": skipped, "pushed": pushed, "experiment": record["experiment"],
