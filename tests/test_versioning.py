@@ -77,3 +77,24 @@ def test_errors_name_the_command(repo: Path, tmp_path: Path) -> None:
         versioning.commit_and_push(repo, ["nosuchstage"])
     with pytest.raises(VersioningError, match="dvc.lock: not found"):
         versioning.stage_hashes(repo)
+
+
+def test_a_recorded_run_and_its_version_tags_are_pushed_to_the_git_remote(tmp_path: Path) -> None:
+    """A workspace's run commit (the branch) and its NAME/vVERSION tags reach a bare git remote."""
+    ws, remote = tmp_path / "ws", tmp_path / "remote.git"
+    subprocess.run(["git", "init", "-q", str(ws)], check=True)
+    subprocess.run(["git", "init", "-q", "--bare", str(remote)], check=True)
+    (ws / ".diffprune").mkdir()
+    (ws / versioning.WORKSPACE_SOURCES).write_text("{}\n")
+    assert versioning.push_run(ws, {"commit": None, "experiment": None, "mode": "commit"}, []) is None  # no remote
+    subprocess.run(["git", "remote", "add", "origin", str(remote)], cwd=ws, check=True)
+    (ws / "metrics.json").write_text('{"fid": 1.0}\n')
+    record = versioning.record_run(ws, [], [], "diffprune run: evaluate")
+    assert record["mode"] == "commit" and record["commit"]
+    assert versioning.tag_version(ws, "tiny-teacher", 3, record["commit"]) == "tiny-teacher/v3"
+    assert versioning.tag_version(ws, "a..b", 1, record["commit"]) is None  # no valid git tag: none made
+    assert versioning.push_run(ws, record, ["tiny-teacher/v3"]) == "origin"
+    pushed = subprocess.run(["git", "rev-parse", "tiny-teacher/v3^{commit}"], cwd=remote, capture_output=True,
+                            text=True).stdout.strip()
+    assert pushed == record["commit"]
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=ws, capture_output=True, text=True).stdout == ""
