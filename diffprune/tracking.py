@@ -74,6 +74,18 @@ def disable_pickle() -> None:
 TRACKING_ENV = "DIFFPRUNE_TRACKING_URI"  # the registry every run points at, when not the root's own
 
 
+_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
+def _checked_uri(uri: str) -> str:
+    """``$DIFFPRUNE_TRACKING_URI`` when it names a tracking store MLflow can use; else ConfigError."""
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme not in _SCHEMES:
+        raise ConfigError(f"{TRACKING_ENV} = {uri[:200]!r}: expected a tracking store URI "
+                          f"({', '.join(s + '://' for s in _SCHEMES)})")
+    return uri
+
+
 def configure(tracking_uri: str | None = None, root: str | Path = ".",
               artifact_root: str | Path | None = None) -> str:
     """Point MLflow (tracking and registry) at ``tracking_uri``; returns the URI in use.
@@ -91,7 +103,8 @@ def configure(tracking_uri: str | None = None, root: str | Path = ".",
     disable_pickle()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep task logs readable
     root = Path(root).resolve()
-    tracking_uri = tracking_uri or os.environ.get(TRACKING_ENV) or None
+    if tracking_uri is None and os.environ.get(TRACKING_ENV):
+        tracking_uri = _checked_uri(os.environ[TRACKING_ENV])
     if tracking_uri is None:
         root.mkdir(parents=True, exist_ok=True)
         tracking_uri = f"sqlite:///{root / DEFAULT_DB}"

@@ -234,3 +234,15 @@ def test_a_moved_workspace_says_its_registry_points_at_the_old_place(tmp_path):
     tracking.configure(root=tmp_path / "new")
     with pytest.raises(ConfigError, match=r"old/mlartifacts/moved.*does not exist"):
         tracking.ensure_experiment("moved")
+
+
+@pytest.mark.parametrize("uri", ["foo://x", "mlruns.db", "javascript:alert(1)"])
+def test_a_bad_shared_registry_uri_is_refused_naming_it(uri, monkeypatch, tmp_path):
+    from diffprune import tracking
+    from diffprune.config import ConfigError
+
+    monkeypatch.setenv(tracking.TRACKING_ENV, uri)
+    with pytest.raises(ConfigError, match="DIFFPRUNE_TRACKING_URI"):
+        tracking.configure(root=tmp_path)
+    monkeypatch.setenv(tracking.TRACKING_ENV, f"sqlite:///{tmp_path / 'shared.db'}")
+    assert tracking.configure(root=tmp_path / "elsewhere") == f"sqlite:///{tmp_path / 'shared.db'}"
