@@ -37,6 +37,7 @@ COLUMNS: dict[str, Callable[[dict], Any]] = {
     "FID": _num("fid"),
     "FID std": lambda r: round(r["fid_std"], 3) if len(r.get("fid_per_seed", [])) > 1 else None,
     "FID floor": _num("fid_floor"),
+    "FID noise": _num("fid_noise", digits=1),  # the calibration's lowest bad set (noise, blur, ...)
     "KID": _num("kid", digits=4),
     "MACs/step (M)": _num("macs_per_step", 1e6, 2),
     "trajectory MACs (G)": _num("trajectory_macs", 1e9, 3),

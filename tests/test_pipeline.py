@@ -62,6 +62,7 @@ def test_flow_runs_every_stage_then_skips_them(flow_run):
     m = json.loads((root / "models/eval/teacher/metrics.json").read_text())
     assert m["fid"] > 0 and m["trajectory_macs"] > 0 and m["params"] > 0
     assert m["feature_extractor"].startswith("featnet")
+    assert m["fid_noise"] >= 10 * m["fid_floor"] and "FID noise" in first["table"]  # the scale beside the FID
     assert "teacher" in first["table"] and "FID" in first["table"]
     pruned = json.loads((root / "models/eval/finetune/metrics.json").read_text())
     assert pruned["params"] < m["params"] and pruned["trajectory_macs"] < m["trajectory_macs"]

@@ -197,7 +197,9 @@ def run_evaluate(p: Params, root: Path, target: str = "teacher", progress: bool 
                                 sample_shape=loaded.sample_shape, reference=reference, device=device,
                                 progress=progress)
     floor = read_json(feats_dir / "floor.json")
-    metrics["fid_floor"] = floor["fid_floor"]
+    metrics["fid_floor"] = floor["fid_floor"]  # the scale beside every FID: floor ... noise (the best bad set)
+    if (floor.get("calibration") or {}).get("bad"):
+        metrics["fid_noise"] = min(floor["calibration"]["bad"].values())
     metrics |= quality_verdict(metrics, floor.get("calibration"), samples, reference)
     if metrics["degenerate"]:
         log.warning("%s is degenerate: %s", target, metrics["verdict"])
