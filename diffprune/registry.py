@@ -196,7 +196,7 @@ def tag_version_commit(name: str, version: int | str, commit: str, git_tag: str 
     if not re.fullmatch(r"[0-9a-f]{40,64}", commit or ""):
         raise ValueError(f"commit = {commit!r}: expected a git commit id")
     client = MlflowClient()
-    tags = {"git_commit": commit, "git_dirty": "false", **({"diffprune.git_tag": git_tag} if git_tag else {}),
+    tags = {"git_commit": commit, "git_dirty": "false", "diffprune.git_tag": git_tag or "",  # "": no valid tag name
             **({"diffprune.experiment": experiment} if experiment else {})}
     for key, value in tags.items():
         client.set_model_version_tag(check_name(name), check_version(version), key, value)

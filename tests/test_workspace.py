@@ -227,6 +227,31 @@ def test_a_clone_after_dvc_pull_is_up_to_date_and_a_missing_registry_is_noticed(
     assert _git("status", "--porcelain", cwd=clone) == ""
 
 
+def test_a_run_stopped_before_its_commit_is_recorded_by_the_next(ran: dict, prefect_harness) -> None:
+    """Stages recorded in dvc.lock, then the run stopped before its commit and tags: the next run,
+    with every stage fresh, commits what was left and tags the version; the one after does nothing."""
+    from mlflow import MlflowClient
+
+    from diffprune import tracking
+    from diffprune.flows.pipeline import prune_pipeline
+
+    ws = ran["ws"]
+    reg = json.loads((ws / "models/registry/teacher.json").read_text())
+    tag, tree = f"{reg['name']}/v{reg['version']}", _git("rev-parse", "HEAD^{tree}", cwd=ws)
+    _git("tag", "-d", tag, cwd=ws)
+    _git("reset", "-q", "--soft", "HEAD~1", cwd=ws)  # the run's commit undone, its files left as written
+    tracking.configure(root=ws)
+    MlflowClient().delete_model_version_tag(reg["name"], str(reg["version"]), "diffprune.git_tag")
+    out = prune_pipeline(params_path=str(ws / "params.yaml"), root=str(ws), only=ONLY, push=False)
+    assert out["ran"] == [] and out["tags"] == [tag]
+    assert _git("status", "--porcelain", cwd=ws) == "" and _git("rev-parse", "HEAD^{tree}", cwd=ws) == tree
+    assert _git("rev-parse", f"{tag}^{{commit}}", cwd=ws) == _git("rev-parse", "HEAD", cwd=ws)
+    tracking.configure(root=ws)
+    assert MlflowClient().get_model_version(reg["name"], str(reg["version"])).tags["diffprune.git_tag"] == tag
+    again = prune_pipeline(params_path=str(ws / "params.yaml"), root=str(ws), only=ONLY, push=False)
+    assert again["ran"] == [] and again["commit"] is None and again["tags"] == []
+
+
 def test_dvc_repro_in_the_workspace(ran: dict) -> None:
     ws = ran["ws"]
     text = (ws / "params.yaml").read_text()

@@ -197,17 +197,24 @@ def _record_run(root: Path, include: list[str], ran: list[str], log: logging.Log
     """Record code, params, dvc.lock and metrics as a git commit (:func:`versioning.record_run`: a
     workspace commit, or a DVC experiment of ``stages``, since ``--only`` leaves other stages without
     outputs); tag each model version registered in this run with it (a git tag and the version's
-    ``git_commit``), and push them when a git remote exists. A run that ran nothing records nothing."""
+    ``git_commit``), and push them when a git remote exists. A run that ran nothing records nothing,
+    except in a workspace what an interrupted run left uncommitted or untagged."""
     from diffprune import versioning
 
-    if not ran:
+    registers = [n.split("@", 1)[1] for n in stages if n.startswith("register@")]
+    workspace = versioning.is_workspace(root)
+    pending = workspace and _pipeline_files_uncommitted(root, include)
+    untagged = _untagged(root, registers) if workspace else []
+    if not ran and not pending and not untagged:
         return {"commit": None, "experiment": None, "mode": "none", "tags": []}
     with _lock(root, "dvc"):
-        record = versioning.record_run(root, include, stages, f"diffprune run: {', '.join(ran)}")
+        record = versioning.record_run(root, include, stages, f"diffprune run: {', '.join(ran)}" if ran else
+                                       "diffprune run: what an interrupted run left unrecorded")
     if record["commit"]:
         log.info("run recorded as %s %s%s", "DVC experiment" if record["experiment"] else "commit",
                  record["commit"][:12], f" ({record['experiment']}: `dvc exp show`)" if record["experiment"] else "")
-    tags = _tag_versions(root, [n.split("@", 1)[1] for n in ran if n.startswith("register@")], record, log)
+    done = [t for t in registers if f"register@{t}" in ran or t in untagged]
+    tags = _tag_versions(root, done, record, log)
     try:
         with _lock(root, "dvc"):
             remote = versioning.push_run(root, record, tags)
@@ -216,6 +223,38 @@ def _record_run(root: Path, include: list[str], ran: list[str], log: logging.Log
     except versioning.VersioningError as e:  # the record stays local; the next `git push` can send it
         log.warning("could not push the run to the git remote: %s", e)
     return {**record, "tags": tags}
+
+
+def _pipeline_files_uncommitted(root: Path, uncached: list[str]) -> bool:
+    """Whether files a run writes (dvc.lock, metrics and reports, DVC's .gitignore files, the code
+    hashes) differ from the workspace's last commit: an earlier run was stopped before its commit."""
+    from diffprune import versioning
+
+    lines = versioning.git(root, "status", "--porcelain", "--untracked-files=all", check=False).stdout.splitlines()
+    paths = [line[3:].strip().strip('"') for line in lines if line.strip()]
+    return any(p == versioning.LOCK_FILE or p in uncached or p.endswith(".gitignore") or p.startswith(".diffprune/")
+               for p in paths)
+
+
+def _untagged(root: Path, targets: list[str]) -> list[str]:
+    """The targets whose registered version carries no git tag yet (a run killed before tagging it)."""
+    from diffprune import registry, tracking
+    from diffprune.io import read_json
+
+    records = {t: root / f"models/registry/{t}.json" for t in targets}
+    if not any(f.exists() for f in records.values()):
+        return []
+    tracking.configure(root=root)
+    out = []
+    for target, f in records.items():
+        if f.exists():
+            reg = read_json(f)
+            try:
+                if "diffprune.git_tag" not in registry.get_version(reg["name"], reg["version"]).tags:
+                    out.append(target)
+            except registry.RegistryError:  # not registered there: its register@ stage reruns
+                continue
+    return out
 
 
 def _tag_versions(root: Path, targets: list[str], record: dict[str, Any], log: logging.Logger) -> list[str]:
