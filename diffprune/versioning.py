@@ -2,7 +2,9 @@
 
 The Prefect flow produces the outputs that ``dvc.yaml`` declares; this module then records them:
 ``dvc commit -f`` writes their hashes into ``dvc.lock`` and ``dvc push`` copies them to the default
-remote. Commands run as subprocesses of the ``dvc`` next to the running interpreter (the same
+remote. It also records a finished run in git (:func:`record_run`: a commit in a ``diffprune init``
+workspace, a DVC experiment elsewhere), tags registered versions on it (:func:`tag_version`) and
+pushes both (:func:`push_run`). Commands run as subprocesses of the ``dvc`` next to the running interpreter (the same
 environment), with analytics off. Any failing command raises :class:`VersioningError` naming the
 command and the end of its error output.
 
