@@ -69,7 +69,11 @@ def to_markdown(b: Bench, grid: dict[float, dict[str, tuple[RatioSearch, Run, Ru
              f"{b.p.finetune.fraction:.0%} of the teacher's {b.teacher_info['steps']}).", ""]
     for target, runs in grid.items():
         for stage, idx in (("right after pruning", 1), ("after fine-tuning", 2)):
-            lines += [f"## {target}x the teacher's MACs, {stage}", "", TABLE_HEAD]
+            m = runs["diff-pruning"][0]
+            reached = (f"{m.macs_ratio:.3f}x reached" if m.within else f"{m.macs_ratio:.3f}x reached: the nearest to "
+                       "it, since whole channels per GroupNorm group move the MACs in steps")
+            lines += [f"## Target {target}x the teacher's MACs ({reached}; channel ratio {m.ratio:.3f}), {stage}", "",
+                      TABLE_HEAD]
             dp = runs["diff-pruning"][idx]
             lines.append(run_row(dp, [compare(dp, runs[a][idx]) for a in ABLATIONS if a in runs]))
             lines += [run_row(runs[a][idx]) for a in ABLATIONS if a in runs]
