@@ -360,7 +360,8 @@ def init_demo(root: str | Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m diffprune.versioning init-demo [ROOT]``: what ``make demo`` needs before a run."""
+    """``python -m diffprune.versioning init-demo [ROOT]``: make a source checkout (or any folder) a
+    run root: git + DVC with a local remote (``make demo`` uses a ``diffprune init`` workspace instead)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] != "init-demo" or len(args) > 2:
         print("usage: python -m diffprune.versioning init-demo [ROOT]", file=sys.stderr)
