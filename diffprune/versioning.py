@@ -17,6 +17,7 @@ Typical use (a Prefect task or the CLI)::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -248,11 +249,17 @@ class RunRecord(TypedDict):
     mode: str                # "commit" (a workspace's branch), "experiment" (dvc exp save) or "none"
 
 
+@functools.lru_cache(maxsize=64)
+def _identity(root: str) -> tuple[str, ...]:
+    """``git -c`` options for diffprune's identity when git knows no user in ``root``; else none."""
+    known = subprocess.run(["git", "config", "user.email"], cwd=root, capture_output=True).returncode == 0
+    return () if known else ("-c", "user.name=diffprune", "-c", "user.email=diffprune@localhost")
+
+
 def git(root: str | Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run ``git ARGS`` in ``root`` as the user (diffprune's identity when git knows none)."""
-    who = [] if subprocess.run(["git", "config", "user.email"], cwd=root, capture_output=True).returncode == 0 \
-        else ["-c", "user.name=diffprune", "-c", "user.email=diffprune@localhost"]
-    proc = subprocess.run(["git", *who, *args], cwd=Path(root), capture_output=True, text=True)
+    proc = subprocess.run(["git", *_identity(str(Path(root).resolve())), *args], cwd=Path(root), capture_output=True,
+                          text=True)
     if check and proc.returncode != 0:
         raise VersioningError(f"`git {' '.join(args)}` failed in {root} (exit {proc.returncode}):\n"
                               f"{_tail(proc.stderr or proc.stdout)}")
@@ -327,16 +334,24 @@ def push_run(root: str | Path, record: RunRecord, tags: Sequence[str]) -> str | 
     return remote
 
 
+def written_by_run(path: str, managed: Sequence[str] = ()) -> bool:
+    """Whether ``path`` (relative to the repository) is a file a run writes itself: ``dvc.lock``, the
+    ``.gitignore`` files DVC maintains, or one of (or a file under one of) the ``managed`` outputs."""
+    return (path == LOCK_FILE or Path(path).name == ".gitignore"
+            or any(path == m or path.startswith(m.rstrip("/") + "/") for m in managed))
+
+
+def changed_paths(root: str | Path, untracked: bool = False) -> list[str]:
+    """Paths ``git status`` reports under ``root`` (tracked changes; with ``untracked``, new files too)."""
+    proc = git(root, "status", "--porcelain", f"--untracked-files={'all' if untracked else 'no'}", "--", ".",
+               check=False)
+    return [line[3:].strip().strip('"') for line in proc.stdout.splitlines() if line.strip()] if not proc.returncode else []
+
+
 def dirty_paths(root: str | Path, managed: Sequence[str] = ()) -> list[str]:
-    """Tracked files changed against HEAD other than what a run writes itself (``dvc.lock``, the
-    ``.gitignore`` files DVC maintains, ``managed`` outputs): what makes a run's inputs uncommitted."""
-    proc = git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", check=False)
-    if proc.returncode:
-        return []
-    paths = [line[3:].strip() for line in proc.stdout.splitlines() if line.strip()]
-    own = {LOCK_FILE, *managed}
-    return [p for p in paths if p not in own and Path(p).name != ".gitignore"
-            and not any(p.startswith(m.rstrip("/") + "/") for m in managed)]
+    """Tracked files changed against HEAD other than what a run writes itself (:func:`written_by_run`):
+    what makes a run's inputs uncommitted."""
+    return [p for p in changed_paths(root) if not written_by_run(p, managed)]
 
 
 def ensure_dvc(root: str | Path) -> Path:

@@ -353,5 +353,5 @@ def init_workspace(dest: str | Path, data: str | Path) -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return (f"workspace {dest}: data {values['source']} ({values.get('channels', 1)} channel(s), image_size "
+    return (f"workspace {dest}: data {values['source']} ({values['channels']} channel(s), image_size "
             f"{values['image_size']}); next: cd {dest} && diffprune run   (or dvc repro)")

@@ -203,7 +203,7 @@ def _record_run(root: Path, include: list[str], ran: list[str], log: logging.Log
 
     registers = [n.split("@", 1)[1] for n in stages if n.startswith("register@")]
     workspace = versioning.is_workspace(root)
-    pending = workspace and _pipeline_files_uncommitted(root, include)
+    pending = workspace and not ran and _pipeline_files_uncommitted(root, include)
     untagged = _untagged(root, registers) if workspace else []
     if not ran and not pending and not untagged:
         return {"commit": None, "experiment": None, "mode": "none", "tags": []}
@@ -230,10 +230,8 @@ def _pipeline_files_uncommitted(root: Path, uncached: list[str]) -> bool:
     hashes) differ from the workspace's last commit: an earlier run was stopped before its commit."""
     from diffprune import versioning
 
-    lines = versioning.git(root, "status", "--porcelain", "--untracked-files=all", check=False).stdout.splitlines()
-    paths = [line[3:].strip().strip('"') for line in lines if line.strip()]
-    return any(p == versioning.LOCK_FILE or p in uncached or p.endswith(".gitignore") or p.startswith(".diffprune/")
-               for p in paths)
+    managed = [*uncached, ".diffprune"]
+    return any(versioning.written_by_run(p, managed) for p in versioning.changed_paths(root, untracked=True))
 
 
 def _untagged(root: Path, targets: list[str]) -> list[str]:
