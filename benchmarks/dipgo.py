@@ -7,7 +7,9 @@ e.g. 50, and a shorter one, e.g. 20: at 20 steps fewer-steps is no longer satura
 * ``dipgo``       - the learned skip schedule, trained on that trajectory;
 * ``fewer-steps`` - the full model with 50 x ratio sampling steps (each ratio is snapped to a whole
   number of steps, 0.33 -> 0.34 and 0.25 -> 0.24, so that it is met exactly);
-* ``deepcache``   - the uniform (interval, branch) schedule on that trajectory closest to the ratio;
+* ``deepcache``   - DeepCache at the ratio (:func:`~diffprune.pruning.dipgo.deepcache_for_macs`): a
+  uniform (interval <= 5, branch) schedule, on fewer steps than the base trajectory where its
+  shallow branch alone costs more than the budget;
 * ``random``      - a random skip schedule on that trajectory, thresholded to the ratio.
 
 Each is evaluated with the harness: FID over 3 seeds, KID, paired PSNR/SSIM against the teacher's
@@ -34,7 +36,7 @@ from diffprune.io import atomic_path, read_json, write_json
 from diffprune.pruning.dipgo import (
     Schedule,
     SkipScheduleDenoiser,
-    deepcache_for_ratio,
+    deepcache_for_macs,
     random_schedule,
     save_heatmap,
     train_pruner,
@@ -102,7 +104,7 @@ def point(b: Bench, out: Path, steps: int, target: float, progress: bool) -> dic
     tag = f"T{steps}_r{target}"
     schedule.save(out / f"dipgo_schedule_{tag}.json")
     save_heatmap(schedule, out / f"dipgo_schedule_{tag}.png")
-    deepcache = deepcache_for_ratio(b.teacher, steps, inner, b.sample_shape)
+    deepcache = deepcache_for_macs(b.teacher, steps, inner, b.sample_shape)
     rand = random_schedule(b.teacher, steps, inner, b.sample_shape, seed=b.p.dipgo.seed,
                            tolerance=b.p.dipgo.tolerance)
     fewer = max(1, round(full * target))
@@ -115,7 +117,8 @@ def point(b: Bench, out: Path, steps: int, target: float, progress: bool) -> dic
                               "heatmap": f"dipgo_schedule_{tag}.png"}),
         "fewer-steps": b.run("fewer-steps", ModelDenoiser(b.teacher), teacher, steps=fewer, key=fewer,
                              extra={"steps": fewer}),
-        "deepcache": b.run("deepcache", SkipScheduleDenoiser(b.teacher, deepcache), teacher, steps=steps,
+        "deepcache": b.run("deepcache", SkipScheduleDenoiser(b.teacher, deepcache), teacher,
+                           steps=deepcache.meta["steps"],
                            key=(key, deepcache.meta), extra=dict(deepcache.meta)),
         "random": b.run("random", SkipScheduleDenoiser(b.teacher, rand), teacher, steps=steps, key=key),
     }

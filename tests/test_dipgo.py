@@ -12,7 +12,7 @@ from diffprune.config import DataConfig, DipgoConfig, TeacherConfig
 from diffprune.metrics.cost import MacCounter, unet_macs
 from diffprune.models.unet import build_scheduler, build_unet, sampling_scheduler
 from diffprune.pruning.dipgo import OUTPUT, ConsistencyLoss, GatedRunner, GatePruner, Schedule, SkipScheduleDenoiser
-from diffprune.pruning.dipgo import block_costs, block_graph, deepcache_for_ratio, deepcache_schedule, random_schedule
+from diffprune.pruning.dipgo import block_costs, block_graph, deepcache_for_macs, deepcache_schedule, random_schedule
 from diffprune.pruning.dipgo import save_heatmap, schedule_from_scores, schedule_macs, skip_savings, ste_gates
 from diffprune.pruning.dipgo import train_pruner
 from diffprune.pruning.dipgo.gates import fitted_ssim_window
@@ -247,8 +247,29 @@ def test_deepcache_schedule_structure(model):
     assert s.macs_ratio < deeper.macs_ratio < 1.0
     with pytest.raises(ValueError, match="branch = 3"):
         deepcache_schedule(model, T, 2, 3, SHAPE)
-    best = deepcache_for_ratio(model, T, 0.5, SHAPE)
-    assert best.method == "deepcache" and abs(best.macs_ratio - 0.5) < 0.2
+
+
+@pytest.mark.parametrize("target", [0.9, 0.6, 0.5, 0.34, 0.25])
+def test_deepcache_at_a_budget_lands_on_it_with_a_bounded_interval(model, ddim, target):
+    """DeepCache at a MACs budget: interval <= 5, and where the shallow branch's cost puts the target
+    out of the base trajectory's reach, on fewer steps; the MACs counted while sampling are the
+    target's within 2% (a 30-step base trajectory has the granularity to get there)."""
+    base = 30
+    s = deepcache_for_macs(model, base, target, SHAPE)
+    steps = s.meta["steps"]
+    assert s.method == "deepcache" and 2 <= s.meta["interval"] <= 5 and len(s.keep) == steps <= base
+    with MacCounter(model) as counter:
+        sample(SkipScheduleDenoiser(model, s), ddim, num_images=1, sample_shape=SHAPE, steps=steps)
+    counted = counter.total / (block_costs(model, SHAPE).full * base)
+    assert abs(counted - target) <= 0.02 * target, (counted, s.meta)
+    assert abs(s.meta["ratio_gap"] - (counted - target)) < 1e-9
+    on_base = [deepcache_schedule(model, base, n, b, SHAPE).macs_ratio for n in range(1, 6) for b in range(3)]
+    # the whole base trajectory is used whenever one of its own settings lands within 1%
+    assert (steps == base) == any(abs(r - target) <= 0.01 * target for r in on_base)
+    if min(on_base) > target * 1.01:  # below the shallow branch's reach: fewer steps
+        assert steps < base
+    with pytest.raises(ValueError, match="target_ratio = 0"):
+        deepcache_for_macs(model, base, 0.0, SHAPE)
 
 
 def test_deepcache_never_reuses_the_whole_prediction(model):

@@ -5,7 +5,7 @@ The learned result is data - a ``[T x N]`` skip schedule over the model's blocks
 """
 
 from .graph import OUTPUT, BlockGraph, UNet2DGraph, block_graph, executed_blocks, needed_blocks
-from .baselines import deepcache_cached_block, deepcache_for_ratio, deepcache_schedule, random_schedule
+from .baselines import deepcache_cached_block, deepcache_for_macs, deepcache_schedule, random_schedule
 from .pruner import ConsistencyLoss, GatePruner, ste_gates, train_pruner
 from .schedule import BlockCosts, Schedule, block_costs, gate_table_macs, save_heatmap, schedule_from_scores
 from .schedule import schedule_macs, skip_savings
@@ -14,7 +14,7 @@ from .supernet import GatedDenoiser, GatedRunner, SkipScheduleDenoiser
 __all__ = [
     "OUTPUT", "BlockGraph", "UNet2DGraph", "block_graph", "executed_blocks", "needed_blocks",
     "ConsistencyLoss", "GatePruner", "ste_gates", "train_pruner",
-    "deepcache_cached_block", "deepcache_for_ratio", "deepcache_schedule", "random_schedule",
+    "deepcache_cached_block", "deepcache_for_macs", "deepcache_schedule", "random_schedule",
     "BlockCosts", "Schedule", "block_costs", "gate_table_macs", "save_heatmap", "schedule_from_scores",
     "schedule_macs", "skip_savings",
     "GatedDenoiser", "GatedRunner", "SkipScheduleDenoiser",
