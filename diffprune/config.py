@@ -41,8 +41,10 @@ Batch = Annotated[int, Strict(), Field(ge=1, le=BATCH)]
 Channels = Annotated[int, Strict(), Field(ge=1, le=WIDTH)]
 
 DEVICE = r"^(cpu|mps|cuda(:\d{1,2})?)$"
+ALIAS = r"^[A-Za-z_][A-Za-z0-9_-]{0,99}$"  # registry aliases (diffprune.registry.ALIAS_PATTERN)
 _PATTERNS = {NAME: "expected letters, digits, '.', '_' or '-' (a letter or digit first, at most 100)",
-             r"\S": "must not be empty", DEVICE: "expected cpu, cuda, cuda:N or mps"}
+             r"\S": "must not be empty", DEVICE: "expected cpu, cuda, cuda:N or mps",
+             ALIAS: "expected letters, digits, '_' or '-' (a letter or '_' first, at most 100)"}
 
 
 class ConfigError(ValueError):
@@ -154,6 +156,27 @@ class RegisterConfig:
     experiment: Name = "diffprune"
 
 
+@_section("promotion")
+class PromotionConfig:
+    """The gate at the end of a flow run: each newly registered version against its model's alias holder.
+
+    A candidate passes when it is not degenerate, its FID is at most ``max_fid_ratio`` x the teacher's
+    (same evaluation) and its paired PSNR against the teacher is at least ``min_psnr`` dB; a passing
+    candidate wins with fewer trajectory MACs, then (equal MACs) a lower FID; an exact tie keeps the holder.
+    """
+
+    enabled: Annotated[bool, Strict()] = True   # false: no gate; `diffprune promote` by hand only
+    alias: Str = Field("champion", pattern=ALIAS)
+    max_fid_ratio: Positive = 3.0               # candidate FID / teacher FID (the demo's models: 1.4-2.4)
+    min_psnr: Float = Field(20.0, ge=0.0, le=200.0)  # dB vs the teacher's samples (the demo's: 24-32)
+
+    @model_validator(mode="after")
+    def _not_latest(self) -> "PromotionConfig":
+        if self.alias.lower() == "latest":
+            raise ConfigError(f"promotion.alias = {_r(self.alias)}: 'latest' is reserved by MLflow")
+        return self
+
+
 @_section("taylor")
 class TaylorConfig:
     importance: Literal["diff-pruning", "taylor", "magnitude", "random"] = "diff-pruning"
@@ -261,6 +284,7 @@ class Params:
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)
+    promotion: PromotionConfig = Field(default_factory=PromotionConfig)
     taylor: TaylorConfig = Field(default_factory=TaylorConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     dipgo: DipgoConfig = Field(default_factory=DipgoConfig)
