@@ -1,6 +1,7 @@
 """The model registry: register diffprune models (verify, promote, load, serve: :mod:`diffprune.serving`).
 
-With :mod:`diffprune.tracking` (setup, params, runs) this is the only module that calls MLflow.
+With :mod:`diffprune.tracking` (setup, params, runs) this is the only module that calls MLflow (the
+promotion gate, :mod:`diffprune.gate`, reads and tags versions through :func:`alias_holder` and co.).
 
 - :func:`register_model` logs a run and the model as a pickle-free pyfunc (*models from code*:
   :mod:`diffprune.mlflow_model`), registered as a new version of a registered model. Idempotent on
@@ -199,6 +200,28 @@ def tag_version_commit(name: str, version: int | str, commit: str, git_tag: str 
     tags = {"git_commit": commit, "git_dirty": "false", "diffprune.git_tag": git_tag or "",  # "": no valid tag name
             **({"diffprune.experiment": experiment} if experiment else {})}
     for key, value in tags.items():
+        client.set_model_version_tag(check_name(name), check_version(version), key, value)
+
+
+def alias_holder(name: str, alias: str) -> ModelVersion | None:
+    """The version alias ``alias`` of ``name`` points at; None when the alias (or the model) is unset."""
+    try:
+        return MlflowClient().get_model_version_by_alias(check_name(name), check_alias(alias))
+    except MlflowException as e:  # no such model / alias; anything else (an unreachable store) propagates
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def run_metrics(mv: ModelVersion) -> dict[str, float]:
+    """The metrics logged with the run that registered ``mv`` (flattened names: ``fid``, ``cost.macs``)."""
+    return dict(MlflowClient().get_run(mv.run_id).data.metrics) if mv.run_id else {}
+
+
+def set_version_tags(name: str, version: int | str, tags: Mapping[str, Any]) -> None:
+    """Write ``tags`` (values redacted, as strings) on version ``version`` of ``name``."""
+    client = MlflowClient()
+    for key, value in safe_tags(tags).items():
         client.set_model_version_tag(check_name(name), check_version(version), key, value)
 
 
