@@ -207,6 +207,30 @@ def promote_cmd(
     typer.echo(f"models:/{name}@{alias} -> version {version}")
 
 
+@app.command("gate")
+def gate_cmd(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    version: Annotated[int, typer.Argument(help="the candidate version")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="decide only: move no alias, write no tags")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+    root: RootOpt = Path("."),
+) -> None:
+    """Apply the promotion gate (params.yaml `promotion:`) to a version: its alias moves only if it wins."""
+    from . import gate, registry, tracking
+    from .config import load_params
+
+    with _errors():
+        registry.check_name(name)
+        policy = load_params(params).promotion
+        tracking.configure(root=root.resolve())
+        d = gate.gate_version(name, version, policy, dry_run=dry_run)
+    against = f"v{d['champion']}" if d["champion"] is not None else "no champion"
+    typer.echo(f"models:/{name}/{d['version']}: {d['decision']} (@{d['alias']}: {against})"
+               f"{' [dry run]' if dry_run else ''}")
+    for reason in d["reasons"]:
+        typer.echo(f"  - {reason}")
+
+
 def _check_bounds(n: int, steps: int) -> None:
     """Refuse a sampling request past :data:`MAX_IMAGES` / :data:`MAX_STEPS` before loading anything."""
     if not 1 <= n <= MAX_IMAGES:

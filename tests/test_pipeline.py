@@ -115,6 +115,22 @@ def test_flow_registers_the_teacher_in_mlflow(flow_run):
     assert int(reg["version"]) == int(v.version)
 
 
+def test_flow_gates_each_version_it_registered_and_only_then(flow_run):
+    """The first run registered four versions: each has the gate's decision in its tags (and the alias
+    on it exactly when promoted); the second run registered nothing and decided nothing."""
+    from diffprune import gate, registry, tracking
+
+    root, first, second = flow_run
+    tracking.configure(root=root)
+    names = sorted(d["name"] for d in first["decisions"])
+    assert names == ["tiny-dipgo", "tiny-experts", "tiny-pruned", "tiny-teacher"] and second["decisions"] == []
+    for d in first["decisions"]:
+        assert d["decision"] in gate.OUTCOMES and d["reasons"] and d["champion"] is None, d
+        assert registry.get_version(d["name"], d["version"]).tags[gate.TAG_DECISION] == d["decision"]
+        holder = registry.alias_holder(d["name"], "champion")
+        assert (holder is not None and int(holder.version) == d["version"]) is (d["decision"] == "promoted"), d
+
+
 def test_a_registered_version_names_the_commit_that_reproduces_it(flow_run):
     """The version's tags name the run's experiment commit and a git tag on it; that commit's dvc.lock
     holds the very DVC hashes the version was registered with."""

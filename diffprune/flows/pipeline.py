@@ -9,7 +9,9 @@ appear in the run as a ``Skipped`` task naming why. At the end the outputs the d
 are pushed, the run is recorded as a git commit (in a ``diffprune init`` workspace a commit on its
 branch, elsewhere a DVC experiment), every model version registered in the run is git-tagged
 ``NAME/vVERSION`` on that commit (and the commit written into its tags), both are pushed when a
-git remote exists, and a table artifact of the metrics is published.
+git remote exists, the promotion gate (``params.yaml`` ``promotion:``, :mod:`diffprune.gate`) decides
+for each new version whether it takes its model's champion alias (a markdown artifact of the
+decisions), and a table artifact of the metrics is published.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from typing import Any, Iterator, Optional
 
 from filelock import FileLock
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext
 from prefect.states import Completed, State
 
-from diffprune.config import ConfigError, fingerprint, load_params
+from diffprune.config import ConfigError, PromotionConfig, fingerprint, load_params
 from diffprune.io import write_json
 from diffprune.locks import stage_lock
 from diffprune.env import quiet_defaults
@@ -52,7 +55,8 @@ def prune_pipeline(params_path: str = "params.yaml", root: str = ".", only: Opti
     push to the default remote (``push``); record the run as a git commit (a workspace commit or a
     DVC experiment) and tag the versions it registered with it; publish the metrics.
 
-    Returns ``{"ran", "skipped", "pushed", "experiment", "commit", "tags", "table"}``.
+    Returns ``{"ran", "skipped", "pushed", "experiment", "commit", "tags", "decisions", "table"}``
+    (``decisions``: the promotion gate's, one per version this run registered).
     """
     quiet_defaults()
     log = get_run_logger()
@@ -60,7 +64,7 @@ def prune_pipeline(params_path: str = "params.yaml", root: str = ".", only: Opti
     params = load_params(params_path)
     with _claim_workspace(rootp, params):
         check_params_file(rootp, params_path)
-        return _pipeline(rootp, params_path, only, push, log)
+        return _pipeline(rootp, params_path, only, push, log, params.promotion)
 
 
 def check_params_file(root: Path, params_path: str | Path) -> None:
@@ -92,7 +96,8 @@ def _stages(root: Path, only: Optional[list[str]]) -> tuple[list[str], dict[str,
     return stages, specs
 
 
-def _pipeline(root: Path, params_path: str, only: Optional[list[str]], push: bool, log: logging.Logger) -> dict:
+def _pipeline(root: Path, params_path: str, only: Optional[list[str]], push: bool, log: logging.Logger,
+              policy: PromotionConfig) -> dict:
     from diffprune import versioning, workspace
 
     stages, specs = _stages(root, only)
@@ -120,10 +125,11 @@ def _pipeline(root: Path, params_path: str, only: Optional[list[str]], push: boo
     pushed = _push(root, stages, log) if push else []
     uncached = [o for s in stages for o in specs[s]["uncached"]]
     record = _record_run(root, uncached, ran or (["code"] if code_recorded else []), log, stages)
+    decisions = _gate(root, ran, policy, log)
     table = metrics_table(root)
     _publish(root, table, log)
     return {"ran": ran, "skipped": skipped, "pushed": pushed, "experiment": record["experiment"],
-            "commit": record["commit"], "tags": record["tags"], "table": table}
+            "commit": record["commit"], "tags": record["tags"], "decisions": decisions, "table": table}
 
 
 def _stale(root: Path, name: str, dirty: dict[str, Any], ran_upstream: set[str]) -> Optional[str]:
@@ -277,6 +283,35 @@ def _tag_versions(root: Path, targets: list[str], record: dict[str, Any], log: l
             tags.append(tag)
             log.info("%s version %s: git tag %s", reg["name"], reg["version"], tag)
     return tags
+
+
+def registered_in_run(root: Path, ran: list[str]) -> list[dict[str, Any]]:
+    """The registry records (``models/registry/TARGET.json``) of the versions this run created: its
+    ``register@`` stages that ran and did not find the content already registered."""
+    from diffprune.io import read_json
+
+    records = [root / f"models/registry/{n.split('@', 1)[1]}.json" for n in ran if n.startswith("register@")]
+    return [rec for f in records if f.exists() and (rec := read_json(f)).get("created")]
+
+
+def _gate(root: Path, ran: list[str], policy: PromotionConfig, log: logging.Logger) -> list[dict[str, Any]]:
+    """The promotion gate (:func:`diffprune.gate.gate_version`) on every version this run registered;
+    its decisions are logged and, inside a flow run, published as a markdown artifact."""
+    new = registered_in_run(root, ran)
+    if not new or not policy.enabled:
+        return []
+    from diffprune import gate, tracking
+
+    tracking.configure(root=root)
+    decisions = []
+    for rec in new:
+        d = gate.gate_version(rec["name"], rec["version"], policy)
+        log.info("%s version %s: %s (%s)", d["name"], d["version"], d["decision"], "; ".join(d["reasons"]))
+        decisions.append(d)
+    if FlowRunContext.get() is not None:
+        create_markdown_artifact(markdown=gate.decisions_markdown(decisions), key="prune-pipeline-promotion",
+                                 description="diffprune: the promotion gate's decisions")
+    return decisions
 
 
 def _publish(root: Path, table: str, log: logging.Logger) -> None:
