@@ -83,6 +83,8 @@ def test_doctor_json_parses_and_has_every_check(tmp_path):
     assert {c["status"] for c in doc["checks"]} <= {doctor.OK, doctor.WARN, doctor.MISSING, doctor.FAIL}
     assert all(c["fix"] for c in doc["checks"] if c["status"] != doctor.OK)
     assert {c["name"] for c in doc["checks"] if c["required"]} == {"mlflow", "disk"}
+    bad = _cli("doctor", "--root", str(tmp_path / "nowhere"))  # its own bad input: one line, exit 2
+    assert bad.exit_code == 2 and bad.stderr.strip() == f"error: --root {tmp_path / 'nowhere'}: no such folder"
 
 
 @pytest.mark.parametrize("uri", ["foo://x", "mlruns.db", "sqlite:///{tmp}/a-file/mlruns.db", "sqlite:///{tmp}/a-file"])
