@@ -40,19 +40,20 @@ bench: $(addprefix bench-,$(BENCHES))
 $(addprefix bench-,$(BENCHES)): bench-%: setup
 	$(QUIET) $(BIN)/python -m benchmarks.$*
 
+# the servers are recorded by process id (.work/NAME.pid; logs .work/NAME.log): ui-stop stops exactly those
+SERVERS := $(BIN)/python -m diffprune.servers
+
 ui: setup
-	@mkdir -p .work
-	@nohup $(QUIET) $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) > .work/prefect-server.log 2>&1 &
-	@nohup $(QUIET) $(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) --backend-store-uri sqlite:///$(CURDIR)/$(DEMO)/mlruns.db \
-		--default-artifact-root $(CURDIR)/$(DEMO)/mlartifacts > .work/mlflow-ui.log 2>&1 &
+	@$(SERVERS) start .work prefect-server -- $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+	@$(SERVERS) start .work mlflow-ui -- $(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
+		--backend-store-uri sqlite:///$(CURDIR)/$(DEMO)/mlruns.db --default-artifact-root $(CURDIR)/$(DEMO)/mlartifacts
 	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)   (export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api to run flows against it)"
 	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "logs in .work/; stop both with: make ui-stop"
 
 ui-stop:
-	-pkill -f "prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)"
-	-pkill -f "mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT)"
+	@if test -x $(BIN)/python; then $(SERVERS) stop .work prefect-server mlflow-ui; else echo "no $(BIN): nothing was started"; fi
 
-clean:
+clean: ui-stop  # first: .work/ holds the records of the servers make ui started
 	rm -rf $(DEMO) data/dataset data/*.json models/* .work mlruns.db mlartifacts
 	@touch models/.gitkeep

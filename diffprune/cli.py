@@ -189,6 +189,62 @@ def report_cmd(root: RootOpt = Path(".")) -> None:
     typer.echo(table)
 
 
+@app.command("doctor")
+def doctor_cmd(
+    root: RootOpt = Path("."),
+    as_json: Annotated[bool, typer.Option("--json", help="print the checks as JSON")] = False,
+) -> None:
+    """What this machine has and lacks for a run (GPU, FID/CLIP weights, Prefect, MLflow, DVC, disk),
+    with the fix for each; exit 1 when a required item fails."""
+    from .doctor import as_json as to_json
+    from .doctor import exit_code, render, run_checks
+
+    if not root.is_dir():
+        _fail(f"--root {root}: no such folder")
+    checks = run_checks(root, debug=_state["debug"])
+    typer.echo(json.dumps(to_json(checks), indent=2) if as_json else render(checks))
+    raise typer.Exit(exit_code(checks))
+
+
+def _runs_table(rows: list[dict]) -> str:
+    """Markdown table of :func:`tracking.recent_runs` rows."""
+    def num(v, digits=3):
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    lines = ["| started (UTC) | run id | model | status | duration | FID | MACs vs teacher |", "|---" * 7 + "|"]
+    for r in rows:
+        duration = "-" if r["duration_s"] is None else f"{r['duration_s']:.1f} s"
+        lines.append(f"| {r['start'] or '-'} | {r['run_id']} | {r['model']} | {r['status']} | {duration} | "
+                     f"{num(r['fid'])} | {num(r['macs_ratio'])} |")
+    return "\n".join(lines)
+
+
+@app.command("runs")
+def runs_cmd(
+    root: RootOpt = Path("."),
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=1000, help="how many runs, newest first")] = 20,
+    experiment: Annotated[Optional[str],
+                          typer.Option(help="MLflow experiment [default: params' register.experiment]")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the runs as JSON")] = False,
+) -> None:
+    """The recent pipeline runs logged to MLflow (one per registered model): status, duration, FID, MACs."""
+    from .config import load_params
+
+    with _errors():
+        params = root / "params.yaml"
+        name = experiment or load_params(params if params.exists() else None).register.experiment
+        from . import tracking
+
+        rows = tracking.recent_runs(name, root=root.resolve(), limit=limit)
+        where = tracking.resolve_uri(root.resolve())
+    if as_json:
+        typer.echo(json.dumps({"experiment": name, "tracking_uri": where, "runs": rows}, indent=2))
+    elif not rows:
+        typer.echo(f"no runs in MLflow experiment {name!r} of {where}")
+    else:
+        typer.echo(_runs_table(rows))
+
+
 @app.command("promote")
 def promote_cmd(
     name: Annotated[str, typer.Argument(help="registered model name")],

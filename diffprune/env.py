@@ -1,7 +1,8 @@
 """Process defaults for an offline machine: telemetry off, long ephemeral-server startup.
 
 The one place they are written: the CLI and the flow call :func:`quiet_defaults`; the Makefile runs
-the servers it starts through ``python -m diffprune.env COMMAND``.
+its commands through ``python -m diffprune.env COMMAND``, and ``make ui`` its servers through
+:mod:`diffprune.servers`, which sets them too.
 """
 
 from __future__ import annotations

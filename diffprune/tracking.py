@@ -2,6 +2,8 @@
 
 - :func:`configure` points MLflow at ``sqlite:///<root>/mlruns.db`` (artifacts in
   ``<root>/mlartifacts``), turns its telemetry and its pickle deserialization off;
+- :func:`resolve_uri` / :func:`store_problem`: the store a run uses and whether it could write there
+  (``diffprune doctor``); :func:`recent_runs`: an experiment's newest runs (``diffprune runs``);
 - :func:`loggable_params` / :func:`loggable_metrics`: flattened, redacted values for a run;
 - the registry (:func:`register_model`, :func:`promote`, :func:`resolve`, :func:`load`,
   :func:`generate`) is :mod:`diffprune.registry`, also reachable here as ``tracking.NAME``.
@@ -86,6 +88,47 @@ def _checked_uri(uri: str) -> str:
     return uri
 
 
+def resolve_uri(root: str | Path = ".") -> str:
+    """The tracking URI a run in ``root`` logs to (as :func:`configure` chooses it, creating nothing):
+    ``$DIFFPRUNE_TRACKING_URI`` when set (checked), else ``sqlite:///<root>/mlruns.db``."""
+    if os.environ.get(TRACKING_ENV):
+        return _checked_uri(os.environ[TRACKING_ENV])
+    return f"sqlite:///{Path(root).resolve() / DEFAULT_DB}"
+
+
+def local_store(uri: str) -> Path | None:
+    """The file (``sqlite:///PATH``) or folder (``file://PATH``) of a local tracking store; None otherwise."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///"))
+    if uri.startswith("file:"):
+        return Path(urllib.parse.unquote(urllib.parse.urlparse(uri).path))
+    return None
+
+
+def store_problem(uri: str) -> str | None:
+    """Why a run could not write to the local tracking store ``uri`` now (not an SQLite file, read-only,
+    a parent that is no writable folder); None when it could, or when the store is not local."""
+    path = local_store(uri)
+    if path is None:
+        return None
+    if path.exists():
+        if uri.startswith("sqlite:") and (not path.is_file() or not _looks_like_sqlite(path)):
+            return f"{path}: not an SQLite database"
+        folder = path.parent if path.is_file() else path
+        writable = os.access(path, os.W_OK) and os.access(folder, os.W_OK | os.X_OK)
+        return None if writable else f"{path}: not writable"
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"{path}: cannot be created ({parent} is not a writable folder)"
+    return None
+
+
+def _looks_like_sqlite(path: Path) -> bool:
+    with path.open("rb") as f:
+        head = f.read(16)
+    return head in (b"", b"SQLite format 3\x00")  # an empty file is a new database to SQLite
+
+
 def configure(tracking_uri: str | None = None, root: str | Path = ".",
               artifact_root: str | Path | None = None) -> str:
     """Point MLflow (tracking and registry) at ``tracking_uri``; returns the URI in use.
@@ -103,11 +146,10 @@ def configure(tracking_uri: str | None = None, root: str | Path = ".",
     disable_pickle()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep task logs readable
     root = Path(root).resolve()
-    if tracking_uri is None and os.environ.get(TRACKING_ENV):
-        tracking_uri = _checked_uri(os.environ[TRACKING_ENV])
     if tracking_uri is None:
-        root.mkdir(parents=True, exist_ok=True)
-        tracking_uri = f"sqlite:///{root / DEFAULT_DB}"
+        tracking_uri = resolve_uri(root)
+        if not os.environ.get(TRACKING_ENV):
+            root.mkdir(parents=True, exist_ok=True)
     if artifact_root is not None:
         _artifact_root = Path(artifact_root).resolve()
     elif tracking_uri.startswith(("http://", "https://")):
@@ -159,6 +201,42 @@ def _check_location(name: str, location: str, root: Path | None) -> None:
         raise ConfigError(f"MLflow experiment {name!r} keeps its artifacts in {where}, which does not exist "
                           f"(was the workspace moved or copied from there?): move them back, or point "
                           f"{TRACKING_ENV} at a registry of this place")
+
+
+# ----------------------------------------------------------------------------- runs
+
+RUN_METRICS = {"fid": "fid", "macs_ratio": "macs_ratio_vs_teacher"}  # what `diffprune runs` shows
+
+
+def recent_runs(experiment: str, root: str | Path = ".", limit: int = 20) -> list[dict[str, Any]]:
+    """The newest ``limit`` runs of ``experiment`` in the registry a run in ``root`` uses, newest first:
+    ``run_id``, ``name``, ``model`` (the stage's target), ``start`` (ISO, UTC), ``status``,
+    ``duration_s`` (None while running), :data:`RUN_METRICS` (None when not logged), ``git_commit``.
+    ``[]`` when the experiment, or the workspace's own database, does not exist (nothing is created)."""
+    uri = resolve_uri(root)
+    path = local_store(uri)
+    if path is not None and not path.exists():
+        return []
+    configure(uri, root=root)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC", "attributes.run_id"],
+                              max_results=limit)
+    return [_run_row(r) for r in runs]
+
+
+def _run_row(run: Any) -> dict[str, Any]:
+    import datetime
+
+    info, data = run.info, run.data
+    start = datetime.datetime.fromtimestamp(info.start_time / 1000, datetime.timezone.utc) if info.start_time else None
+    ended = info.end_time is not None and info.start_time is not None
+    return {"run_id": info.run_id, "name": info.run_name, "model": data.tags.get("target") or info.run_name,
+            "start": start.isoformat(timespec="seconds") if start else None, "status": info.status,
+            "duration_s": round((info.end_time - info.start_time) / 1000, 3) if ended else None,
+            **{k: data.metrics.get(m) for k, m in RUN_METRICS.items()}, "git_commit": data.tags.get("git_commit")}
 
 
 # ----------------------------------------------------------------------------- params

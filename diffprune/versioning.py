@@ -1,18 +1,12 @@
 """Data and model versioning with DVC: the one module of the project that runs ``dvc``.
 
-The Prefect flow produces the outputs that ``dvc.yaml`` declares; this module then records them:
-``dvc commit -f`` writes their hashes into ``dvc.lock`` and ``dvc push`` copies them to the default
-remote. It also records a finished run in git (:func:`record_run`: a commit in a ``diffprune init``
-workspace, a DVC experiment elsewhere), tags registered versions on it (:func:`tag_version`) and
-pushes both (:func:`push_run`). Commands run as subprocesses of the ``dvc`` next to the running interpreter (the same
-environment), with analytics off. Any failing command raises :class:`VersioningError` naming the
-command and the end of its error output.
-
-Typical use (a Prefect task or the CLI)::
-
-    ensure_repo(root)
-    configure_remote(root, root / ".dvc-remote")
-    result = commit_and_push(root)          # {"hashes": {"models/teacher": "…​.dir"}, ...}
+The Prefect flow produces the outputs that ``dvc.yaml`` declares; this module records them
+(``dvc commit -f``: their hashes into ``dvc.lock``; ``dvc push``: to the default remote), records a
+finished run in git (:func:`record_run`: a commit in a ``diffprune init`` workspace, a DVC experiment
+elsewhere), tags registered versions on it (:func:`tag_version`) and pushes both (:func:`push_run`).
+Commands run as subprocesses of the ``dvc`` next to the running interpreter, analytics off; a failing
+one raises :class:`VersioningError` naming it and the end of its error output. Typical use:
+``ensure_repo(root)``, ``configure_remote(root, root / ".dvc-remote")``, ``commit_and_push(root)``.
 """
 
 from __future__ import annotations
@@ -126,6 +120,15 @@ def default_remote(root: str | Path) -> str | None:
     proc = run_dvc(root, "config", "core.remote", check=False)
     name = proc.stdout.strip()
     return name if proc.returncode == 0 and name else None
+
+
+def default_remote_url(root: str | Path) -> tuple[str, str] | None:
+    """The default remote's ``(name, url)`` in DVC's merged config (a folder as DVC resolves it); None
+    when there is none, or outside a DVC repository."""
+    proc = run_dvc(root, "config", "--list", check=False)
+    values = dict(line.partition("=")[::2] for line in proc.stdout.splitlines() if "=" in line)  # local wins
+    name = values.get("core.remote", "").strip()
+    return (name, values.get(f"remote.{name}.url", "").strip()) if proc.returncode == 0 and name else None
 
 
 def commit_and_push(root: str | Path, stages: Sequence[str] | None = None, *,
