@@ -258,7 +258,7 @@ class Bench:
         if (cache / "result.json").exists():
             doc = read_json(cache / "result.json")
             per = load_file(str(cache / "psnr.safetensors"))["psnr"].numpy()
-            return Run(method, doc["metrics"], per, doc["extra"])
+            return Run(method, doc["metrics"], per, {**doc["extra"], **(extra or {})})  # descriptions: today's
         t_metrics, t_samples = self.reference()
         metrics, x = evaluate(denoiser, self.sampler(), modules, self.protocol(steps), self.extractor,
                               self.train_feats, sample_shape=self.sample_shape, reference=t_samples,

@@ -96,6 +96,15 @@ def train_schedule(b: Bench, steps: int, ratio: float, progress: bool) -> tuple[
     return schedule, info
 
 
+def reuse_pattern(schedule: Schedule) -> dict[str, int]:
+    """How a schedule saves: steps whose whole prediction is reused (no block runs after step 0's),
+    steps with some blocks reused, and steps computed in full."""
+    ex = schedule.executed()
+    whole = sum(not any(row) for row in ex[1:])
+    full = sum(all(row) for row in ex[1:]) + 1
+    return {"steps": len(ex), "whole_step_reuse": whole, "partial_reuse": len(ex) - whole - full, "full": full}
+
+
 def point(b: Bench, out: Path, steps: int, target: float, progress: bool) -> dict[str, Run]:
     """All methods at ``target`` of the teacher's full trajectory, on a ``steps``-step base trajectory."""
     full = b.p.evaluate.steps
@@ -105,6 +114,9 @@ def point(b: Bench, out: Path, steps: int, target: float, progress: bool) -> dic
     schedule.save(out / f"dipgo_schedule_{tag}.json")
     save_heatmap(schedule, out / f"dipgo_schedule_{tag}.png")
     deepcache = deepcache_for_macs(b.teacher, steps, inner, b.sample_shape)
+    save_heatmap(deepcache, out / f"deepcache_schedule_{tag}.png",
+                 title=f"deepcache: interval {deepcache.meta['interval']}, branch {deepcache.meta['branch']}, "
+                       f"{deepcache.meta['steps']} steps")
     rand = random_schedule(b.teacher, steps, inner, b.sample_shape, seed=b.p.dipgo.seed,
                            tolerance=b.p.dipgo.tolerance)
     fewer = max(1, round(full * target))
@@ -114,12 +126,14 @@ def point(b: Bench, out: Path, steps: int, target: float, progress: bool) -> dic
         "dipgo": b.run("dipgo", SkipScheduleDenoiser(b.teacher, schedule), teacher, steps=steps,
                        key=(key, to_dict(b.p.dipgo)),
                        extra={"train_steps": info["train_steps"], "train_seconds": info["train_time_s"],
-                              "heatmap": f"dipgo_schedule_{tag}.png"}),
+                              "heatmap": f"dipgo_schedule_{tag}.png", "pattern": reuse_pattern(schedule)}),
         "fewer-steps": b.run("fewer-steps", ModelDenoiser(b.teacher), teacher, steps=fewer, key=fewer,
                              extra={"steps": fewer}),
         "deepcache": b.run("deepcache", SkipScheduleDenoiser(b.teacher, deepcache), teacher,
                            steps=deepcache.meta["steps"],
-                           key=(key, deepcache.meta), extra=dict(deepcache.meta)),
+                           key=(key, deepcache.meta),
+                           extra={**deepcache.meta, "heatmap": f"deepcache_schedule_{tag}.png",
+                                  "pattern": reuse_pattern(deepcache)}),
         "random": b.run("random", SkipScheduleDenoiser(b.teacher, rand), teacher, steps=steps, key=key),
     }
 
@@ -134,7 +148,12 @@ def to_markdown(b: Bench, grid: dict[tuple[int, float], dict[str, Run]], quick: 
         lines += [f"## {target}x the teacher's MACs, on a {steps}-step base trajectory", "", TABLE_HEAD]
         lines.append(run_row(runs["dipgo"], [compare(runs["dipgo"], runs[m]) for m in BASELINES]))
         lines += [run_row(runs[m]) for m in BASELINES]
-        lines.append("")
+        dp, dc = runs["dipgo"].extra, runs["deepcache"].extra
+        pat = dp["pattern"]
+        lines += ["", f"DiP-GO's schedule: the whole prediction reused at {pat['whole_step_reuse']} of {pat['steps']} "
+                  f"steps, some blocks reused at {pat['partial_reuse']}, {pat['full']} computed in full. DeepCache: "
+                  f"interval {dc['interval']}, branch {dc['branch']}, on {dc['steps']} steps.", "",
+                  f"![DiP-GO's schedule]({dp['heatmap']}) ![DeepCache's schedule]({dc['heatmap']})", ""]
     return "\n".join(lines + ["![PSNR and FID vs MACs](dipgo.png)", "",
                               "![the pruner's training curves](dipgo_pruner_curves.png)"]) + "\n"
 

@@ -336,6 +336,9 @@ def save_heatmap(schedule: Schedule, png_path: str | Path, title: Optional[str] 
     ax.imshow(state.numpy(), cmap=ListedColormap(colours), vmin=0, vmax=2, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(schedule.num_blocks), schedule.block_names, rotation=45, ha="right")
     ax.set_ylabel("sampling step")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ratio = f"MACs ratio {schedule.macs_ratio:.3f}" if schedule.macs_ratio is not None else ""
     ax.set_title(title or f"{schedule.method or 'schedule'} {ratio}".strip(), fontsize=9)
     ax.legend(
