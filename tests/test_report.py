@@ -222,3 +222,19 @@ def test_the_flow_publishes_the_report_as_an_artifact_and_a_pipeline_run(tmp_pat
     assert (tags["prefect.flow_run_id"], tags["prefect.flow_run_name"], tags["git_commit"]) == ("fr-1", "happy-run",
                                                                                                 "c0ffee")
     assert tags["diffprune.ran"] == "evaluate@dipgo, report"
+
+
+def test_diffprune_run_ends_with_the_pareto_table_and_the_plot_path(tmp_path: Path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from diffprune.cli import app
+    from diffprune.flows import pipeline
+
+    png = str(tmp_path / "models/report/pareto.png")
+    result = {"table": "metrics", "ran": ["report"], "skipped": [], "commit": None,
+              "report": {"table": "| model | ... |\n|---|\n| dipgo | ... |", "png": png}}
+    monkeypatch.setattr(pipeline, "prune_pipeline", lambda **kw: result)
+    out = CliRunner().invoke(app, ["run", "--params", str(REPO / "params.yaml"), "--root", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+    tail = out.output.strip().splitlines()
+    assert tail[-1].startswith(f"Pareto plot: {png}") and "| dipgo | ... |" in tail[-2]
