@@ -154,6 +154,10 @@ def run_cmd(
     if result.get("commit"):
         what = f"DVC experiment {result['experiment']}" if result.get("experiment") else "commit"
         typer.echo(f"recorded as {what} {result['commit'][:12]}; tagged: {', '.join(result['tags']) or '-'}")
+    if result.get("report"):  # the Pareto report (stage `report`): this run's table, then the plot's path
+        typer.echo(f"\nPareto fronts (FID vs trajectory MACs / latency):\n{result['report']['table']}")
+        typer.echo(f"Pareto plot: {result['report']['png']}  (with the benchmark baselines: "
+                   f"{Path(result['report']['png']).with_suffix('.md')}; `dvc plots show` renders it)")
 
 
 @app.command("init")

@@ -4,6 +4,7 @@
   ``<root>/mlartifacts``), turns its telemetry and its pickle deserialization off;
 - :func:`resolve_uri` / :func:`store_problem`: the store a run uses and whether it could write there
   (``diffprune doctor``); :func:`recent_runs`: an experiment's newest runs (``diffprune runs``);
+- :func:`log_pipeline_run`: a flow run's own run ``pipeline`` (the Pareto report's files);
 - :func:`loggable_params` / :func:`loggable_metrics`: flattened, redacted values for a run;
 - the registry (:func:`register_model`, :func:`promote`, :func:`resolve`, :func:`load`,
   :func:`generate`) is :mod:`diffprune.registry`, also reachable here as ``tracking.NAME``.
@@ -225,6 +226,25 @@ def recent_runs(experiment: str, root: str | Path = ".", limit: int = 20) -> lis
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC", "attributes.run_id"],
                               max_results=limit)
     return [_run_row(r) for r in runs]
+
+
+PIPELINE_RUN = "pipeline"  # the run name of a flow run's own MLflow run (its Pareto report)
+
+
+def log_pipeline_run(experiment: str, artifacts: list[Path], *, root: str | Path = ".",
+                     tags: Mapping[str, Any] | None = None, artifact_path: str = "report") -> str:
+    """One MLflow run for a pipeline (flow) run, beside the registered models' runs: named
+    :data:`PIPELINE_RUN`, tagged ``diffprune.kind=pipeline``, the git commit (the caller's ``tags``
+    win: the run's own record) and ``tags``; ``artifacts`` logged under ``artifact_path``. Returns its id."""
+    configure(root=root)
+    commit, _ = git_commit(root)
+    run_tags = safe_tags({"diffprune.kind": PIPELINE_RUN, "git_commit": commit, **(tags or {})})
+    with mlflow.start_run(experiment_id=ensure_experiment(experiment), run_name=PIPELINE_RUN, tags=run_tags,
+                          nested=mlflow.active_run() is not None) as run:
+        for f in map(Path, artifacts):
+            if f.is_file():
+                mlflow.log_artifact(str(f), artifact_path=artifact_path)
+    return run.info.run_id
 
 
 def _run_row(run: Any) -> dict[str, Any]:

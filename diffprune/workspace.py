@@ -302,10 +302,36 @@ def _write_files(tmp: Path, data_path: Path) -> dict[str, Any]:
     stages, sources = workspace_stages(yaml.safe_load((top / "dvc.yaml").read_text()))
     (tmp / "dvc.yaml").write_text(DVC_HEADER + yaml.safe_dump(stages, sort_keys=False, width=110))
     (tmp / ".gitignore").write_text(GITIGNORE)
+    copy_benchmarks(top, tmp)
     (tmp / SOURCES).parent.mkdir(parents=True, exist_ok=True)
     (tmp / SOURCES).write_text(json.dumps(sources, indent=1) + "\n")
     refresh_code_hashes(tmp)
     return data
+
+
+BENCH_README = """\
+The benchmark results the `report` stage draws beside this workspace's models (their own marker and
+Pareto front: their FIDs are on the benchmark teacher's scale), copied by `diffprune init` from the
+project's benchmarks/results/. Replace them with newer ones (`make bench` in a checkout) to update it.
+"""
+
+
+def copy_benchmarks(top: Path, dest: Path) -> list[str]:
+    """Copy the project's benchmark results that the ``report`` stage reads (``benchmarks/results/
+    {dipgo,taylor,experts}.json``, those present) into the workspace ``dest``, with a README, so the
+    stage's ``benchmarks/results`` dependency exists there; returns the names copied."""
+    from .pareto import BENCH_DIR, BENCHMARKS
+
+    folder = dest / BENCH_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "README.md").write_text(BENCH_README)
+    copied = []
+    for name in BENCHMARKS:
+        src = top / BENCH_DIR / f"{name}.json"
+        if src.is_file():
+            shutil.copy(src, folder / src.name)
+            copied.append(src.name)
+    return copied
 
 
 def _git(root: Path, *args: str) -> None:

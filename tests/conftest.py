@@ -85,7 +85,8 @@ def tiny_scheduler():
 
 def make_project(root: Path, overrides: dict | None = None, stages: bool = True, code: bool = False) -> Path:
     """A project folder with dvc.yaml and a tiny params.yaml (and a copy of the package: the code
-    files dvc.yaml lists as dependencies, for ``dvc repro``)."""
+    files dvc.yaml lists as dependencies, for ``dvc repro``, with the benchmark results the ``report``
+    stage depends on)."""
     root.mkdir(parents=True, exist_ok=True)
     params = {k: dict(v) for k, v in TINY_PARAMS.items()}
     for k, v in (overrides or {}).items():
@@ -95,6 +96,9 @@ def make_project(root: Path, overrides: dict | None = None, stages: bool = True,
         shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     if code:
         shutil.copytree(REPO / "diffprune", root / "diffprune", ignore=shutil.ignore_patterns("__pycache__"))
+        from diffprune.workspace import copy_benchmarks
+
+        copy_benchmarks(REPO, root)
     return root
 
 

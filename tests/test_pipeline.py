@@ -68,6 +68,13 @@ def test_flow_runs_every_stage_then_skips_them(flow_run):
     assert pruned["params"] < m["params"] and pruned["trajectory_macs"] < m["trajectory_macs"]
     assert 0 < pruned["macs_ratio_vs_teacher"] < 1 and "psnr_vs_teacher" in pruned
     assert (root / "models/eval/teacher/grid.png").stat().st_size > 0
+    # the report stage: the Pareto plot of every evaluated model, its table returned for `diffprune run`
+    png = root / "models/report/pareto.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(first["report"]["png"]) == png.resolve()
+    rows = [l for l in first["report"]["table"].splitlines()[2:] if l.startswith("| ")]
+    names = [r.split(" | ")[0][2:].removesuffix(" (degenerate)") for r in rows]  # tiny models: degenerate
+    assert sorted(names) == ["dipgo", "experts", "finetune", "teacher"]
+    assert Path(second["report"]["png"]) == png.resolve() and "mlflow_run_id" not in second["report"]  # ran nothing
 
 
 def test_flow_records_every_stage_in_dvc_lock_and_saves_the_run(flow_run):
@@ -84,7 +91,7 @@ def test_flow_records_every_stage_in_dvc_lock_and_saves_the_run(flow_run):
     assert not doc.get("errors"), doc.get("errors")
     points = doc["data"]["fid_vs_macs"][0]["content"]["data"]["values"]
     assert sorted(v["model"] for v in points) == ["dipgo", "experts", "finetune", "teacher"]
-    assert {"models/dipgo/heatmap.png", "models/intervals/alignment.png"} <= set(doc["data"])
+    assert {"models/dipgo/heatmap.png", "models/intervals/alignment.png", "models/report/pareto.png"} <= set(doc["data"])
     # metrics are kept by git (and so by the experiment commit), cached outputs by DVC
     assert subprocess.run(["git", "check-ignore", "-q", "models/eval/teacher/metrics.json"], cwd=root).returncode == 1
     assert subprocess.run(["git", "check-ignore", "-q", "models/teacher"], cwd=root).returncode == 0
@@ -103,7 +110,7 @@ def test_flow_registers_the_teacher_in_mlflow(flow_run):
 
     from diffprune import tracking
 
-    root, _, _ = flow_run
+    root, first, _ = flow_run
     tracking.configure(root=root)
     for name in ("tiny-pruned", "tiny-dipgo", "tiny-experts"):
         assert len(MlflowClient().search_model_versions(f"name='{name}'")) == 1, name
@@ -113,6 +120,13 @@ def test_flow_registers_the_teacher_in_mlflow(flow_run):
     assert v.tags.get("content_hash") and v.tags.get("git_commit")
     reg = json.loads((root / "models/registry/teacher.json").read_text())
     assert int(reg["version"]) == int(v.version)
+    # one `pipeline` run for the run that ran stages (the second ran none), holding the Pareto report
+    exp = MlflowClient().get_experiment_by_name("tiny")
+    runs = MlflowClient().search_runs([exp.experiment_id], "attributes.run_name = 'pipeline'")
+    assert len(runs) == 1 and runs[0].info.run_id == first["report"]["mlflow_run_id"]
+    assert runs[0].data.tags["git_commit"] == first["commit"]
+    logged = {a.path for a in MlflowClient().list_artifacts(runs[0].info.run_id, "report")}
+    assert logged == {"report/pareto.png", "report/pareto.md", "report/pareto.json"}
 
 
 def test_flow_gates_each_version_it_registered_and_only_then(flow_run):

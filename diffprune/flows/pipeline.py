@@ -11,7 +11,8 @@ branch, elsewhere a DVC experiment), every model version registered in the run i
 ``NAME/vVERSION`` on that commit (and the commit written into its tags), both are pushed when a
 git remote exists, the promotion gate (``params.yaml`` ``promotion:``, :mod:`diffprune.gate`) decides
 for each new version whether it takes its model's champion alias (a markdown artifact of the
-decisions), and a table artifact of the metrics is published.
+decisions), and a table artifact of the metrics is published, with the Pareto report (stage
+``report``) as a markdown artifact and as the artifacts of the run's MLflow run ``pipeline``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ PIPELINE: list[str] = [
     "data", "features", "teacher", "taylor", "finetune", "dipgo",
     "intervals", "experts", "router", "prune-experts",
     "evaluate@teacher", "evaluate@finetune", "evaluate@dipgo", "evaluate@experts",
-    "register@teacher", "register@finetune", "register@dipgo", "register@experts",
+    "register@teacher", "register@finetune", "register@dipgo", "register@experts", "report",
 ]
 
 
@@ -55,8 +56,9 @@ def prune_pipeline(params_path: str = "params.yaml", root: str = ".", only: Opti
     push to the default remote (``push``); record the run as a git commit (a workspace commit or a
     DVC experiment) and tag the versions it registered with it; publish the metrics.
 
-    Returns ``{"ran", "skipped", "pushed", "experiment", "commit", "tags", "decisions", "table"}``
-    (``decisions``: the promotion gate's, one per version this run registered).
+    Returns ``{"ran", "skipped", "pushed", "experiment", "commit", "tags", "decisions", "table", "report"}``
+    (``decisions``: the promotion gate's, one per version this run registered; ``report``: the Pareto
+    table and plot path, None when the run did not include the ``report`` stage).
     """
     quiet_defaults()
     log = get_run_logger()
@@ -64,7 +66,7 @@ def prune_pipeline(params_path: str = "params.yaml", root: str = ".", only: Opti
     params = load_params(params_path)
     with _claim_workspace(rootp, params):
         check_params_file(rootp, params_path)
-        return _pipeline(rootp, params_path, only, push, log, params.promotion)
+        return _pipeline(rootp, params_path, only, push, log, params.promotion, params.register.experiment)
 
 
 def check_params_file(root: Path, params_path: str | Path) -> None:
@@ -97,7 +99,7 @@ def _stages(root: Path, only: Optional[list[str]]) -> tuple[list[str], dict[str,
 
 
 def _pipeline(root: Path, params_path: str, only: Optional[list[str]], push: bool, log: logging.Logger,
-              policy: PromotionConfig) -> dict:
+              policy: PromotionConfig, experiment: str) -> dict:
     from diffprune import versioning, workspace
 
     stages, specs = _stages(root, only)
@@ -128,8 +130,10 @@ def _pipeline(root: Path, params_path: str, only: Optional[list[str]], push: boo
     decisions = _gate(root, ran, policy, log)
     table = metrics_table(root)
     _publish(root, table, log)
+    report = _publish_report(root, ran, experiment, record["commit"], log) if "report" in stages else None
     return {"ran": ran, "skipped": skipped, "pushed": pushed, "experiment": record["experiment"],
-            "commit": record["commit"], "tags": record["tags"], "decisions": decisions, "table": table}
+            "commit": record["commit"], "tags": record["tags"], "decisions": decisions, "table": table,
+            "report": report}
 
 
 def _stale(root: Path, name: str, dirty: dict[str, Any], ran_upstream: set[str]) -> Optional[str]:
@@ -319,6 +323,34 @@ def _publish(root: Path, table: str, log: logging.Logger) -> None:
     if rows:
         create_table_artifact(table=rows, key="prune-pipeline-metrics", description="diffprune: metrics of every model")
     log.info("metrics:\n%s", table)
+
+
+def _publish_report(root: Path, ran: list[str], experiment: str, commit: Optional[str],
+                    log: logging.Logger) -> Optional[dict]:
+    """The ``report`` stage's Pareto plot and table: a markdown artifact (the plot embedded as a data
+    URI) and, when this run ran stages, the files as artifacts of an MLflow run ``pipeline`` (one per
+    flow run, :func:`diffprune.tracking.log_pipeline_run`). Returns ``{"table", "png"[, "mlflow_run_id"]}``."""
+    from diffprune import pareto
+
+    out = root / pareto.REPORT_DIR
+    found = pareto.summary(out)
+    if found is None:
+        return None
+    ctx = FlowRunContext.get()
+    if ctx is not None:
+        create_markdown_artifact(markdown=pareto.artifact_markdown(out), key="prune-pipeline-pareto",
+                                 description="diffprune: FID vs trajectory MACs and vs latency, Pareto fronts")
+    if ran:
+        from diffprune import tracking
+
+        tags = {"diffprune.ran": ", ".join(ran), **({"git_commit": commit} if commit else {})}
+        if ctx is not None:
+            tags |= {"prefect.flow_run_id": str(ctx.flow_run.id), "prefect.flow_run_name": ctx.flow_run.name}
+        found["mlflow_run_id"] = tracking.log_pipeline_run(experiment, [out / f for f in pareto.FILES.values()],
+                                                           root=root, tags=tags)
+        log.info("Pareto report logged to MLflow run %s (experiment %s)", found["mlflow_run_id"], experiment)
+    log.info("Pareto report %s:\n%s", found["png"], found["table"])
+    return found
 
 
 @contextlib.contextmanager
