@@ -124,7 +124,10 @@ def test_benchmark_points_are_labelled_and_not_on_this_runs_front(tmp_path: Path
     bench = [p for p in report["points"] if p["source"] == "benchmark"]
     # the dipgo benchmark: a teacher and 4 methods x 5 settings, the baselines shared by two settings once
     assert 10 < len(bench) <= 21 and len({p["model"] for p in bench}) == len(bench)
-    assert "dipgo: fewer-steps (steps=16, target=0.33)" in {p["model"] for p in bench}  # the run's own steps
+    # labelled with the run's own steps (fewer-steps: not the base trajectory's), read from the same file
+    first = json.loads((folder / "dipgo.json").read_text())["points"][0]
+    label = f"dipgo: fewer-steps (steps={first['runs']['fewer-steps']['steps']}, target={first['target']})"
+    assert first["runs"]["fewer-steps"]["steps"] != first["steps"] and label in {p["model"] for p in bench}
     assert report["fronts"]["pipeline/macs"] == ["teacher", "dipgo"]  # better benchmark FIDs change nothing
     assert "NOT comparable" in report["caption"] and "teachers" in report["caption"]
     md = pareto.markdown(report)
