@@ -157,3 +157,25 @@ def test_schedule_of_another_model_or_length_is_refused(pipe, graph):
     den = SkipScheduleDiT(pipe.transformer, _schedule(graph), LABELS, G)
     with pytest.raises(ValueError, match="runs 2 steps but the schedule has 4"):
         sample_latents(den, pipe.scheduler, steps=2, seed=0)
+
+
+def test_soft_gates_match_hard_forward_and_reach_a_skipped_gate(pipe, graph):
+    """The SuperNet path of pruner training: 0/1 soft gates give the hard step's values, and a
+    reusing block's gate gets a gradient (<dL/d out, computed - backup>)."""
+    from diffprune.pruning.dipgo import GatedRunner
+
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    y = torch.tensor([3, 1000])
+    hard, soft = GatedRunner(graph), GatedRunner(graph)
+    gates = torch.tensor([1.0, 0.0, 1.0], requires_grad=True)
+    with graph.conditioned(y):
+        for r in (hard, soft):
+            r.step_hard(x, torch.tensor([900, 900]), [True] * 3)
+        x1 = x * 0.9
+        ref = hard.step_hard(x1, torch.tensor([600, 600]), [True, False, True])
+        out = soft.step_soft(x1, torch.tensor([600, 600]), gates)
+    assert torch.allclose(out, ref, atol=1e-5)  # h + (1 * delta) vs the block's own output: rounding only
+    out.square().sum().backward()
+    pipe.transformer.zero_grad(set_to_none=True)  # the shared teacher keeps no gradients
+    assert gates.grad is not None and gates.grad[1] != 0
+    assert _no_hooks(pipe.transformer)
