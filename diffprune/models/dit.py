@@ -200,6 +200,13 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return images.clamp(-1, 1)
 
 
+@torch.no_grad()
+def encode(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """Scaled latents ``(B, C, h, w)`` of images ``(B, 3, H, W)`` in [-1, 1]: the posterior's mode times
+    ``scaling_factor`` (DiT's training draws a sample of the posterior; the mode is deterministic)."""
+    return vae.encode(images).latent_dist.mode() * vae.config.scaling_factor
+
+
 def to_unit(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] images -> [0, 1], DiTPipeline's ``output_type="pt"`` convention."""
     return (images / 2 + 0.5).clamp(0, 1)
