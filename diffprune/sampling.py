@@ -85,6 +85,7 @@ def trajectory(
     grad: bool = False,
     generator: Optional[torch.Generator] = None,
     on_step: Optional[Callable[[int], None]] = None,
+    clamp: bool = True,
 ) -> torch.Tensor:
     """Denoise ``x_T: (B, C, H, W)`` through ``steps`` scheduler steps; returns x_0 ``(B, C, H, W)`` in [-1, 1].
 
@@ -101,6 +102,8 @@ def trajectory(
         grad: record autograd through every step (pruner training); otherwise run under ``no_grad``.
         generator: the step noise of stochastic schedulers (DDPM); unused by deterministic ones.
         on_step: called with the step index after each step (progress display).
+        clamp: clamp x_0 to the pixel range [-1, 1]; ``False`` for latents (a VAE's latent space is
+            unbounded, and DiTPipeline hands its latents to the VAE unclamped).
     """
     if steps < 1:
         raise ValueError(f"steps = {steps}: must be >= 1")
@@ -119,7 +122,7 @@ def trajectory(
             x = sched.step(out, t, x, **step_kwargs).prev_sample
             if on_step is not None:
                 on_step(step)
-        return x.clamp(-1, 1)
+        return x.clamp(-1, 1) if clamp else x
 
 
 def _takes_generator(scheduler) -> bool:

@@ -62,6 +62,10 @@ class MacCounter:
         if self.per_module is not None and own:
             self.per_module[name] = self.per_module.get(name, 0) + own
 
+    def executed_macs(self) -> int:
+        """MACs executed so far while active, by anything (for timing a window inside a model call)."""
+        return self._flops.get_total_flops() // 2
+
     def __enter__(self) -> "MacCounter":
         self._flops = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
         for name, m in self.model.named_modules():

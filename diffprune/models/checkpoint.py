@@ -40,6 +40,7 @@ _ATTRS = (
 # import first and this module does not depend on the method packages.
 MODEL_CLASSES: dict[str, str] = {
     "UNet2DModel": "diffusers:UNet2DModel",
+    "DiTTransformer2DModel": "diffusers:DiTTransformer2DModel",
     "ExpertMixtureModel": "diffprune.pruning.experts.prune:ExpertMixtureModel",
 }
 

@@ -59,6 +59,20 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def check_pretrained_source(name_or_path: str, key: str) -> None:
+    """Raise :class:`ConfigError` (naming ``key``) unless ``name_or_path`` is a local folder, or a Hub
+    id (``owner/name``) while the Hub is reachable: offline, a Hub id fails at once."""
+    if Path(name_or_path).exists():
+        return
+    if name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1:
+        raise ConfigError(f"{key} = {name_or_path!r}: no such folder, and not a Hub id (owner/name)")
+    if not _hub_reachable():
+        raise ConfigError(
+            f"{key} = {name_or_path!r}: the Hugging Face Hub is not reachable (offline?); "
+            "download the model elsewhere and pass its local folder"
+        )
+
+
 def load_pretrained(name_or_path: str) -> tuple[UNet2DModel, DDPMScheduler]:
     """Load a diffusers UNet2DModel + scheduler from a local folder or a Hub id.
 
@@ -66,14 +80,7 @@ def load_pretrained(name_or_path: str) -> tuple[UNet2DModel, DDPMScheduler]:
     Offline, a Hub id fails at once with a clear :class:`ConfigError`.
     """
     local = Path(name_or_path)
-    if not local.exists():
-        if name_or_path.startswith((".", "/")) or name_or_path.count("/") != 1:
-            raise ConfigError(f"teacher.pretrained = {name_or_path!r}: no such folder, and not a Hub id (owner/name)")
-        if not _hub_reachable():
-            raise ConfigError(
-                f"teacher.pretrained = {name_or_path!r}: the Hugging Face Hub is not reachable (offline?); "
-                "download the model elsewhere and pass its local folder"
-            )
+    check_pretrained_source(name_or_path, "teacher.pretrained")
     subfolder = "unet" if (local / "unet" / "config.json").exists() else None
     try:
         unet = UNet2DModel.from_pretrained(name_or_path, subfolder=subfolder, use_safetensors=None)

@@ -10,6 +10,7 @@ from .pruner import ConsistencyLoss, GatePruner, ste_gates, train_pruner
 from .schedule import BlockCosts, Schedule, block_costs, gate_table_macs, save_heatmap, schedule_from_scores
 from .schedule import schedule_macs, skip_savings
 from .supernet import GatedDenoiser, GatedRunner, SkipScheduleDenoiser
+from .dit import DiTGraph, SkipScheduleDiT, guided_schedule_macs
 
 __all__ = [
     "OUTPUT", "BlockGraph", "UNet2DGraph", "block_graph", "executed_blocks", "needed_blocks",
@@ -18,4 +19,5 @@ __all__ = [
     "BlockCosts", "Schedule", "block_costs", "gate_table_macs", "save_heatmap", "schedule_from_scores",
     "schedule_macs", "skip_savings",
     "GatedDenoiser", "GatedRunner", "SkipScheduleDenoiser",
+    "DiTGraph", "SkipScheduleDiT", "guided_schedule_macs",
 ]

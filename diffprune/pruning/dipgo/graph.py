@@ -16,7 +16,8 @@ graph keeps working when diffusers changes it.
 
 :class:`UNet2DGraph` implements it for diffusers' ``UNet2DModel`` (every down block, the mid block,
 every up block). An SD ``UNet2DConditionModel`` or a ``DiTTransformer2DModel`` adapter would list
-its blocks and consumers the same way (transformer blocks form a chain: block i feeds block i+1).
+its blocks and consumers the same way; :class:`~.dit.DiTGraph` does it for ``DiTTransformer2DModel``
+(a chain of transformer blocks whose residual updates are reused).
 """
 
 from __future__ import annotations
@@ -87,11 +88,16 @@ class BlockGraph(abc.ABC):
         installed: list[_Installed] = []
         try:
             for k, module in enumerate(self.block_modules):
-                installed.append(_Installed.register(module, _BlockHook(self, k, run_block)))
+                installed.append(_Installed.register(module, self.block_hook(k, run_block)))
             yield self
         finally:
             for hook in reversed(installed):
                 hook.remove()
+
+    def block_hook(self, k: int, run_block: RunBlock) -> ModelHook:
+        """The hook that routes block k's calls to ``run_block`` (a family whose reuse is not a plain
+        output backup, such as DiT's residual updates, returns its own)."""
+        return _BlockHook(self, k, run_block)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, run_block: RunBlock) -> torch.Tensor:
         """The model's output for ``x: (B, C, H, W)``, ``t: (B,)``, with every block call routed
@@ -277,4 +283,10 @@ def block_graph(model: nn.Module) -> BlockGraph:
 
     if isinstance(model, UNet2DModel):
         return UNet2DGraph(model)
+    from diffusers import DiTTransformer2DModel
+
+    if isinstance(model, DiTTransformer2DModel):
+        from .dit import DiTGraph
+
+        return DiTGraph(model)
     raise NotImplementedError(f"DiP-GO: no block graph adapter for {type(model).__name__}")

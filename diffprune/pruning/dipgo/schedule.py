@@ -126,22 +126,26 @@ class BlockCosts:
 
 @torch.no_grad()
 def block_costs(model: nn.Module | BlockGraph, sample_shape: Sequence[int]) -> BlockCosts:
-    """Per-block MACs of one call on a batch of one ``sample_shape = (C, H, W)`` image."""
+    """Per-block MACs of one call on a batch of one ``sample_shape = (C, H, W)`` image.
+
+    A block's cost is the work done while the block is computed (its ``compute()``), not the work of
+    its modules: DiT's head calls block 0's label embedding after the blocks, and that work stays
+    in ``always`` when block 0 reuses its update.
+    """
     graph = block_graph(model)
     p = next(graph.model.parameters())
     x = torch.zeros((1, *sample_shape), device=p.device, dtype=p.dtype)
     t = torch.ones((1,), device=p.device, dtype=torch.long)
-    counters = [MacCounter(m) for m in graph.block_modules]
+    blocks = [0] * len(graph.block_names)
     with MacCounter(graph.model) as total:
-        for c in counters:
-            c.__enter__()
-        try:
-            graph.forward(x, t, lambda k, compute: compute())
-        finally:
-            for c in counters:
-                c.__exit__(None, None, None)
-    blocks = tuple(c.total for c in counters)
-    return BlockCosts(always=total.total - sum(blocks), blocks=blocks)
+        def run_block(k: int, compute):
+            start = total.executed_macs()
+            out = compute()
+            blocks[k] += total.executed_macs() - start
+            return out
+
+        graph.forward(x, t, run_block)
+    return BlockCosts(always=total.total - sum(blocks), blocks=tuple(blocks))
 
 
 def skip_savings(consumers: Sequence[Sequence[int | str]], costs: BlockCosts) -> list[int]:

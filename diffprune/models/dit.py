@@ -1,0 +1,213 @@
+"""Class-conditional latent DiT: diffusers' ``DiTTransformer2DModel`` + ``AutoencoderKL`` + DDIM.
+
+A DiT model is a diffusers ``DiTPipeline`` folder (``model_index.json``, ``transformer/``, ``vae/``,
+``scheduler/``). :func:`load_dit` loads one from a local folder or a Hub id (``facebook/DiT-XL-2-256``)
+with ``DiTPipeline.from_pretrained``; :func:`build_dit_pipeline` builds a tiny one of the same classes
+from configs (tests, offline), which :func:`save_dit` writes in the same layout, so it is loaded back
+by the very same :func:`load_dit`.
+
+:class:`GuidedDiT` is the house denoiser ``(x_t, t, step) -> eps`` for one batch of class labels with
+``DiTPipeline``'s classifier-free guidance; :func:`sample_latents` runs it through
+:func:`diffprune.sampling.trajectory` (the one loop) and :func:`decode` turns latents into images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+from ..config import ConfigError
+from ..io import atomic_path
+from ..sampling import initial_noise, trajectory
+from .unet import check_pretrained_source
+
+HUB_DIT = "facebook/DiT-XL-2-256"
+"""The Hub preset of this family (ImageNet 256 x 256, 1000 classes, latent 32 x 32 x 4)."""
+
+# transformer/config.json of facebook/DiT-XL-2-256, every architectural key: the real architecture,
+# built locally for counting (no weights needed). 675 M parameters: never built in tests.
+DIT_XL_2_256: dict = dict(
+    num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, sample_size=32,
+    patch_size=2, activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
+    norm_elementwise_affine=False, attention_bias=True, dropout=0.0, upcast_attention=False,
+)
+
+# A DiT of the same class, tiny: 3 blocks, width 16 (2 heads of 8), 16 tokens of an 8 x 8 x 4 latent,
+# learned sigma (8 output channels). It keeps DiT's 1000 classes + the null class, because
+# DiTPipeline hard-codes the null class id 1000 (its class table is most of the ~45 k parameters).
+TINY_DIT: dict = dict(
+    num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=3, sample_size=8,
+    patch_size=2, num_embeds_ada_norm=1000,
+)
+
+# A tiny AutoencoderKL: 4 latent channels, one downsampling (latent 8 x 8 -> image 16 x 16; SD's VAE has 3).
+TINY_VAE: dict = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1, latent_channels=4,
+    norm_num_groups=4, sample_size=16,
+)
+
+# scheduler/scheduler_config.json of facebook/DiT-XL-2-256 (DDIM, linear betas, no clipping of latents)
+DIT_SCHEDULER: dict = dict(
+    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False,
+    set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon",
+)
+
+
+def build_dit_pipeline(dit: Optional[dict] = None, vae: Optional[dict] = None, seed: int = 0) -> DiTPipeline:
+    """A freshly initialised ``DiTPipeline`` (eval mode) from configs; defaults :data:`TINY_DIT`, :data:`TINY_VAE`.
+
+    Seeded without touching the global RNG. The scheduler is :data:`DIT_SCHEDULER`.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = DiTTransformer2DModel(**(TINY_DIT if dit is None else dit)).eval()
+        autoencoder = AutoencoderKL(**(TINY_VAE if vae is None else vae)).eval()
+    return DiTPipeline(transformer=transformer, vae=autoencoder, scheduler=DDIMScheduler(**DIT_SCHEDULER))
+
+
+def save_dit(pipe: DiTPipeline, path: str | Path) -> Path:
+    """Write ``pipe`` atomically as a diffusers folder (safetensors, no pickle) that :func:`load_dit` reads."""
+    path = Path(path)
+    with atomic_path(path, is_dir=True) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return path
+
+
+def load_dit(name_or_path: str | Path, device: str | torch.device = "cpu") -> DiTPipeline:
+    """``DiTPipeline.from_pretrained`` of a local folder or a Hub id (``facebook/DiT-XL-2-256``), in eval mode.
+
+    The Hub preset names its transformer ``Transformer2DModel``; diffusers maps that to
+    ``DiTTransformer2DModel`` on load. Offline, a Hub id fails at once with a :class:`ConfigError`.
+    """
+    name_or_path = str(name_or_path)
+    check_pretrained_source(name_or_path, "dit.pretrained")
+    try:
+        pipe = DiTPipeline.from_pretrained(name_or_path, use_safetensors=None)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ConfigError(f"dit.pretrained = {name_or_path!r}: cannot load a DiTPipeline ({e})") from e
+    if not isinstance(pipe.transformer, DiTTransformer2DModel):
+        raise ConfigError(f"dit.pretrained = {name_or_path!r}: its transformer is a "
+                          f"{type(pipe.transformer).__name__}, not a DiTTransformer2DModel")
+    pipe.transformer.eval()
+    pipe.vae.eval()
+    return pipe.to(device)
+
+
+ModelCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""``call(x (B', C, h, w), t (B',), class_labels (B',), step) -> raw transformer output (B', C_out, h, w)``."""
+
+
+class GuidedDiT:
+    """A DiT as a house denoiser ``(x_t (B, C, h, w), t (B,), step) -> eps (B, C, h, w)``, ``DiTPipeline``'s way.
+
+    With ``guidance_scale > 1`` (DiTPipeline's switch) each call runs ONE transformer call on the
+    doubled batch ``[x, x]`` with labels ``[y, null]`` and returns
+    ``eps_uncond + g * (eps_cond - eps_uncond)`` on the first ``C = in_channels`` output channels; a
+    learned-sigma model's other ``C`` channels (the variance) are dropped, as DiTPipeline drops them
+    (its DDIM step uses eps alone). Deviation: DiTPipeline keeps the doubled latents through its
+    loop and steps the scheduler on both (identical) halves; here the loop carries the B latents
+    and doubles them per call, which gives the same numbers (every scheduler op is elementwise).
+
+    Args:
+        transformer: a ``DiTTransformer2DModel`` in eval mode (training mode drops labels at random).
+        class_labels: ``(B,)`` class ids in ``[0, num_classes)``, one per image of the batch.
+        guidance_scale: g; ``<= 1`` runs the conditional model alone (batch B).
+        call: the model call (default ``transformer(x, timestep=t, class_labels=y).sample``); a
+            block-skip runner passes its own, so guidance and labels stay here.
+    """
+
+    def __init__(self, transformer: DiTTransformer2DModel, class_labels: Sequence[int] | torch.Tensor,
+                 guidance_scale: float = 1.0, *, call: Optional[ModelCall] = None) -> None:
+        cfg = transformer.config
+        self.class_labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1).cpu()
+        self.num_classes = int(cfg.num_embeds_ada_norm)
+        bad = [int(y) for y in self.class_labels if not 0 <= int(y) < self.num_classes]
+        if bad or not len(self.class_labels):
+            raise ValueError(f"class_labels = {self.class_labels.tolist()}: need >= 1 ids in [0, {self.num_classes})")
+        if transformer.training:
+            raise ValueError("transformer is in training mode (its label embedding drops labels at random): call .eval()")
+        self.latent_channels = int(cfg.in_channels)
+        if transformer.out_channels not in (self.latent_channels, 2 * self.latent_channels):
+            raise ValueError(f"out_channels = {transformer.out_channels}: expected {self.latent_channels} "
+                             f"(eps) or {2 * self.latent_channels} (eps + learned sigma)")
+        self.transformer = transformer
+        self.guidance_scale = float(guidance_scale)
+        # DiTPipeline hard-codes the null class 1000 (DiT-XL's class count); the model's own count is
+        # the same id there and the only valid one for other class counts
+        self.null_class = self.num_classes
+        self.latent_shape = (self.latent_channels, int(cfg.sample_size), int(cfg.sample_size))
+        self._call = call if call is not None else self._plain
+
+    @property
+    def guided(self) -> bool:
+        """Whether each call doubles the batch with the null class (``guidance_scale > 1``, as DiTPipeline)."""
+        return self.guidance_scale > 1
+
+    def _plain(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        return self.transformer(x, timestep=t, class_labels=y).sample
+
+    def model_inputs(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, t, labels)`` of the transformer call: batch B, or 2B ``[cond, uncond]`` when guided."""
+        if x.shape[0] != len(self.class_labels):
+            raise ValueError(f"batch of {x.shape[0]} latents, but {len(self.class_labels)} class labels")
+        y = self.class_labels.to(x.device)
+        if not self.guided:
+            return x, t, y
+        null = torch.full_like(y, self.null_class)
+        return torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])
+
+    def guide(self, out: torch.Tensor) -> torch.Tensor:
+        """Raw output ``(B', C_out, h, w)`` -> guided eps ``(B, C, h, w)``."""
+        eps = out[:, : self.latent_channels]  # learned sigma: the variance channels are dropped
+        if not self.guided:
+            return eps
+        cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
+        return uncond + self.guidance_scale * (cond - uncond)  # DiTPipeline's formula, term for term
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        # 1. the model input: doubled with the null class when guided
+        x_in, t_in, y_in = self.model_inputs(x, t)
+        # 2. one transformer call, then guidance on eps
+        return self.guide(self._call(x_in, t_in, y_in, step))
+
+
+def sample_latents(denoiser: GuidedDiT, scheduler, *, steps: int, seed: int = 0,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+    """Latents ``(B, C, h, w)`` for the denoiser's B class labels, through :func:`~diffprune.sampling.trajectory`.
+
+    The start noise is :func:`~diffprune.sampling.initial_noise` of ``seed``: the same draw as
+    ``DiTPipeline(..., generator=torch.Generator().manual_seed(seed))`` on the CPU. The latents are
+    not clamped. Deviation: a stochastic scheduler's step noise comes from a generator seeded by
+    ``seed`` (as :func:`~diffprune.sampling.sample` does for batch 0), not from the global RNG.
+    """
+    noise = initial_noise(len(denoiser.class_labels), denoiser.latent_shape, seed).to(device)
+    gen = torch.Generator().manual_seed(seed * 100_003)
+    return trajectory(denoiser, scheduler, noise, steps, generator=gen, clamp=False)
+
+
+@torch.no_grad()
+def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Images ``(B, 3, H, W)`` in [-1, 1] from latents ``(B, C, h, w)``, as DiTPipeline decodes them.
+
+    ``(1 / scaling_factor) * latents`` is written as DiTPipeline writes it (``latents / s`` rounds
+    differently); like DiTPipeline, the VAE's ``shift_factor`` is not applied.
+    """
+    images = vae.decode((1 / vae.config.scaling_factor) * latents).sample
+    return images.clamp(-1, 1)
+
+
+@torch.no_grad()
+def encode(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """Scaled latents ``(B, C, h, w)`` of images ``(B, 3, H, W)`` in [-1, 1]: the posterior's mode times
+    ``scaling_factor`` (DiT's training draws a sample of the posterior; the mode is deterministic)."""
+    return vae.encode(images).latent_dist.mode() * vae.config.scaling_factor
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> [0, 1], DiTPipeline's ``output_type="pt"`` convention."""
+    return (images / 2 + 0.5).clamp(0, 1)
+
