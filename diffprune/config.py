@@ -224,7 +224,7 @@ class DipgoConfig:
 class IntervalsConfig:
     grid: Int = Field(20, ge=2, le=TIMESTEPS)   # G timesteps over the schedule (<= num_train_timesteps)
     k: Int = Field(2, ge=1, le=1000)            # number of contiguous intervals (experts): one model each
-    batches: Int = Field(4, ge=1, le=10_000)    # gradient averaged over this many batches (fixed seeds)
+    batches: Int = Field(16, ge=1, le=10_000)   # gradient averaged over this many batches (fixed seeds; 4 is seed-unstable)
     batch_size: Batch = 64
     min_size: Int = Field(1, ge=1, le=TIMESTEPS)  # fewest grid points per interval
     seed: Seed = 0
