@@ -29,8 +29,8 @@ from torch import nn
 
 from ...models.dit import GuidedDiT
 from .graph import OUTPUT, BlockGraph, BlockOutputs, RunBlock
-from .schedule import Schedule, check_block_names, schedule_macs
-from .supernet import GatedRunner
+from .schedule import Schedule, schedule_macs
+from .supernet import SkipScheduleDenoiser
 
 
 class DiTGraph(BlockGraph):
@@ -122,20 +122,17 @@ class SkipScheduleDiT(GuidedDiT):
                  class_labels: Sequence[int] | torch.Tensor, guidance_scale: float = 1.0) -> None:
         super().__init__(transformer, class_labels, guidance_scale, call=self._gated)
         self.graph = DiTGraph(transformer)
-        check_block_names(self.graph, schedule)
+        self.skip = SkipScheduleDenoiser(self.graph, schedule)  # the schedule check, length check and cache
         self.schedule = schedule
-        self.runner = GatedRunner(self.graph)
 
     def start(self, num_steps: int) -> None:
         """Called by the trajectory loop: check the length, drop the backups."""
-        if num_steps != self.schedule.num_steps:
-            raise ValueError(f"the sampler runs {num_steps} steps but the schedule has {self.schedule.num_steps}")
-        self.runner.reset()
+        self.skip.start(num_steps)
 
     @torch.no_grad()
     def _gated(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         with self.graph.conditioned(y):
-            return self.runner.step_hard(x, t, self.schedule.keep[step])
+            return self.skip.runner.step_hard(x, t, self.schedule.keep[step])
 
 
 def guided_schedule_macs(transformer: DiTTransformer2DModel, schedule: Schedule, guidance_scale: float,
