@@ -177,6 +177,24 @@ class PromotionConfig:
         return self
 
 
+@_section("orchestration")
+class OrchestrationConfig:
+    """How the Prefect flow runs its stages (not a DVC stage: changing it reruns nothing).
+
+    ``runner``: ``threads`` (Prefect's thread pool, ``max_workers`` at once), ``dask`` (prefect-dask:
+    a local cluster of ``dask_workers`` processes, or the existing cluster at ``dask_address``) or
+    ``sequential`` (one stage at a time, in dvc.yaml order). ``gpu_slots``: the size of the Prefect
+    global concurrency limit ``gpu`` that every stage training or sampling on a CUDA device holds a
+    slot of (``diffprune slots`` creates it); CPU-only runs take none.
+    """
+
+    runner: Literal["threads", "dask", "sequential"] = "threads"
+    max_workers: Int = Field(4, ge=1, le=256)
+    dask_address: Optional[Str] = Field(None, pattern=r"^(tcp|tls|inproc|ucx)://\S+$", max_length=PATH_LEN)
+    dask_workers: Int = Field(2, ge=1, le=256)
+    gpu_slots: Int = Field(1, ge=1, le=1024)
+
+
 @_section("taylor")
 class TaylorConfig:
     importance: Literal["diff-pruning", "taylor", "magnitude", "random"] = "diff-pruning"
@@ -285,6 +303,7 @@ class Params:
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)
     promotion: PromotionConfig = Field(default_factory=PromotionConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
     taylor: TaylorConfig = Field(default_factory=TaylorConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     dipgo: DipgoConfig = Field(default_factory=DipgoConfig)
