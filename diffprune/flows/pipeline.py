@@ -1,11 +1,15 @@
-"""The Prefect flow ``prune-pipeline``: every stage of dvc.yaml, in order, as retryable tasks.
+"""The Prefect flow ``prune-pipeline``: every stage of dvc.yaml as a retryable task of a graph.
+
+The stages run as the subflow ``prune-stages`` (:mod:`diffprune.flows.graph`): each waits for the
+stages it depends on, so independent branches run at once on the task runner ``params.yaml``
+``orchestration:`` names (threads, Dask, or one at a time).
 
 ``dvc.lock`` is the one record of what is up to date, for ``dvc repro`` and this flow alike: a stage
 runs only when ``dvc status`` says it changed (its deps, params or outs differ from ``dvc.lock``), and
 right after it succeeds ``dvc commit -f NAME`` records it there. A killed run thus leaves the lock
 consistent, and the next run (of either tool) redoes only what was not recorded. A ``register@`` stage
 is also stale when the registry it points at lacks the version its record names. Skipped stages
-appear in the run as a ``Skipped`` task naming why. At the end the outputs the default remote lacks
+appear in the run as ``Skipped`` task runs naming why. At the end the outputs the default remote lacks
 are pushed, the run is recorded as a git commit (in a ``diffprune init`` workspace a commit on its
 branch, elsewhere a DVC experiment), every model version registered in the run is git-tagged
 ``NAME/vVERSION`` on that commit (and the commit written into its tags), both are pushed when a
@@ -27,18 +31,17 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from filelock import FileLock
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
-from prefect.states import Completed, State
 
-from diffprune.config import ConfigError, PromotionConfig, fingerprint, load_params
+from diffprune.config import ConfigError, OrchestrationConfig, PromotionConfig, fingerprint, load_params
 from diffprune.io import write_json
 from diffprune.locks import stage_lock
 from diffprune.env import quiet_defaults
 from diffprune.report import metrics_table, table_rows
-from diffprune.tasks.stages import run_stage
-from diffprune.flows.specs import missing_params, missing_sources, needed, stage_specs, upstream
+from diffprune.flows.graph import run_graph
+from diffprune.flows.specs import missing_params, missing_sources, needed, stage_specs
 
 # The stages in run order; dvc.yaml declares the same ones (a test checks it).
 PIPELINE: list[str] = [
@@ -66,7 +69,8 @@ def prune_pipeline(params_path: str = "params.yaml", root: str = ".", only: Opti
     params = load_params(params_path)
     with _claim_workspace(rootp, params):
         check_params_file(rootp, params_path)
-        return _pipeline(rootp, params_path, only, push, log, params.promotion, params.register.experiment)
+        return _pipeline(rootp, params_path, only, push, log, params.promotion, params.register.experiment,
+                         params.orchestration)
 
 
 def check_params_file(root: Path, params_path: str | Path) -> None:
@@ -99,7 +103,7 @@ def _stages(root: Path, only: Optional[list[str]]) -> tuple[list[str], dict[str,
 
 
 def _pipeline(root: Path, params_path: str, only: Optional[list[str]], push: bool, log: logging.Logger,
-              policy: PromotionConfig, experiment: str) -> dict:
+              policy: PromotionConfig, experiment: str, orchestration: OrchestrationConfig) -> dict:
     from diffprune import versioning, workspace
 
     stages, specs = _stages(root, only)
@@ -108,22 +112,9 @@ def _pipeline(root: Path, params_path: str, only: Optional[list[str]], push: boo
         workspace.refresh_code_hashes(root)  # a workspace's code hashes (for dvc repro: its `code` stage)
         code_recorded = workspace.record_code_stage(root)
         dirty = versioning.status(root, stages)
-    ran: list[str] = []
-    skipped: list[str] = []
-    for name in stages:
-        # one run at a time per stage and workspace: a concurrent run with the same inputs waits,
-        # then finds the stage recorded in dvc.lock and reuses its outputs instead of computing them
-        with _lock(root, name):
-            reason = _stale(root, name, dirty, upstream(name, specs) & set(ran))
-            if reason is None:
-                skip_stage.with_options(name=name)(name, "up to date in dvc.lock")
-                skipped.append(name)
-                continue
-            log.info("run %s: %s", name, reason)
-            _run(name, str(Path(params_path).resolve()), root)
-            with _lock(root, "dvc"):
-                versioning.commit_stage(root, name)
-        ran.append(name)
+    outcomes = run_graph(root, str(Path(params_path).resolve()), stages, dirty, orchestration)
+    ran = [s for s in stages if outcomes[s]["ran"]]
+    skipped = [s for s in stages if not outcomes[s]["ran"]]
     pushed = _push(root, stages, log) if push else []
     uncached = [o for s in stages for o in specs[s]["uncached"]]
     record = _record_run(root, uncached, ran or (["code"] if code_recorded else []), log, stages)
@@ -131,64 +122,9 @@ def _pipeline(root: Path, params_path: str, only: Optional[list[str]], push: boo
     table = metrics_table(root)
     _publish(root, table, log)
     report = _publish_report(root, ran, experiment, record["commit"], log) if "report" in stages else None
-    return {"ran": ran, "skipped": skipped, "pushed": pushed, "experiment": record["experiment"],
+    return {"ran": ran, "skipped": skipped, "outcomes": outcomes, "pushed": pushed, "experiment": record["experiment"],
             "commit": record["commit"], "tags": record["tags"], "decisions": decisions, "table": table,
             "report": report}
-
-
-def _stale(root: Path, name: str, dirty: dict[str, Any], ran_upstream: set[str]) -> Optional[str]:
-    """Why stage ``name`` must run, or None when ``dvc.lock`` records it as it is now.
-
-    ``dirty`` is ``dvc status`` of every stage at the start of the run; a stage found clean then is
-    asked again only when a stage it depends on has run since. A stage found dirty is asked again
-    (under its lock): a concurrent run may have run and recorded it meanwhile.
-    """
-    from diffprune import versioning
-
-    if name not in dirty and not ran_upstream:
-        return _unregistered(root, name)
-    with _lock(root, "dvc"):
-        now = versioning.status(root, [name])
-    if name not in now:
-        return _unregistered(root, name)
-    return versioning.describe(now[name])
-
-
-def _unregistered(root: Path, name: str) -> Optional[str]:
-    """For a ``register@`` stage DVC finds recorded: why the version its record names is not in the
-    registry this run points at (a deleted or other ``mlruns.db``), else None."""
-    if not name.startswith("register@"):
-        return None
-    from diffprune import registry, tracking
-    from diffprune.io import read_json
-
-    record = root / f"models/registry/{name.split('@', 1)[1]}.json"
-    uri = tracking.configure(root=root)
-    gap = registry.missing_version(read_json(record)) if record.exists() else f"{record} is missing"
-    return None if gap is None else f"{gap} (registry {uri})"
-
-
-@task(persist_result=False)
-def skip_stage(name: str, reason: str) -> State:
-    """A visible trace of a skipped stage in the flow run: a ``Skipped`` (completed) task run."""
-    return Completed(name="Skipped", message=f"{name}: {reason}")
-
-
-# stages made of independent per-expert parts: one task per expert, run concurrently, then the
-# stage itself (which skips the finished experts and assembles what they share)
-PER_EXPERT = {"experts", "prune-experts"}
-
-
-def _run(name: str, params_path: str, root: Path) -> None:
-    if name in PER_EXPERT:
-        from diffprune.io import read_json
-
-        k = len(read_json(root / "models/intervals/intervals.json")["boundaries"]) + 1
-        futures = [run_stage.with_options(name=f"{name}[{e}]").submit(name, params_path, str(root), expert=e)
-                   for e in range(k)]
-        for f in futures:
-            f.result()
-    run_stage.with_options(name=name)(name, params_path, str(root))
 
 
 def _push(root: Path, stages: list[str], log: logging.Logger) -> list[str]:

@@ -89,6 +89,12 @@ def needed(only: list[str], specs: dict[str, dict[str, Any]]) -> set[str]:
     return need
 
 
+def direct_upstream(name: str, specs: dict[str, dict[str, Any]]) -> set[str]:
+    """The stages producing a dep of ``name``: the edges of the stage graph."""
+    deps = specs[name]["deps"]
+    return {prod for prod, s in specs.items() if prod != name and any(_under(d, o) for d in deps for o in s["outs"])}
+
+
 def upstream(name: str, specs: dict[str, dict[str, Any]]) -> set[str]:
     """The stages whose outputs ``name`` depends on, directly or not (``name`` excluded)."""
     return needed([name], specs) - {name}

@@ -89,7 +89,8 @@ def _small(out: dict) -> dict:
     return {k: v for k, v in out.items() if isinstance(v, (str, int, float, bool)) or v is None}
 
 
-@task(
+# the retry policy of every task that runs a stage (here and in diffprune.flows.graph)
+RETRY_OPTIONS: dict[str, Any] = dict(
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.2,
@@ -99,6 +100,9 @@ def _small(out: dict) -> dict:
     # `datasets` fingerprinting) must not have them rerouted into the flow's log
     log_prints=False,
 )
+
+
+@task(**RETRY_OPTIONS)
 def run_stage(name: str, params_path: str, root: str, expert: int | None = None) -> dict:
     """Run pipeline stage ``name`` (``evaluate@teacher`` = stage evaluate on target teacher); per-expert
     stages take ``expert`` to train one expert only."""

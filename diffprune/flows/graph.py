@@ -1,0 +1,183 @@
+"""The stages as a task graph: each stage a Prefect task that waits for the stages it depends on.
+
+The graph is dvc.yaml's (a stage depends on the stages producing its deps), so the three method
+branches after the teacher, and every evaluation, run at once on the configured task runner
+(``orchestration.runner``: Prefect's thread pool, a Dask cluster through prefect-dask, or one stage
+at a time). Every stage task decides for itself, under its stage lock, whether ``dvc.lock`` records
+it as it is now (:func:`stale`), runs it if not, and records it (``dvc commit -f NAME``, under the
+DVC lock: one DVC command at a time per repository). The locks are files, so they hold across
+threads, Dask worker processes and other runs alike.
+
+A stage made of independent per-expert parts (:data:`PER_EXPERT`) is submitted once its upstream
+stages are done (the number of experts is in their output): one task per expert, then the stage
+itself, which assembles what they share.
+
+Dask moves task arguments between processes with its own (pickle-based) transport; everything
+passed here is small JSON-like values (names, paths, ``dvc status`` entries), and nothing is
+persisted that way (``persist_result=False``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.futures import wait
+from prefect.states import Completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from diffprune.config import OrchestrationConfig
+from diffprune.flows.specs import direct_upstream, stage_specs, upstream
+from diffprune.locks import stage_lock
+from diffprune.tasks.stages import RETRY_OPTIONS, run_stage
+
+# stages made of independent per-expert parts: one task per expert, run concurrently, then the
+# stage itself (which skips the finished experts and assembles what they share)
+PER_EXPERT = {"experts", "prune-experts"}
+
+
+def task_runner(cfg: OrchestrationConfig):
+    """The Prefect task runner ``orchestration`` names: threads (``max_workers``), Dask (prefect-dask:
+    the cluster at ``dask_address``, else a local cluster of ``dask_workers`` single-threaded worker
+    processes, its dashboard on a free loopback port) or one stage at a time."""
+    if cfg.runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if cfg.dask_address:
+            return DaskTaskRunner(address=cfg.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.dask_workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": "127.0.0.1:0"})
+    return ThreadPoolTaskRunner(max_workers=1 if cfg.runner == "sequential" else cfg.max_workers)
+
+
+def run_graph(root: Path, params_path: str, stages: list[str], dirty: dict[str, Any],
+              cfg: OrchestrationConfig) -> dict[str, dict]:
+    """Run ``stages`` (dvc.yaml order) as the subflow ``prune-stages`` on ``cfg``'s task runner;
+    returns each stage's outcome (:func:`stage_task`)."""
+    graph = stage_graph.with_options(task_runner=task_runner(cfg))
+    return graph(str(root), params_path, stages, dirty)
+
+
+@flow(name="prune-stages", log_prints=True)
+def stage_graph(root: str, params_path: str, stages: list[str], dirty: dict[str, Any]) -> dict[str, dict]:
+    """Submit every stage with the futures of the stages it depends on; wait for all of them."""
+    specs = stage_specs(Path(root))
+    futures: dict[str, Any] = {}
+    for name in submission_order(stages, specs):
+        ups = [futures[u] for u in sorted(direct_upstream(name, specs) & set(stages))]
+        if name in PER_EXPERT:
+            ups = _submit_parts(name, root, params_path, dirty, ups)
+        node = stage_task.with_options(name=name, task_run_name=name)
+        futures[name] = node.submit(name, params_path, root, dirty, ups)
+    wait(list(futures.values()))
+    return {name: f.result() for name, f in futures.items()}
+
+
+def submission_order(stages: list[str], specs: dict[str, dict[str, Any]]) -> list[str]:
+    """``stages`` in dvc.yaml order, except that the per-expert stages and what depends on them come
+    last: submitting them waits for their upstream stages, and everything else is submitted first."""
+    late = [s for s in stages if (upstream(s, specs) | {s}) & PER_EXPERT]
+    return [s for s in stages if s not in late] + late
+
+
+def _submit_parts(name: str, root: str, params_path: str, dirty: dict[str, Any], ups: list) -> list:
+    """When stage ``name`` must run: one task per expert (after its upstream stages), whose futures
+    the stage itself then waits for; otherwise ``ups`` unchanged (the stage task skips)."""
+    wait(ups)
+    done = [f.result() for f in ups]
+    with stage_lock(Path(root), name):
+        reason = stale(Path(root), name, dirty, any(d["touched"] for d in done))
+    if reason is None:
+        return ups
+    from diffprune.io import read_json
+
+    k = len(read_json(Path(root) / "models/intervals/intervals.json")["boundaries"]) + 1
+    part = expert_task.with_options(name=f"{name}[expert]")
+    return [*ups, *(part.with_options(task_run_name=f"{name}[{e}]").submit(name, params_path, root, e, ups)
+                    for e in range(k))]
+
+
+@task(**RETRY_OPTIONS)
+def expert_task(name: str, params_path: str, root: str, expert: int, upstream: list) -> dict:
+    """One expert of per-expert stage ``name`` (under its own lock: a concurrent run waits, then
+    finds it finished); the stage task assembles the experts afterwards."""
+    t0 = time.time()
+    with stage_lock(Path(root), f"{name}[{expert}]"):
+        t1 = time.time()
+        run_stage.fn(name, params_path, root, expert=expert)
+    return _outcome(f"{name}[{expert}]", True, "its stage is stale", True, t0, t1)
+
+
+@task(**RETRY_OPTIONS)
+def stage_task(name: str, params_path: str, root: str, dirty: dict[str, Any], upstream: list) -> Any:
+    """Stage ``name`` once the stages it depends on are done (``upstream``: their outcomes): skipped
+    (a ``Skipped`` state) when ``dvc.lock`` records it as it is now, else run and recorded there.
+
+    Returns ``{"name", "ran", "reason", "touched", "start", "locked", "end", "pid"}`` (times in seconds
+    since the epoch; ``locked``: when it held its stage lock); ``touched``: this stage or one upstream
+    of it ran in this flow run (a stage found clean at the start is asked again only then).
+    """
+    from diffprune import versioning
+
+    log = get_run_logger()
+    t0 = time.time()
+    ran_upstream = any(u["touched"] for u in upstream)
+    rootp = Path(root)
+    with stage_lock(rootp, name):
+        t1 = time.time()
+        reason = stale(rootp, name, dirty, ran_upstream)
+        if reason is None:
+            out = _outcome(name, False, "up to date in dvc.lock", ran_upstream, t0, t1)
+            return Completed(name="Skipped", message=f"{name}: up to date in dvc.lock", data=out)
+        log.info("run %s: %s", name, reason)
+        run_stage.fn(name, params_path, root)
+        with stage_lock(rootp, "dvc"):
+            versioning.commit_stage(rootp, name)
+    return _outcome(name, True, reason, True, t0, t1)
+
+
+def _outcome(name: str, ran: bool, reason: str, touched: bool, t0: float, t1: float) -> dict:
+    return {"name": name, "ran": ran, "reason": reason, "touched": touched, "start": t0, "locked": t1,
+            "end": time.time(), "pid": os.getpid()}
+
+
+def stale(root: Path, name: str, dirty: dict[str, Any], ran_upstream: bool) -> Optional[str]:
+    """Why stage ``name`` must run, or None when ``dvc.lock`` records it as it is now.
+
+    ``dirty`` is ``dvc status`` of every stage at the start of the run; a stage found clean then is
+    asked again only when a stage it depends on has run since. A stage found dirty is asked again
+    (under its lock): a concurrent run may have run and recorded it meanwhile.
+    """
+    from diffprune import versioning
+
+    if name not in dirty and not ran_upstream:
+        return _unregistered(root, name)
+    with stage_lock(root, "dvc"):
+        now = versioning.status(root, [name])
+    if name not in now:
+        return _unregistered(root, name)
+    return versioning.describe(now[name])
+
+
+def _unregistered(root: Path, name: str) -> Optional[str]:
+    """For a ``register@`` stage DVC finds recorded: why the version its record names is not in the
+    registry this run points at (a deleted or other ``mlruns.db``), else None."""
+    if not name.startswith("register@"):
+        return None
+    from diffprune import registry, tracking
+    from diffprune.io import read_json
+
+    record = root / f"models/registry/{name.split('@', 1)[1]}.json"
+    uri = tracking.configure(root=root)
+    gap = registry.missing_version(read_json(record)) if record.exists() else f"{record} is missing"
+    return None if gap is None else f"{gap} (registry {uri})"
+
+
+def overlapping(outcomes: dict[str, dict], a: str, b: str) -> bool:
+    """Whether stages ``a`` and ``b`` ran at the same time in this run (their run windows intersect)."""
+    x, y = outcomes[a], outcomes[b]
+    return x["start"] < y["end"] and y["start"] < x["end"]
+
