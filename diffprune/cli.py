@@ -258,13 +258,10 @@ def slots_cmd(
 ) -> None:
     """Create the Prefect global concurrency limit `gpu` (or set its size) on the configured API; every
     stage that trains or samples on a CUDA device holds one slot of it while it runs."""
-    from .config import load_params
+    from . import slots
 
     with _errors():
-        params = root / "params.yaml"
-        n = size or load_params(params if params.exists() else None).orchestration.gpu_slots
-        from . import slots
-
+        n = size or slots.configured_slots(root / "params.yaml")
         if wait:
             slots.wait_for_api(wait)
         typer.echo(slots.ensure_gpu_limit(n))

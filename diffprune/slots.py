@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 from typing import Iterator
 
 from .config import ConfigError
@@ -88,6 +89,21 @@ def gpu_slot(stage: str, device: str, timeout_seconds: float | None = None) -> I
                               f"limit {GPU_LIMIT!r}, which {api_url()} lacks: run `diffprune slots` "
                               f"to create it") from None
         yield True
+
+
+def configured_slots(params_path: str | Path) -> int:
+    """``orchestration.gpu_slots`` of ``params_path`` (the default when there is no such file), checking
+    that section only: the host of the Prefect server need not have the device the stages run on."""
+    from .config import OrchestrationConfig
+    from .safe_yaml import read_yaml
+
+    raw = read_yaml(params_path) if Path(params_path).is_file() else {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{params_path}: expected a mapping of sections, got {type(raw).__name__}")
+    section = raw.get("orchestration") or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"orchestration = {section!r:.200}: expected a mapping")
+    return OrchestrationConfig(**section).gpu_slots
 
 
 def wait_for_api(timeout: float) -> None:

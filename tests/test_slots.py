@@ -135,7 +135,9 @@ def test_run_stage_takes_the_slot_of_its_stage_and_device(project, monkeypatch):
 def test_slots_command_creates_then_updates_the_limit(no_gpu_limit, tmp_path):
     from diffprune.cli import app
 
-    root = make_project(tmp_path / "p", {"orchestration": {"gpu_slots": 2}}, stages=False)
+    # the server's host need not have the stages' device: only the orchestration section is read
+    root = make_project(tmp_path / "p", {"orchestration": {"gpu_slots": 2}, "project": {"device": "cuda:7"}},
+                        stages=False)
     runner = CliRunner()
     first = runner.invoke(app, ["slots", "--root", str(root)])
     assert first.exit_code == 0 and "created" in first.output and "2 slot(s)" in first.output
@@ -147,3 +149,7 @@ def test_slots_command_creates_then_updates_the_limit(no_gpu_limit, tmp_path):
     assert limit.limit == 3 and limit.active
     bad = runner.invoke(app, ["slots", "--size", "0"])
     assert bad.exit_code == 2
+    zero = make_project(tmp_path / "z", {"orchestration": {"gpu_slots": 0}}, stages=False)
+    refused = runner.invoke(app, ["slots", "--root", str(zero)])
+    assert refused.exit_code == 2 and "orchestration.gpu_slots = 0" in refused.output
+    assert _read_limit().limit == 3
