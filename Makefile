@@ -47,6 +47,8 @@ ui: setup
 	@$(SERVERS) start .work prefect-server -- $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 	@$(SERVERS) start .work mlflow-ui -- $(BIN)/mlflow ui --host 127.0.0.1 --port $(MLFLOW_PORT) \
 		--backend-store-uri sqlite:///$(CURDIR)/$(DEMO)/mlruns.db --default-artifact-root $(CURDIR)/$(DEMO)/mlartifacts
+	@# the `gpu` concurrency limit CUDA stages take a slot of (orchestration.gpu_slots), once the server answers
+	@PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(BIN)/diffprune slots --root $(DEMO) --wait 120
 	@echo "Prefect UI: http://127.0.0.1:$(PREFECT_PORT)   (export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api to run flows against it)"
 	@echo "MLflow UI:  http://127.0.0.1:$(MLFLOW_PORT)"
 	@echo "logs in .work/; stop both with: make ui-stop"

@@ -249,6 +249,24 @@ def runs_cmd(
         typer.echo(_runs_table(rows))
 
 
+@app.command("slots")
+def slots_cmd(
+    root: RootOpt = Path("."),
+    size: Annotated[Optional[int], typer.Option(min=1, max=1024,
+                                                help="slots [default: params' orchestration.gpu_slots]")] = None,
+    wait: Annotated[float, typer.Option(min=0, max=600, help="seconds to wait for the Prefect API to answer")] = 0,
+) -> None:
+    """Create the Prefect global concurrency limit `gpu` (or set its size) on the configured API; every
+    stage that trains or samples on a CUDA device holds one slot of it while it runs."""
+    from . import slots
+
+    with _errors():
+        n = size or slots.configured_slots(root / "params.yaml")
+        if wait:
+            slots.wait_for_api(wait)
+        typer.echo(slots.ensure_gpu_limit(n))
+
+
 @app.command("promote")
 def promote_cmd(
     name: Annotated[str, typer.Argument(help="registered model name")],

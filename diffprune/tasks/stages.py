@@ -16,6 +16,7 @@ from prefect.tasks import exponential_backoff
 
 from ..config import ConfigError, load_params
 from ..io import ArtifactError
+from ..slots import gpu_slot
 from ..stages import get_stage
 
 # Never retried: the same input fails the same way again (ValueError covers ConfigError, DataError and
@@ -105,7 +106,8 @@ RETRY_OPTIONS: dict[str, Any] = dict(
 @task(**RETRY_OPTIONS)
 def run_stage(name: str, params_path: str, root: str, expert: int | None = None) -> dict:
     """Run pipeline stage ``name`` (``evaluate@teacher`` = stage evaluate on target teacher); per-expert
-    stages take ``expert`` to train one expert only."""
+    stages take ``expert`` to train one expert only. A stage training or sampling on a CUDA device
+    first takes a slot of the ``gpu`` concurrency limit (:func:`diffprune.slots.gpu_slot`)."""
     base, _, target = name.partition("@")
     # progress as log lines (the reporter), not a tqdm bar: the terminal shows the task's log too
     kwargs: dict[str, Any] = {"on_progress": _progress_reporter(name if expert is None else f"{name}[{expert}]"),
@@ -114,5 +116,7 @@ def run_stage(name: str, params_path: str, root: str, expert: int | None = None)
         kwargs["target"] = target
     if expert is not None:
         kwargs["expert"] = expert
-    out = get_stage(base)(load_params(params_path), Path(root), **kwargs)
+    p = load_params(params_path)
+    with gpu_slot(base, p.project.device):
+        out = get_stage(base)(p, Path(root), **kwargs)
     return _small(out)
