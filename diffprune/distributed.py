@@ -92,3 +92,10 @@ def unwrap(accelerator: "Accelerator", model: nn.Module) -> nn.Module:
     raw.__dict__.pop("forward", None)
     raw.__dict__.pop("_original_forward", None)
     return raw
+
+
+def follower_result(stage: str) -> dict:
+    """What a training stage returns in a process other than the main one: it trained its shards,
+    and the main process writes the outputs."""
+    rank, size = world()
+    return {"stage": stage, "rank": rank, "world_size": size, "outputs": "written by the main process (rank 0)"}
