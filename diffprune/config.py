@@ -93,7 +93,7 @@ class ProjectConfig:
     @model_validator(mode="after")
     def _device_exists(self) -> "ProjectConfig":
         if self.mixed_precision == "fp16" and not self.device.startswith("cuda"):
-            raise ConfigError(f"project.mixed_precision = 'fp16': needs a CUDA device (project.device = {self.device!r})")
+            raise ConfigError(f"project.mixed_precision = 'fp16': needs a CUDA device, not {self.device!r}")
         if self.device != "cpu":  # cpu always exists (and needs no torch import)
             resolve_device(self.device)
         return self
