@@ -96,13 +96,23 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 
 def _run_stage_once(name: str, root: Path, run: Callable[[], dict]) -> dict:
     """Run a stage under its lock (the flow's); when a concurrent ``diffprune stage`` of the same
-    stage produced its outputs while this one waited, reuse them instead of computing them again."""
+    stage produced its outputs while this one waited, reuse them instead of computing them again.
+
+    Under ``accelerate launch --num_processes N`` (training stages only) the main process holds the
+    lock for the group and never skips (the others train beside it); the others take no lock."""
     from .config import ConfigError
+    from .distributed import MULTI_PROCESS_STAGES, world
     from .flows.specs import stage_specs
     from .locks import exclusive_stage
 
+    rank, size = world()
+    if size > 1 and name not in MULTI_PROCESS_STAGES:
+        raise ConfigError(f"stage {name!r} runs in one process: launch it without --num_processes {size} "
+                          f"(several processes train only: {', '.join(MULTI_PROCESS_STAGES)})")
+    if rank:
+        return run()
     try:
-        outs = stage_specs(root).get(name, {}).get("outs", [])
+        outs = stage_specs(root).get(name, {}).get("outs", []) if size == 1 else []
     except ConfigError:  # no dvc.yaml: nothing to compare against
         outs = []
     with exclusive_stage(root, name, outs) as produced_meanwhile:

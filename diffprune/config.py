@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional
 
-from pydantic import AfterValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, TypeAdapter, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
 MAX_PARAMS_BYTES = 1 << 20   # a params.yaml is ~5 KB; 1 MiB leaves room and bounds parse time
@@ -39,6 +39,7 @@ Positive = Annotated[float, Strict(), Field(gt=0.0)]
 Steps = Annotated[int, Strict(), Field(ge=1, le=STEPS)]
 Batch = Annotated[int, Strict(), Field(ge=1, le=BATCH)]
 Channels = Annotated[int, Strict(), Field(ge=1, le=WIDTH)]
+Precision = Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(lambda v: "no" if v is False else v)]  # YAML `no`
 
 DEVICE = r"^(cpu|mps|cuda(:\d{1,2})?)$"
 ALIAS = r"^[A-Za-z_][A-Za-z0-9_-]{0,99}$"  # registry aliases (diffprune.registry.ALIAS_PATTERN)
@@ -87,9 +88,12 @@ def _section(name: str) -> Callable[[type], type]:
 class ProjectConfig:
     device: Str = Field("cpu", pattern=DEVICE)  # must exist on this machine
     seed: Seed = 0
+    mixed_precision: Precision = "no"          # autocast of training's forward; fp16: CUDA only
 
     @model_validator(mode="after")
     def _device_exists(self) -> "ProjectConfig":
+        if self.mixed_precision == "fp16" and not self.device.startswith("cuda"):
+            raise ConfigError(f"project.mixed_precision = 'fp16': needs a CUDA device, not {self.device!r}")
         if self.device != "cpu":  # cpu always exists (and needs no torch import)
             resolve_device(self.device)
         return self

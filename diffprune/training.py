@@ -15,7 +15,7 @@ import math
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import local_batch, make_accelerator, run_device, unwrap
 from .io import ArtifactError, atomic_path, read_json, sha256_file
 from .models.ema import EMA
 from .sampling import Predictor, predict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from accelerate import Accelerator
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +241,12 @@ def train_denoiser(
     stop_after: Optional[int] = None,
     on_progress: Optional[Callable[[int, int], None]] = None,
     teacher: Optional[nn.Module] = None,
+    mixed_precision: str = "no",
 ) -> tuple[nn.Module, EMA]:
     """Train ``model`` to denoise ``images`` ``(N, C, H, W)`` in [-1, 1]; resumable.
+
+    Runs through ``accelerate`` (:mod:`diffprune.distributed`): one process, or several (``accelerate
+    launch``) training on shards of each global batch; only the main one checkpoints and reports.
 
     Args:
         work_dir: where training checkpoints live; a rerun resumes from the newest valid one.
@@ -249,67 +257,96 @@ def train_denoiser(
         on_progress: called as ``on_progress(done, total)`` at every checkpoint (orchestrators
             show it, e.g. as a Prefect progress artifact).
         teacher: the frozen network ``spec.distill > 0`` distils from (run in eval mode, no grads).
+        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (CUDA only): the autocast dtype of the forward.
 
     Returns:
         The model with its final raw weights, and the EMA of its weights.
     """
     if spec.distill and teacher is None:
         raise ValueError(f"distill = {spec.distill!r} needs a teacher")
-    if teacher is not None:
-        teacher = teacher.to(device).eval().requires_grad_(False)
-    model = model.to(device).train()
-    run = _Run.begin(model, images.to(device), spec, work_dir, desc)
+    acc = make_accelerator(device, mixed_precision, find_unused_parameters=before_step is not None)
+    device = run_device(acc, device)
+    teacher = teacher.to(device).eval().requires_grad_(False) if teacher is not None else None
+    run = _Run.begin(acc, model.to(device).train(), images.to(device), spec, work_dir, desc)
     t_max = spec.t_max if spec.t_max is not None else scheduler.config.num_train_timesteps
-    bar = tqdm(total=spec.steps, initial=run.start, desc=desc, disable=not progress)
+    bar = tqdm(total=spec.steps, initial=run.start, desc=desc, disable=not progress or not acc.is_main_process)
     for step in range(run.start, spec.steps):
-        # 1. the next minibatch; noise and timesteps from the same generator, so a resumed run draws
-        #    the same ones
+        # 1. the next global minibatch, noise, timesteps: one generator, so resumes and all processes agree
         x0, noise, t = run.batches.draw(step, spec.t_min, t_max)
         if before_step is not None:
             before_step(step, run.batches.gen)
-        # 2. one optimiser step on the denoising loss, then the EMA
-        loss = denoising_loss(model, x0, t, noise, scheduler, teacher=teacher, distill=spec.distill)
-        _optimise(loss, model, run.opt, run.sched, spec.grad_clip)
-        run.ema.update(model)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        # 2. one optimiser step on this process's shard of it, then the EMA
+        loss = run.step(x0, noise, t, scheduler, teacher, spec)
+        bar.set_postfix(loss=f"{loss:.4f}")
         bar.update(1)
         # 3. checkpoint
         done = step + 1
         if done % spec.checkpoint_every == 0 or done == spec.steps or done == stop_after:
-            run.state.save(done)
-            if on_progress is not None:
-                on_progress(done, spec.steps)
+            run.checkpoint(done, spec.steps, on_progress)
         if stop_after is not None and done >= stop_after:
             break
     bar.close()
-    return model, run.ema
+    return unwrap(acc, run.wrapped), run.ema
 
 
 @dataclass
 class _Run:
     """The stateful parts of one :func:`train_denoiser` run, restored from its newest checkpoint."""
 
+    acc: Accelerator
+    model: nn.Module    # the plain module (EMA, checkpoints)
+    wrapped: nn.Module  # the prepared one (DDP under several processes, autocast under mixed precision)
     ema: EMA
-    opt: torch.optim.Optimizer
+    opt: torch.optim.Optimizer  # the plain optimiser (checkpoints, LR schedule)
+    step_opt: torch.optim.Optimizer  # the prepared one (gradient scaling under fp16)
     sched: torch.optim.lr_scheduler.LambdaLR
     batches: _Batches
     state: TrainState
     start: int  # the first step still to do
 
     @classmethod
-    def begin(cls, model: nn.Module, images: torch.Tensor, spec: TrainSpec, work_dir: str | Path, desc: str) -> "_Run":
+    def begin(cls, acc: Accelerator, model: nn.Module, images: torch.Tensor, spec: TrainSpec, work_dir: str | Path,
+              desc: str) -> "_Run":
         """Fresh optimiser, LR schedule, EMA and data order, then the newest checkpoint, if any."""
         ema = EMA(model, spec.ema_decay)
         opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec))
         batches = _Batches(images, spec.batch_size, spec.seed)
-        state = TrainState(work_dir, {"model": model, "ema": ema, "opt": opt, "lr_sched": sched, "data": batches},
-                           {"data": batches.gen}, global_rng=True)
+        objects = {"model": model, "ema": ema, "opt": opt, "lr_sched": sched, "data": batches}
+        if acc.scaler is not None:  # fp16: the loss scale resumes too
+            objects["scaler"] = acc.scaler
+        state = TrainState(work_dir, objects, {"data": batches.gen}, global_rng=True)
         start = 0
         if (resumed := state.restore()) is not None:
             start = resumed[0]
             log.info("resuming %s from step %d", desc, start)
-        return cls(ema, opt, sched, batches, state, start)
+        wrapped, step_opt = acc.prepare(model, opt)
+        return cls(acc, model, wrapped, ema, opt, step_opt, sched, batches, state, start)
+
+    def step(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler, teacher: Optional[nn.Module],
+             spec: TrainSpec) -> float:
+        """One optimiser step on this process's shard of the global batch (DDP averages the shards'
+        gradients), then the EMA; returns the shard's loss."""
+        x0, noise, t, weight = local_batch(self.acc, x0, noise, t)
+        with self.acc.autocast():
+            loss = denoising_loss(self.wrapped, x0, t, noise, scheduler, teacher=teacher, distill=spec.distill)
+        self.step_opt.zero_grad(set_to_none=True)
+        self.acc.backward(loss if weight == 1 else loss * weight)
+        if spec.grad_clip:
+            self.acc.clip_grad_norm_(self.wrapped.parameters(), spec.grad_clip)
+        self.step_opt.step()
+        if not self.acc.optimizer_step_was_skipped:  # fp16: a step skipped for overflow keeps its LR
+            self.sched.step()
+        self.ema.update(self.model)
+        return loss.item()
+
+    def checkpoint(self, done: int, total: int, on_progress: Optional[Callable[[int, int], None]]) -> None:
+        """Save checkpoint ``done`` of ``total`` and report it (the main process; the others wait)."""
+        if self.acc.is_main_process:
+            self.state.save(done)
+            if on_progress is not None:
+                on_progress(done, total)
+        self.acc.wait_for_everyone()
 
 
 def random_batch(images: torch.Tensor, batch_size: int, t_min: int, t_max: int, gen: torch.Generator,
@@ -321,16 +358,6 @@ def random_batch(images: torch.Tensor, batch_size: int, t_min: int, t_max: int, 
     noise = torch.randn(x0.shape, generator=gen).to(device)
     t = torch.randint(t_min, t_max, (batch_size,), generator=gen).to(device)
     return x0, noise, t
-
-
-def _optimise(loss: torch.Tensor, model: nn.Module, opt: torch.optim.Optimizer, sched, grad_clip: float) -> None:
-    """Backward, optional gradient-norm clipping, optimiser and LR-schedule step."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
-    sched.step()
 
 
 class _Batches:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError, Params, fingerprint, resolve_device, to_dict
 from ..data import cache_dataset, load_split
+from ..distributed import follower_result, is_main_process
 from ..io import atomic_path, read_json, write_json
 from ..metrics.evaluate import (compare_to_teacher, evaluate, latency_probe, machine_info, paired_latency,
                                 quality_verdict, save_grid)
@@ -133,10 +134,19 @@ def work_dir(root: Path, name: str, *cfgs: Any) -> Path:
 
 
 def train_or_resume(model, images, scheduler, spec: TrainSpec, work: Path, *, device, progress: bool,
-                    desc: str, before_step=None, on_progress: ProgressFn | None = None, teacher=None):
-    """The one training entry point of every stage: resumable, returns the EMA weights in ``model``."""
+                    desc: str, before_step=None, on_progress: ProgressFn | None = None, teacher=None,
+                    mixed_precision: str = "no"):
+    """The one training entry point of every stage: resumable, returns the EMA weights in ``model``.
+
+    Under ``accelerate launch`` every process trains; only the main one may then write the stage's
+    outputs (:func:`diffprune.distributed.is_main_process`). A mixed-precision run has its own working
+    folder (``WORK-bf16``): it never resumes an fp32 run's checkpoints, nor they its.
+    """
+    if mixed_precision != "no":
+        work = work.with_name(f"{work.name}-{mixed_precision}")
     model, ema = train_denoiser(model, images, scheduler, spec, work, device=device, progress=progress,
-                                desc=desc, before_step=before_step, on_progress=on_progress, teacher=teacher)
+                                desc=desc, before_step=before_step, on_progress=on_progress, teacher=teacher,
+                                mixed_precision=mixed_precision)
     ema.copy_to(model)
     return model.eval()
 
@@ -157,7 +167,10 @@ def run_teacher(p: Params, root: Path, progress: bool = True, on_progress: Progr
         scheduler = build_scheduler(p.teacher)
         spec = teacher_spec(p)
         model = train_or_resume(model, images, scheduler, spec, work_dir(root, "teacher", p.data, p.teacher),
-                                device=device, progress=progress, desc="teacher", on_progress=on_progress)
+                                device=device, progress=progress, desc="teacher", on_progress=on_progress,
+                                mixed_precision=p.project.mixed_precision)
+        if not is_main_process():  # under `accelerate launch`: the main process writes the outputs
+            return follower_result("teacher")
         meta = {"source": "trained", "training_options": spec_json(spec), "params": to_dict(p.teacher)}
     meta["train_seconds"] = time.time() - t0
     save_model(model.cpu(), out, scheduler_config=dict(scheduler.config), meta=meta)

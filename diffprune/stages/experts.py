@@ -27,6 +27,7 @@ from diffusers import DDPMScheduler
 
 from ..config import ConfigError, Params, fingerprint, resolve_device, to_dict
 from ..data import load_split
+from ..distributed import follower_result, is_main_process
 from ..io import ArtifactError, atomic_path, read_json, write_json
 from ..metrics.cost import unet_macs
 from ..models.checkpoint import load_model, load_scheduler_config, read_config, save_model, verify
@@ -182,7 +183,9 @@ def train_expert(p: Params, root: Path, k: int, *, progress: bool = True,
         model = core.train_or_resume(model, images, sched, spec, core.work_dir(root, f"experts-{k}", key),
                                      device=device, progress=progress, desc=f"expert {k} [{lo}, {hi})",
                                      before_step=elastic_hook(ctrl, cfg.depth_drop_prob), on_progress=on_progress,
-                                     teacher=teacher)
+                                     teacher=teacher, mixed_precision=p.project.mixed_precision)
+    if not is_main_process():  # under `accelerate launch`: the main process writes the outputs
+        return out
     meta = {"key": key, "expert": k, "interval": [lo, hi], "space": space.to_json(),
             "importance_order": [o.tolist() for o in orders], "training_options": spec_json(spec),
             "params": to_dict(cfg)}
@@ -196,7 +199,7 @@ def run_experts(p: Params, root: Path, progress: bool = True, on_progress: core.
     """Train the elastic expert of every interval (``expert=k``: only expert ``k``)."""
     k_count = len(_read_intervals(root)["boundaries"]) + 1
     outs = [train_expert(p, root, k, progress=progress, on_progress=on_progress) for k in _which(expert, k_count)]
-    return {"experts": [str(o) for o in outs]}
+    return {"experts": [str(o) for o in outs]} if is_main_process() else follower_result("experts")
 
 
 # ----------------------------------------------------------------------------- prune-experts
@@ -237,7 +240,10 @@ def prune_expert(p: Params, root: Path, k: int, *, progress: bool = True,
     pruned = core.train_or_resume(pruned, images, DDPMScheduler.from_config(sched_cfg), spec,
                                   core.work_dir(root, f"prune-experts-{k}", key), device=device, progress=progress,
                                   desc=f"pruned expert {k} [{lo}, {hi})", on_progress=on_progress,
-                                  teacher=_teacher(root, device)[0] if c.distill else None)
+                                  teacher=_teacher(root, device)[0] if c.distill else None,
+                                  mixed_precision=p.project.mixed_precision)
+    if not is_main_process():  # under `accelerate launch`: the main process writes the outputs
+        return out
     meta = {"key": key, "expert": k, "interval": [lo, hi], "config": cfg.to_json(), "macs": macs,
             "macs_teacher": space.full_macs(), "training_options": spec_json(spec), "params": to_dict(c)}
     save_model(pruned.cpu(), out, scheduler_config=sched_cfg, meta=meta)
@@ -288,6 +294,8 @@ def run_prune_experts(p: Params, root: Path, progress: bool = True, on_progress:
         raise ConfigError(f"{rdoc_path}: missing (run the router stage first)")
     k_count = len(read_json(rdoc_path)["intervals"])
     outs = [prune_expert(p, root, k, progress=progress, on_progress=on_progress) for k in _which(expert, k_count)]
+    if not is_main_process():
+        return follower_result("prune-experts")
     result: dict[str, Any] = {"experts": [str(o) for o in outs]}
     if expert is None:
         summary = assemble_mixture(p, root)

@@ -10,6 +10,7 @@ import torch
 
 from ..config import Params, resolve_device, to_dict
 from ..data import load_split
+from ..distributed import follower_result, is_main_process
 from ..io import write_json
 from ..models.checkpoint import load_model, load_scheduler_config, read_config, save_model
 from ..pruning.taylor import finetune_spec, prune_unet, search_ratio
@@ -64,7 +65,10 @@ def run_finetune(p: Params, root: Path, progress: bool = True, on_progress: Prog
     work = work_dir(root, "finetune", p.finetune, read_config(pruned_dir)["sha256"])
     teacher = load_model(safe_subpath(root, TEACHER), device) if spec.distill else None
     model = train_or_resume(model, images, scheduler, spec, work, device=device, progress=progress,
-                            desc="finetune", on_progress=on_progress, teacher=teacher)
+                            desc="finetune", on_progress=on_progress, teacher=teacher,
+                            mixed_precision=p.project.mixed_precision)
+    if not is_main_process():  # under `accelerate launch`: the main process writes the outputs
+        return follower_result("finetune")
     meta = read_config(pruned_dir)["meta"] | {"finetune": spec_json(spec)}
     out = save_model(model.cpu(), safe_subpath(root, FINETUNED), scheduler_config=dict(scheduler.config), meta=meta)
     return {"finetuned": str(out), "steps": spec.steps}
