@@ -30,7 +30,7 @@ TINY_TEACHER = {
 }
 
 TINY_PARAMS = {
-    "project": {"device": "cpu", "seed": 0},
+    "project": {"device": "cpu", "seed": 0, "mixed_precision": "no"},
     "data": {"source": "digits", "image_size": 8, "max_images": 240, "ref_fraction": 0.25},
     "teacher": TINY_TEACHER,
     "evaluate": {"sampler": "ddim", "steps": 4, "num_samples": 40, "batch_size": 40, "seeds": [0], "grid_size": 16,
