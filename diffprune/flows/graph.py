@@ -44,8 +44,14 @@ def task_runner(cfg: OrchestrationConfig):
     the cluster at ``dask_address``, else a local cluster of ``dask_workers`` single-threaded worker
     processes, its dashboard on a free loopback port) or one stage at a time."""
     if cfg.runner == "dask":
+        import dask
         from prefect_dask import DaskTaskRunner
 
+        # dask's nanny caps OMP/MKL/OpenBLAS at 1 thread in the workers by writing them into this
+        # process's environment: the workers would sum floats in another order than the thread
+        # runner (and every later subprocess of this one would inherit the caps). Workers keep this
+        # process's thread settings instead; run_graph restores the environment.
+        dask.config.set({"distributed.nanny.pre-spawn-environ": {}})
         if cfg.dask_address:
             return DaskTaskRunner(address=cfg.dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.dask_workers, "threads_per_worker": 1,
@@ -57,8 +63,13 @@ def run_graph(root: Path, params_path: str, stages: list[str], dirty: dict[str, 
               cfg: OrchestrationConfig) -> dict[str, dict]:
     """Run ``stages`` (dvc.yaml order) as the subflow ``prune-stages`` on ``cfg``'s task runner;
     returns each stage's outcome (:func:`stage_task`)."""
-    graph = stage_graph.with_options(task_runner=task_runner(cfg))
-    return graph(str(root), params_path, stages, dirty)
+    environ = dict(os.environ)
+    try:
+        graph = stage_graph.with_options(task_runner=task_runner(cfg))
+        return graph(str(root), params_path, stages, dirty)
+    finally:  # what a task runner set in this process's environment (dask's nanny) ends with the run
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 @flow(name="prune-stages", log_prints=True)
