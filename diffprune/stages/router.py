@@ -78,6 +78,7 @@ def _router_doc(res: RouterResult, space: ElasticSpace, budget: float, intervals
         "macs_teacher": space.full_macs(),
         "macs_share": [m * n / traj if traj else 0.0 for m, n in zip(res.macs, steps)],
         "unit_names": [u.name for u in space.units],
+        "stream_names": [s.name for s in space.streams],
         "history": res.history,
     }
 

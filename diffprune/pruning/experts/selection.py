@@ -169,7 +169,7 @@ def calibrate(space: ElasticSpace, width_logits: torch.Tensor, depth_logits: tor
        skipped when it does not, until nothing more fits.
 
     Args:
-        width_logits, depth_logits: ``(K, U)``.
+        width_logits, depth_logits: ``(K, U + S)`` (or ``(K, U)``: the stream stays at full width).
         steps: sampling steps per expert.
         budget: allowed fraction of the teacher's trajectory MACs.
 
