@@ -35,7 +35,8 @@ class ElasticUnit:
         unit_size: channels per group / per head.
         channels: channels of the sub-block's input and output (the residual stream).
         droppable: whether the sub-block's residual branch may be dropped.
-        macs_fixed: MACs (one image) of the sub-block that do not depend on its width.
+        macs_fixed: MACs (one image) of the sub-block that do not depend on its width (these three
+            at full stream width; with an elastic stream :attr:`ElasticSpace.terms` count exactly).
         macs_per_unit: MACs (one image) added by each kept group / head.
         macs_skip: MACs (one image) of the sub-block when dropped (its shortcut conv, if any).
     """
