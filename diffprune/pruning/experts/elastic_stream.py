@@ -303,7 +303,7 @@ def masked_group_norm(gn: nn.GroupNorm, x: torch.Tensor, pieces: Sequence[tuple[
         pieces: ``(offset, channel mask or None = all kept, channels)`` of every segment in ``x``.
     """
     idx = []
-    for off, mask, c in pieces:
+    for off, mask, c in sorted(pieces, key=lambda p: p[0]):  # channel order, as the pruned layer keeps them
         keep = torch.arange(c, device=x.device) if mask is None else torch.nonzero(mask > 0.5).flatten().to(x.device)
         idx.append(keep + off)
     idx_t = torch.cat(idx)
