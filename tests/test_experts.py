@@ -260,7 +260,7 @@ def test_every_stream_segment_alone_masked_equals_pruned_with_the_predicted_macs
     assert len(space.streams) == 12 and len(full.stream) == 12
     assert {s.name for s in space.streams} >= {"conv_in", "down_blocks.0.downsamplers.0", "up_blocks.2.resnets.1"}
     for s, seg in enumerate(space.streams):
-        assert seg.channels % seg.blocks == 0 and seg.norms  # every segment feeds a GroupNorm
+        assert seg.channels % seg.blocks == 0 and (seg.norms or seg.blocks == 1)  # blocks: its GroupNorms' groups
         assert all(seg.blocks % model.get_submodule(n).num_groups == 0 for n, _ in seg.norms)
         cfg = replace(full, stream=tuple(space.stream_min_keep(s) if i == s else k for i, k in enumerate(full.stream)))
         masked, pruned, counted = _masked_and_pruned(model, space, cfg, x, t)
@@ -318,9 +318,9 @@ def test_space_and_configs_round_trip_json_and_old_json_reads_as_full_stream(ord
 def test_relaxed_macs_are_differentiable_in_the_stream_widths(ordered):
     _, space = ordered
     u = len(space.units)
-    wl = torch.zeros(space.num_logits, requires_grad=True)
+    wl = torch.full((space.num_logits,), 0.3, requires_grad=True)  # keep-ratios between whole widths
     sub = relax(space, wl, torch.zeros(space.num_logits), tau=0.5)
-    assert float(sub.macs) == space.macs(sub.hard())
+    assert float(sub.macs.detach()) == space.macs(sub.hard())
     sub.macs.backward()
     elastic = [s for s, seg in enumerate(space.streams) if seg.size > space.stream_min_keep(s)]
     assert elastic and all(float(wl.grad[u + s]) > 0 for s in elastic)
