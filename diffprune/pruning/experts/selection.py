@@ -50,8 +50,8 @@ class RelaxedSubnet:
     stream_widths: tuple[int, ...] = ()
 
     def hard(self) -> SubnetConfig:
-        return SubnetConfig(tuple(int(round(float(m.sum()))) for m in self.width_masks),
-                            tuple(bool(float(g) > 0.5) for g in self.gates), self.stream_widths)
+        return SubnetConfig(tuple(int(round(float(m.detach().sum()))) for m in self.width_masks),
+                            tuple(bool(float(g.detach()) > 0.5) for g in self.gates), self.stream_widths)
 
 
 def _prefix(z: torch.Tensor, n: int, lo: int, m: float, tau: float) -> tuple[torch.Tensor, int]:
