@@ -241,7 +241,8 @@ def stream_units(model: nn.Module) -> tuple[StreamUnit, ...]:
 
 # ----------------------------------------------------------------------------- the MACs
 
-def cost_terms(model: nn.Module, per: dict[str, int], units: Sequence[Any], streams: Sequence[StreamUnit]) -> tuple[CostTerm, ...]:
+def cost_terms(model: nn.Module, per: dict[str, int], units: Sequence[Any],
+               streams: Sequence[StreamUnit]) -> tuple[CostTerm, ...]:
     """A :class:`CostTerm` for every module with MACs in ``per`` (one image, full model)."""
     ins: dict[str, list[Piece]] = {}
     outs: dict[str, list[Piece]] = {}
@@ -296,7 +297,8 @@ def _complete(pieces: list[Piece], full: int, streams: Sequence[StreamUnit], uni
 
 # ----------------------------------------------------------------------------- masked and pruned
 
-def masked_group_norm(gn: nn.GroupNorm, x: torch.Tensor, pieces: Sequence[tuple[int, Optional[torch.Tensor], int]]) -> torch.Tensor:
+def masked_group_norm(gn: nn.GroupNorm, x: torch.Tensor,
+                      pieces: Sequence[tuple[int, Optional[torch.Tensor], int]]) -> torch.Tensor:
     """What ``gn`` pruned to the kept channels computes, on the full-width ``x`` (zeros elsewhere).
 
     Args:
