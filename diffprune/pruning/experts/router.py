@@ -89,6 +89,7 @@ class RouterResult:
         offset: the calibration offset.
         macs: MACs per call of each selected sub-network.
         ratio: trajectory MACs of the selected mixture / the teacher's.
+        learned_ratio: the same for ``learned``, the agent's own choice before the adjustment.
         history: per step ``{"loss", "denoise", "resource", "ratio"}``.
     """
 
@@ -98,6 +99,7 @@ class RouterResult:
     offset: float
     macs: list[int]
     ratio: float
+    learned_ratio: float
     history: list[dict] = field(default_factory=list)
 
 
@@ -106,7 +108,7 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
                  resource_weight: float, tau: float, hidden: int, batch_size: int, seed: int,
                  device: torch.device | str = "cpu", progress: bool = False, distill: float = 0.0,
                  work_dir: Optional[str | Path] = None, checkpoint_every: int = 20,
-                 stop_after: Optional[int] = None,
+                 stop_after: Optional[int] = None, resource: str = "log",
                  on_progress: Optional[Callable[[int, int], None]] = None) -> RouterResult:
     """Train the ERA with the (elastic) experts frozen; select and calibrate their sub-networks.
 
@@ -123,6 +125,7 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
         work_dir: where the training state (agent, optimiser, generator, history) is checkpointed every
             ``checkpoint_every`` steps; a rerun resumes from it and ends as an uninterrupted run.
         stop_after: stop (after checkpointing) once this step is reached (tests of an interrupted run).
+        resource: the regulariser's form, ``"log"`` (the paper's) or ``"squared"`` (:func:`resource_loss`).
         on_progress: called ``(done, total)`` after each step.
 
     Returns:
@@ -133,7 +136,7 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
     if checkpoint_every < 1:
         raise ValueError(f"checkpoint_every = {checkpoint_every!r}: must be >= 1")
     task = _RouterTask(space, intervals, steps, images, scheduler, tau=tau, batch_size=batch_size, distill=distill,
-                       budget=budget, device=torch.device(device))
+                       budget=budget, device=torch.device(device), resource=resource)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG left as it was
         torch.manual_seed(seed)
@@ -177,12 +180,15 @@ class _RouterTask:
     distill: float
     budget: float
     device: torch.device
+    resource: str = "log"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
             raise ValueError(f"router.budget = {self.budget!r}: must be in (0, 1]")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"router.distill = {self.distill!r}: must be in [0, 1]")
+        if self.resource not in RESOURCE_LOSSES:
+            raise ValueError(f"router.resource_loss = {self.resource!r}: expected one of {RESOURCE_LOSSES}")
 
     def loss(self, logits: tuple[torch.Tensor, torch.Tensor], experts: Sequence[nn.Module],
              controllers: Sequence[ElasticController], gen: torch.Generator,
@@ -193,7 +199,8 @@ class _RouterTask:
         macs = []
         for k, (e, ctrl) in enumerate(zip(experts, controllers)):
             sub = relax(self.space, width[k], depth[k], tau=self.tau, gen=gen)  # noisy: explores
-            chosen = relax(self.space, width[k], depth[k], tau=self.tau)  # noise-free: what select() picks
+            with torch.no_grad():
+                chosen = relax(self.space, width[k], depth[k], tau=self.tau)  # noise-free: what select() picks
             # 1. a batch of expert k's interval, from the router's generator
             x0, noise, t = random_batch(self.images, self.batch_size, *self.intervals[k], gen, self.device)
             # 2. the denoising loss of the chosen sub-network (target: the noise, blended with the
@@ -201,13 +208,33 @@ class _RouterTask:
             ctrl.set_relaxed(sub.width_masks, sub.gates)
             denoise = denoise + denoising_loss(e, x0, t, noise, self.scheduler, teacher=_full_expert(e, ctrl),
                                                distill=self.distill)
-            macs.append(chosen.macs)
+            # the MACs of the noise-free selection, with the gradient of the noisy sub-network's: the
+            # two terms then reach each logit through the same sigmoid slope (see the module doc)
+            macs.append(chosen.macs.detach() + (sub.macs - sub.macs.detach()))
         # 3. the resource regulariser on the mixture's trajectory MACs
         ratio = sum(m * n for m, n in zip(macs, self.steps)) / float(self.space.full_macs() * sum(self.steps))
-        resource = (ratio / self.budget - 1.0) ** 2
+        resource = resource_loss(ratio, self.budget, self.resource)
         loss = denoise + resource_weight * resource.float()
         terms = (("loss", loss), ("denoise", denoise), ("resource", resource), ("ratio", ratio))
         return loss, {name: float(v.detach()) for name, v in terms}
+
+
+RESOURCE_LOSSES = ("log", "squared")
+
+
+def resource_loss(ratio: torch.Tensor, budget: float, form: str = "log") -> torch.Tensor:
+    """The resource regulariser of the trajectory MACs ``ratio`` (a fraction of the teacher's).
+
+    ``"log"`` is the paper's ``log(max(T, p T_full) / min(T, p T_full))`` = ``|log(ratio / budget)|``:
+    its pull, ``1 / ratio`` on either side, does not fade near the budget, so the agent's own
+    selection settles on it. ``"squared"`` is ``(ratio / budget - 1)^2``, whose pull vanishes there
+    (the denoising term then holds the selection above the budget).
+    """
+    if form == "log":
+        return torch.log(ratio / budget).abs()
+    if form == "squared":
+        return (ratio / budget - 1.0) ** 2
+    raise ValueError(f"router.resource_loss = {form!r}: expected one of {RESOURCE_LOSSES}")
 
 
 def _full_expert(expert: nn.Module, ctrl: ElasticController) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -248,6 +275,10 @@ def _result(agent: ExpertRoutingAgent, space: ElasticSpace, steps: Sequence[int]
         width, depth = agent()
     learned = [select(space, width[k], depth[k], tau=tau) for k in range(width.shape[0])]
     offset, configs = calibrate(space, width, depth, steps, budget, tau=tau)
+    full = space.full_macs() * sum(steps)
     macs_k = [space.macs(c) for c in configs]
-    ratio = mixture_macs(macs_k, steps) / (space.full_macs() * sum(steps))
-    return RouterResult(agent, configs, learned, offset, macs_k, ratio, history)
+    ratio = mixture_macs(macs_k, steps) / full
+    learned_ratio = mixture_macs([space.macs(c) for c in learned], steps) / full
+    log.info("router: the agent selected %.4f of the teacher's MACs, %.4f after the adjustment (budget %.4f)",
+             learned_ratio, ratio, budget)
+    return RouterResult(agent, configs, learned, offset, macs_k, ratio, learned_ratio, history)
