@@ -247,7 +247,7 @@ class IntervalsConfig:
     grid: Int = Field(20, ge=2, le=TIMESTEPS)   # G timesteps over the schedule (<= num_train_timesteps)
     k: Annotated[int, Strict(), Field(ge=1, le=1000)] | Literal["auto"] = 2  # intervals (experts), or "auto"
     k_max: Int = Field(6, ge=1, le=1000)        # J and steps served shown for K = 1 .. k_max; "auto" picks one
-    auto_gain: Fraction = 0.9                   # "auto": least K with J(K) - J(1) >= auto_gain (J(k_max) - J(1))
+    k_penalty: Float = Field(0.03, ge=0.0, le=1.0)  # "auto": K maximising J(K) - k_penalty (K - 1)
     batches: Int = Field(16, ge=1, le=10_000)   # gradient averaged over this many batches (fixed seeds; 4 is seed-unstable)
     batch_size: Batch = 64
     min_size: Int = Field(1, ge=1, le=TIMESTEPS)  # fewest grid points per interval

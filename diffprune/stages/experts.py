@@ -193,7 +193,7 @@ def _intervals_doc(a, cfg, T: int, sampling: list[int]) -> dict:
     """``intervals.json`` but the stability report: the chosen K and its intervals, every candidate
     K's J and sampling steps per interval, the uniform split and the two-interval curve."""
     segs = candidates(a, max(cfg.k_max, 1 if cfg.k == "auto" else cfg.k), cfg.min_size)
-    k = auto_k(segs, cfg.auto_gain) if cfg.k == "auto" else cfg.k
+    k = auto_k(segs, cfg.k_penalty) if cfg.k == "auto" else cfg.k
     seg = segs[k - 1]
     ucuts = uniform_cuts(cfg.grid, k)
 
@@ -205,8 +205,7 @@ def _intervals_doc(a, cfg, T: int, sampling: list[int]) -> dict:
         "grid": timestep_grid(T, cfg.grid),
         "alignment": a.tolist(),
         "k": k,
-        "k_rule": (f"auto: smallest K with J(K) - J(1) >= {cfg.auto_gain} (J({len(segs)}) - J(1))"
-                   if cfg.k == "auto" else "intervals.k"),
+        "k_rule": f"auto: argmax J(K) - {cfg.k_penalty} (K - 1)" if cfg.k == "auto" else "intervals.k",
         "cuts": list(seg.cuts),
         "boundaries": bounds(seg.cuts),
         "objective": seg.objective,

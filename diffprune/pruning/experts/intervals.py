@@ -13,10 +13,11 @@ The grid is cut into ``K`` contiguous intervals ``S_1, ..., S_K`` maximising
 paper's cutoff ``t_1 = argmax J(t_1)``; for any ``K`` the exact optimum over all contiguous
 segmentations is found by dynamic programming in ``O(K G^2)``.
 
-``J`` never falls as ``K`` grows (``K = G`` scores 1), so ``K`` is the user's, or chosen by the
-objective with :func:`auto_k`: the smallest ``K`` that gains a fraction ``gain`` of what going from
-one interval to ``k_max`` gains (the elbow of ``J(K)``). :func:`seed_boundaries` repeats the search
-with other seeds of the gradient batches, to show whether the chosen cut is stable.
+``J`` never falls as ``K`` grows (``K = G`` scores 1: smaller intervals hold more of the unit
+diagonal), so ``K`` is the user's, or chosen by the objective with :func:`auto_k`: the ``K`` that
+maximises ``J(K) - penalty (K - 1)``, i.e. an extra interval (one more expert to train) must raise
+``J`` by more than ``penalty``. :func:`seed_boundaries` repeats the search with other seeds of the
+gradient batches, to show whether the chosen cut is stable.
 """
 
 from __future__ import annotations
@@ -231,18 +232,14 @@ def candidates(a: np.ndarray | torch.Tensor, k_max: int, min_size: int = 1) -> l
     return [segment(a, k, min_size) for k in range(1, min(k_max, g // min_size) + 1)]
 
 
-def auto_k(segs: Sequence[Segmentation], gain: float) -> int:
-    """The elbow of ``J(K)`` over ``segs`` (``K = 1, 2, ...``): the smallest ``K`` with
-    ``J(K) - J(1) >= gain * (J(K_max) - J(1))``; 1 when more intervals gain nothing."""
+def auto_k(segs: Sequence[Segmentation], penalty: float) -> int:
+    """The ``K`` of ``segs`` (``K = 1, 2, ...``) maximising ``J(K) - penalty (K - 1)``; ties to the smaller."""
     if not segs:
         raise ValueError("auto_k: no candidate segmentations")
-    if not 0.0 < gain <= 1.0:
-        raise ValueError(f"intervals.auto_gain = {gain!r}: must be in (0, 1]")
-    j = [s.objective for s in segs]
-    total = max(j) - j[0]
-    if total <= 1e-12:
-        return 1
-    return next(k for k, v in enumerate(j, start=1) if v - j[0] >= gain * total - 1e-12)
+    if not penalty >= 0.0:
+        raise ValueError(f"intervals.k_penalty = {penalty!r}: must be >= 0")
+    score = [s.objective - penalty * k for k, s in enumerate(segs)]
+    return 1 + next(k for k, v in enumerate(score) if v >= max(score) - 1e-12)
 
 
 def seed_boundaries(model: nn.Module, scheduler, images: torch.Tensor, num_train_timesteps: int, grid: int, *,

@@ -10,14 +10,25 @@ backward pass uses the soft values.
 The agent is trained with the experts frozen on
 
     sum_k L_denoise(expert_k restricted to its sub-network, t ~ U[interval_k])
-      + lambda * (MACs_mixture / (budget * MACs_teacher) - 1)^2,
+      + lambda * R(MACs_mixture, budget * MACs_teacher),
 
 where ``MACs_mixture = sum_k n_k MACs_k`` is the trajectory cost of the sampler (``n_k`` sampling
 steps fall in expert ``k``'s interval) and ``MACs_k`` follows exactly and differentiably from the
-straight-through masks. The denoising term runs the noisy (Gumbel) sub-networks, which explore; the
-resource term is taken on the noise-free ones, the sub-networks :func:`.selection.select` finally picks, so
-the budget the loss reaches is the selection's (with the noisy MACs, logits that sit just above 0
-meet the budget on average while the selection keeps every unit). With ``distill = w`` the denoising
+straight-through masks. ``R`` is the paper's resource regulariser ``log(max(T, p T_full) / min(T,
+p T_full))`` = ``|log(ratio / budget)|`` (:func:`resource_loss`): its pull on the ratio is
+``lambda / ratio`` whichever side of the budget, so it does not fade near the budget, where the
+squared ``(ratio / budget - 1)^2`` let the denoising term hold the selection well above it.
+
+The denoising term runs the noisy (Gumbel) sub-networks, which explore. The resource term takes
+its value on the noise-free ones, the sub-networks :func:`.selection.select` finally picks, so the
+budget the loss reaches is the selection's (with the noisy MACs, logits that sit just above 0 meet
+the budget on average while the selection keeps every unit); its gradient is the noisy
+sub-network's (a straight-through estimate). Both terms then reach a logit through the same noisy
+sigmoid slope: with the noise-free slope, ``sigmoid'(z / tau)``, a logit that drifts up gets
+``e^(-z / tau)`` of resource pull against about ``e^(-z)`` of denoising pull (the noise spreads the
+sigmoid), so at ``tau < 1`` it runs away and the agent's own choice keeps every unit (the
+adjustment of :func:`.selection.calibrate` then did all the work: logit offsets of -5 to -28 on
+the benchmark). With ``distill = w`` the denoising
 target blends in the full expert's own prediction, a noise-free reference that makes the loss
 measure what the pruning costs. So the budget is shared between experts by the loss, not by a
 heuristic: an expert serving many steps, or one whose interval tolerates pruning, gets cut more.
