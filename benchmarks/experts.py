@@ -112,8 +112,8 @@ def intervals_variant(base: Path, p: Params, kind: str, key: str, progress: bool
             stages.run_intervals(p, chosen, progress=progress)
         if kind == "uniform":
             doc = read_json(chosen / stages.INTERVALS / "intervals.json")
-            cuts = uniform_cuts(p.intervals.grid, p.intervals.k)
-            bounds = uniform_boundaries(doc["num_train_timesteps"], p.intervals.k)
+            cuts = uniform_cuts(p.intervals.grid, doc["k"])
+            bounds = uniform_boundaries(doc["num_train_timesteps"], doc["k"])
             doc |= {"cuts": cuts, "boundaries": bounds, "objective": objective(doc["alignment"], cuts),
                     "steps_served": steps_per_expert(doc.get("sampling_timesteps", []), bounds)}
             write_json(doc_path, doc)

@@ -14,6 +14,40 @@ from diffprune.stages.experts import _intervals_doc, expert_steps, sampling_time
 from .test_experts import _images, ordered  # noqa: F401  (the fixture)
 
 
+# ----------------------------------------------------------------------------- the agent's own budget
+
+def test_the_agent_meets_the_budget_on_its_own_the_adjustment_moves_it_little(ordered, tiny_scheduler):
+    model, space = ordered
+    experts = [model, copy.deepcopy(model)]
+    kw = dict(train_steps=80, lr=0.1, resource_weight=2.0, tau=0.5, hidden=8, batch_size=4, seed=0, distill=1.0)
+    full = space.full_macs() * 8
+    for budget in (0.6, 0.8):
+        r = train_router(experts, space, [(0, 500), (500, 1000)], [3, 5], _images(), tiny_scheduler, budget=budget,
+                         **kw)
+        assert r.learned_ratio == pytest.approx(sum(space.macs(c) * n for c, n in zip(r.learned, [3, 5])) / full)
+        assert abs(r.learned_ratio - budget) <= 0.05 * budget, (budget, r.learned_ratio)
+        assert abs(r.ratio - r.learned_ratio) <= 0.05 * budget and r.ratio <= budget, (budget, r.ratio)
+        assert r.learned != [space.full()] * 2, "the agent itself pruned"
+
+
+def test_the_resource_loss_is_the_log_ratio_whose_pull_does_not_fade_at_the_budget():
+    import torch
+
+    from diffprune.pruning.experts import resource_loss
+
+    r = torch.tensor([0.45, 0.5, 0.55], dtype=torch.float64, requires_grad=True)
+    loss = resource_loss(r, 0.5)
+    assert torch.allclose(loss, torch.log(torch.maximum(r, torch.tensor(0.5)) / torch.minimum(r, torch.tensor(0.5))))
+    loss.sum().backward()
+    assert torch.allclose(r.grad, torch.tensor([-1 / 0.45, 0.0, 1 / 0.55], dtype=torch.float64))
+    sq = torch.tensor(0.55, requires_grad=True)
+    resource_loss(sq, 0.5, "squared").backward()
+    assert float(sq.grad) == pytest.approx(2 * (0.55 / 0.5 - 1) / 0.5, rel=1e-5)
+    assert float(sq.grad) < float(r.grad[2]) / 4, "the squared pull fades near the budget"
+    with pytest.raises(ValueError, match="router.resource_loss = 'l1'"):
+        resource_loss(r, 0.5, "l1")
+
+
 # ----------------------------------------------------------------------------- fine-tuning steps
 
 @pytest.mark.parametrize("total, served, least", [(1000, [43, 7], 100), (1000, [15, 35], 1), (7, [1, 1, 1], 2),

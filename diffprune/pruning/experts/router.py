@@ -39,6 +39,7 @@ teacher), and the training resumes through :class:`~diffprune.training.TrainStat
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,7 +130,8 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
         steps: sampling steps each expert serves (:func:`steps_per_expert`).
         images: ``(N, C, H, W)`` training images in [-1, 1].
         budget: target fraction of the teacher's trajectory MACs, in (0, 1].
-        train_steps, lr, resource_weight, tau, hidden, batch_size, seed: the ERA's training.
+        train_steps, lr, resource_weight, tau, hidden, batch_size, seed: the ERA's training (Adam, the
+            learning rate decayed from ``lr`` to 0 on a cosine, so the selection settles on the budget).
         distill: weight of the full expert's own prediction in the denoising target (0 = the sampled
             noise alone). The full expert's output is a noise-free reference: the loss then measures
             what the pruning costs, not the noise every sub-network fails to predict.
@@ -139,8 +141,7 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
         resource: the regulariser's form, ``"log"`` (the paper's) or ``"squared"`` (:func:`resource_loss`).
         on_progress: called ``(done, total)`` after each step.
 
-    Returns:
-        A :class:`RouterResult`; the experts' weights and hooks are left as they were.
+    Returns a :class:`RouterResult`; the experts' weights and hooks are left as they were.
     """
     if not len(experts) == len(intervals) == len(steps):
         raise ValueError(f"{len(experts)} experts, {len(intervals)} intervals, {len(steps)} step counts: must agree")
@@ -149,9 +150,7 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
     task = _RouterTask(space, intervals, steps, images, scheduler, tau=tau, batch_size=batch_size, distill=distill,
                        budget=budget, device=torch.device(device), resource=resource)
     gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG left as it was
-        torch.manual_seed(seed)
-        agent = ExpertRoutingAgent(len(experts), len(space.units), hidden).to(task.device)
+    agent = _seeded_agent(len(experts), len(space.units), hidden, seed, task.device)
     opt = torch.optim.Adam(agent.parameters(), lr=lr)
     state = TrainState(work_dir, {"agent": agent, "opt": opt}, {"router": gen}) if work_dir is not None else None
     start, history = 0, []
@@ -161,6 +160,7 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
     with _frozen(experts, space, task.device) as controllers:
         for step in tqdm(range(start, train_steps), initial=start, total=train_steps, desc="router",
                          disable=not progress):
+            _cosine_lr(opt, lr, step, train_steps)
             loss, record = task.loss(agent(), experts, controllers, gen, resource_weight)
             opt.zero_grad(set_to_none=True)
             if loss.requires_grad:  # False only in a space with nothing elastic
@@ -175,6 +175,19 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
             if stop_after is not None and done >= stop_after:
                 break
     return _result(agent, space, steps, budget, tau, history)
+
+
+def _seeded_agent(k_count: int, u_count: int, hidden: int, seed: int, device: torch.device) -> ExpertRoutingAgent:
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG left as it was
+        torch.manual_seed(seed)
+        return ExpertRoutingAgent(k_count, u_count, hidden).to(device)
+
+
+def _cosine_lr(opt: torch.optim.Optimizer, lr: float, step: int, total: int) -> None:
+    """Step ``step`` of ``total``'s learning rate, ``lr (1 + cos(pi step / total)) / 2`` (a function of the
+    step alone, so a resumed run follows the same schedule)."""
+    for group in opt.param_groups:
+        group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
 @dataclass(frozen=True)
