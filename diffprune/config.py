@@ -283,7 +283,7 @@ class RouterConfig:
     steps: Steps = 400
     lr: Positive = 0.02
     resource_weight: Float = Field(2.0, ge=0.0)
-    resource_loss: Literal["log", "squared"] = "log"  # |log(ratio / budget)| (the paper's), or (ratio / budget - 1)^2
+    resource_loss: Literal["log", "squared"] = "log"  # |log(ratio / budget)|, or (ratio / budget - 1)^2
     temperature: Positive = 0.5
     hidden: Int = Field(64, ge=1, le=WIDTH)
     batch_size: Batch = 64

@@ -14,21 +14,23 @@ The agent is trained with the experts frozen on
 
 where ``MACs_mixture = sum_k n_k MACs_k`` is the trajectory cost of the sampler (``n_k`` sampling
 steps fall in expert ``k``'s interval) and ``MACs_k`` follows exactly and differentiably from the
-straight-through masks. ``R`` is the paper's resource regulariser ``log(max(T, p T_full) / min(T,
-p T_full))`` = ``|log(ratio / budget)|`` (:func:`resource_loss`): its pull on the ratio is
-``lambda / ratio`` whichever side of the budget, so it does not fade near the budget, where the
-squared ``(ratio / budget - 1)^2`` let the denoising term hold the selection well above it.
+straight-through masks. ``R`` is the log-ratio form of the resource regulariser
+``log(max(T, p T_full) / min(T, p T_full))`` = ``|log(ratio / budget)|`` (:func:`resource_loss`):
+its pull on the ratio is ``lambda / ratio`` on either side of the budget, so it does not fade
+there, as the squared ``(ratio / budget - 1)^2`` does.
 
 The denoising term runs the noisy (Gumbel) sub-networks, which explore. The resource term takes
 its value on the noise-free ones, the sub-networks :func:`.selection.select` finally picks, so the
 budget the loss reaches is the selection's (with the noisy MACs, logits that sit just above 0 meet
 the budget on average while the selection keeps every unit); its gradient is the noisy
-sub-network's (a straight-through estimate). Both terms then reach a logit through the same noisy
-sigmoid slope: with the noise-free slope, ``sigmoid'(z / tau)``, a logit that drifts up gets
-``e^(-z / tau)`` of resource pull against about ``e^(-z)`` of denoising pull (the noise spreads the
-sigmoid), so at ``tau < 1`` it runs away and the agent's own choice keeps every unit (the
-adjustment of :func:`.selection.calibrate` then did all the work: logit offsets of -5 to -28 on
-the benchmark). With ``distill = w`` the denoising
+sub-network's (straight-through). Both terms then reach a logit through the same noisy sigmoid
+slope: with the noise-free slope ``sigmoid'(z / tau)`` a logit far from 0 gets about
+``e^(-|z| / tau)`` of resource pull against ``e^(-|z|)`` of denoising pull (the noise spreads the
+sigmoid), so at ``tau < 1`` it runs away and the resource term loses its hold on it (on the tiny
+test model the agent stayed at 0.69 for a budget of 0.8, the adjustment's offset +52; on the
+benchmark offsets of -5 to -28). The learning rate decays on a cosine, so the discrete selection
+settles instead of flipping between sub-networks on either side of the budget; what is left is
+brought to the budget by :func:`.selection.calibrate`, a safety net. With ``distill = w`` the denoising
 target blends in the full expert's own prediction, a noise-free reference that makes the loss
 measure what the pruning costs. So the budget is shared between experts by the loss, not by a
 heuristic: an expert serving many steps, or one whose interval tolerates pruning, gets cut more.
@@ -138,7 +140,7 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
         work_dir: where the training state (agent, optimiser, generator, history) is checkpointed every
             ``checkpoint_every`` steps; a rerun resumes from it and ends as an uninterrupted run.
         stop_after: stop (after checkpointing) once this step is reached (tests of an interrupted run).
-        resource: the regulariser's form, ``"log"`` (the paper's) or ``"squared"`` (:func:`resource_loss`).
+        resource: the regulariser's form, ``"log"`` or ``"squared"`` (:func:`resource_loss`).
         on_progress: called ``(done, total)`` after each step.
 
     Returns a :class:`RouterResult`; the experts' weights and hooks are left as they were.
@@ -249,7 +251,9 @@ RESOURCE_LOSSES = ("log", "squared")
 def resource_loss(ratio: torch.Tensor, budget: float, form: str = "log") -> torch.Tensor:
     """The resource regulariser of the trajectory MACs ``ratio`` (a fraction of the teacher's).
 
-    ``"log"`` is the paper's ``log(max(T, p T_full) / min(T, p T_full))`` = ``|log(ratio / budget)|``:
+    ``"log"`` is ``log(max(T, p T_full) / min(T, p T_full))`` = ``|log(ratio / budget)|``, the form of
+    the resource regulariser of the authors' pruning agents (the stored summary of the paper names
+    ``R`` but not its formula):
     its pull, ``1 / ratio`` on either side, does not fade near the budget, so the agent's own
     selection settles on it. ``"squared"`` is ``(ratio / budget - 1)^2``, whose pull vanishes there
     (the denoising term then holds the selection above the budget).
