@@ -186,16 +186,18 @@ class OrchestrationConfig:
     """How the Prefect flow runs its stages (not a DVC stage: changing it reruns nothing).
 
     ``runner``: ``threads`` (Prefect's thread pool, ``max_workers`` at once), ``dask`` (prefect-dask:
-    a local cluster of ``dask_workers`` processes, or the existing cluster at ``dask_address``) or
-    ``sequential`` (one stage at a time, in dvc.yaml order). ``gpu_slots``: the size of the Prefect
+    a local cluster of ``dask_workers`` processes, or the existing cluster at ``dask_address``),
+    ``ray`` (prefect-ray, the optional extra ``diffprune[ray]``: a local Ray instance, or the cluster
+    at ``ray_address``) or ``sequential`` (one stage at a time, in dvc.yaml order). ``gpu_slots``: the size of the Prefect
     global concurrency limit ``gpu`` that every stage training or sampling on a CUDA device holds a
     slot of (``diffprune slots`` creates it); CPU-only runs take none.
     """
 
-    runner: Literal["threads", "dask", "sequential"] = "threads"
+    runner: Literal["threads", "dask", "ray", "sequential"] = "threads"
     max_workers: Int = Field(4, ge=1, le=256)
     dask_address: Optional[Str] = Field(None, pattern=r"^(tcp|tls|inproc|ucx)://\S+$", max_length=PATH_LEN)
     dask_workers: Int = Field(2, ge=1, le=256)
+    ray_address: Optional[Str] = Field(None, pattern=r"^(ray|auto$|[A-Za-z0-9.-]+:\d+$)", max_length=PATH_LEN)
     gpu_slots: Int = Field(1, ge=1, le=1024)
 
 

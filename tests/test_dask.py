@@ -42,13 +42,21 @@ def dask_run(tmp_path_factory, prefect_harness):
     holder.start()
     held.wait()
     only = [chain[-1] for chain in BRANCHES.values()]
+    environ = dict(os.environ)
     try:
         first = prune_pipeline(params_path=str(root / "params.yaml"), root=str(root), only=only, push=False)
     finally:
         stop.set()  # a failed run does not leave the holder waiting
         holder.join()
     second = prune_pipeline(params_path=str(root / "params.yaml"), root=str(root), only=["dipgo"], push=False)
-    return first, second, released["at"]
+    return first, second, released["at"], environ
+
+
+def test_the_run_leaves_this_process_environment_as_it_was(dask_run):
+    # dask's nanny writes thread caps into it; later subprocesses (and float sums) would differ
+    *_, environ = dask_run
+    now = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    assert now == {k: v for k, v in environ.items() if k != "PYTEST_CURRENT_TEST"}
 
 
 def _running(name: str) -> bool:
@@ -69,7 +77,7 @@ def _window(outcomes: dict, stages: list[str]) -> tuple[float, float]:
 
 
 def test_the_method_branches_run_at_once_in_dask_worker_processes(dask_run):
-    first, _, _ = dask_run
+    first, *_ = dask_run
     out = first["outcomes"]
     assert set(first["ran"]) == {"data", "teacher", *(s for chain in BRANCHES.values() for s in chain)}
     pids = {o["pid"] for o in out.values()}
@@ -83,13 +91,13 @@ def test_the_method_branches_run_at_once_in_dask_worker_processes(dask_run):
 
 
 def test_a_stage_lock_held_by_another_process_holds_that_stage_back(dask_run):
-    first, _, released = dask_run
+    first, _, released, _ = dask_run
     out = first["outcomes"]
     assert out["dipgo"]["pid"] != os.getpid()
     assert out["dipgo"]["start"] < released - HOLD_S / 2 < released <= out["dipgo"]["locked"]
 
 
 def test_a_second_run_finds_every_stage_recorded(dask_run):
-    _, second, _ = dask_run
+    _, second, *_ = dask_run
     assert second["ran"] == [] and second["skipped"] == ["data", "teacher", "dipgo"]
     assert all(o["reason"] == "up to date in dvc.lock" for o in second["outcomes"].values())

@@ -192,9 +192,13 @@ def test_reordering_by_importance_keeps_the_function(tiny_unet, tiny_scheduler):
     ref = _out(tiny_unet, x, t)
     space = elastic_space(tiny_unet, SHAPE, 0.5)
     orders = [torch.randperm(u.units, generator=torch.Generator().manual_seed(i)) for i, u in enumerate(space.units)]
+    orders += [torch.randperm(s.channels, generator=torch.Generator().manual_seed(99 + i))
+               for i, s in enumerate(space.streams)]
+    before = copy.deepcopy(tiny_unet.state_dict())
     reorder_units(tiny_unet, space, orders)
     assert torch.allclose(_out(tiny_unet, x, t), ref, atol=1e-5)
     assert any(not torch.equal(o, torch.arange(len(o))) for o in orders)
+    assert not torch.equal(before["conv_in.weight"], tiny_unet.conv_in.weight), "stream channels must move too"
 
 
 def test_all_gates_on_equals_the_unpruned_expert_exactly(ordered):
@@ -231,10 +235,96 @@ def test_pruned_expert_macs_match_the_router_prediction_and_its_outputs_the_mask
             masked = _out(model, x, t)
         assert torch.allclose(_out(pruned, x, t), masked, atol=1e-5), cfg
         # the router's differentiable MACs equal the real ones in the forward pass
-        wl, dl = torch.randn(len(space.units), generator=g), torch.randn(len(space.units), generator=g)
+        wl, dl = torch.randn(space.num_logits, generator=g), torch.randn(len(space.units), generator=g)
         sub = relax(space, wl, dl, tau=0.5, gen=g)
         assert float(sub.macs) == space.macs(sub.hard()) == unet_macs(prune_to_config(model, space, sub.hard()), SHAPE)
     assert space.macs(space.smallest()) < 0.75 * teacher_macs
+
+
+def _masked_and_pruned(model, space, cfg, x, t, shape=SHAPE):
+    with ElasticController(model, space) as ctrl:
+        ctrl.set(cfg)
+        masked = _out(model, x, t)
+    pruned = prune_to_config(model, space, cfg, shape)
+    return masked, _out(pruned, x, t), unet_macs(pruned, shape)
+
+
+def test_every_stream_segment_alone_masked_equals_pruned_with_the_predicted_macs(ordered):
+    from dataclasses import replace
+
+    model, space = ordered
+    x, t = _inputs()
+    full = space.full()
+    # conv_in, down-1's resnet (its shortcut conv), both downsampler convs, the 6 up-block resnets
+    # (all with a shortcut conv), both upsampler convs; down-0, down-2 and the mid block carry theirs on
+    assert len(space.streams) == 12 and len(full.stream) == 12
+    assert {s.name for s in space.streams} >= {"conv_in", "down_blocks.0.downsamplers.0", "up_blocks.2.resnets.1"}
+    for s, seg in enumerate(space.streams):
+        assert seg.channels % seg.blocks == 0 and (seg.norms or seg.blocks == 1)  # blocks: its GroupNorms' groups
+        assert all(seg.blocks % model.get_submodule(n).num_groups == 0 for n, _ in seg.norms)
+        cfg = replace(full, stream=tuple(space.stream_min_keep(s) if i == s else k for i, k in enumerate(full.stream)))
+        masked, pruned, counted = _masked_and_pruned(model, space, cfg, x, t)
+        assert counted == space.macs(cfg) < space.full_macs(), seg.name
+        assert torch.allclose(pruned, masked, atol=1e-5), seg.name
+    g = torch.Generator().manual_seed(11)
+    for _ in range(3):  # everything at once, random widths, depths and stream widths
+        cfg = sample_subnet(space, g, 0.3)
+        masked, pruned, counted = _masked_and_pruned(model, space, cfg, x, t)
+        assert counted == space.macs(cfg) and torch.allclose(pruned, masked, atol=1e-5), cfg
+
+
+def test_smallest_sub_network_of_the_default_teacher_is_under_015_of_its_macs():
+    from diffprune.models.unet import build_unet
+
+    p = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    torch.manual_seed(0)
+    model = build_unet(p.teacher, p.data).eval()
+    shape = (p.data.channels, p.data.image_size, p.data.image_size)
+    space = elastic_space(model, shape, p.experts.min_width)
+    assert space.full_macs() == unet_macs(model, shape)
+    small = space.smallest()
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(2, *shape, generator=g), torch.tensor([10, 900])
+    masked, pruned, counted = _masked_and_pruned(model, space, small, x, t, shape)
+    assert counted == space.macs(small)
+    assert counted <= 0.15 * space.full_macs(), counted / space.full_macs()
+    assert torch.allclose(pruned, masked, atol=1e-5)
+
+
+def test_space_and_configs_round_trip_json_and_old_json_reads_as_full_stream(ordered):
+    import json
+    from dataclasses import replace
+
+    model, space = ordered
+    back = ElasticSpace.from_json(json.loads(json.dumps(space.to_json())))
+    assert back == space
+    for cfg in _configs(space):
+        again = SubnetConfig.from_json(json.loads(json.dumps(cfg.to_json())))
+        assert again == cfg and back.macs(again) == space.macs(cfg)
+        old = {"width": list(cfg.width), "depth": list(cfg.depth)}  # written before the stream was elastic
+        assert SubnetConfig.from_json(old).stream == ()
+        assert space.macs(SubnetConfig.from_json(old)) == space.macs(replace(cfg, stream=space.full().stream))
+    # a space saved before: no segments, the per-unit MACs model, the same numbers at full stream width
+    legacy = {k: v for k, v in space.to_json().items() if k not in ("streams", "terms")}
+    old_space = ElasticSpace.from_json(legacy)
+    assert old_space.streams == () and old_space.full().stream == ()
+    for cfg in _configs(old_space):
+        assert old_space.macs(cfg) == space.macs(cfg)
+    with ElasticController(model, old_space) as ctrl:  # and it still runs: no stream hooks
+        ctrl.set(old_space.smallest())
+        assert torch.isfinite(_out(model, *_inputs())).all()
+
+
+def test_relaxed_macs_are_differentiable_in_the_stream_widths(ordered):
+    _, space = ordered
+    u = len(space.units)
+    wl = torch.full((space.num_logits,), 0.3, requires_grad=True)  # keep-ratios between whole widths
+    sub = relax(space, wl, torch.zeros(space.num_logits), tau=0.5)
+    assert float(sub.macs.detach()) == space.macs(sub.hard())
+    sub.macs.backward()
+    elastic = [s for s, seg in enumerate(space.streams) if seg.size > space.stream_min_keep(s)]
+    assert elastic and all(float(wl.grad[u + s]) > 0 for s in elastic)
+    assert all(m.requires_grad for m in sub.stream_masks)
 
 
 def test_pruned_expert_and_mixture_round_trip_bit_identically(ordered, tmp_path):
@@ -309,6 +399,7 @@ def test_router_respects_the_budget_and_is_deterministic(ordered, tiny_scheduler
     for c in r1.configs:
         space.check(c)
     assert r1.agent.width_head.weight.abs().sum() > 0, "the agent must have been trained"
+    assert r1.agent.width_head.out_features == space.num_logits == len(space.units) + len(space.streams)
     assert all(p.requires_grad for p in model.parameters()) and not any(
         m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "experts must be left as they were"
 
@@ -403,15 +494,21 @@ def test_stages_end_to_end_build_a_mixture_within_budget(tmp_path):
 
 
 def test_calibration_fills_the_budget_even_when_all_logits_tie(ordered):
+    from dataclasses import replace
+
     from diffprune.pruning.experts import calibrate
 
     _, space = ordered
     steps = [30, 20]
     full = space.full_macs() * sum(steps)
     lo = space.macs(space.smallest()) * sum(steps) / full
-    tied = torch.zeros(2, len(space.units))  # a common offset flips every unit at once
-    # the fill stops only when no single upgrade (a group, a head or a sub-block back on) fits
-    step = max(u.macs_fixed + u.units * u.macs_per_unit for u in space.units) * max(steps) / full
+    tied = torch.zeros(2, space.num_logits)  # a common offset flips every unit at once
+    # the fill stops only when no single upgrade (a group, a head, a sub-block back on, one more
+    # stream channel per block) fits; MACs are linear in each width, steepest at full width
+    thinner = [replace(space.full(), stream=tuple(k - (i == s) for i, k in enumerate(space.full().stream)))
+               for s in range(len(space.streams)) if space.streams[s].size > space.stream_min_keep(s)]
+    step = max([u.macs_fixed + u.units * u.macs_per_unit for u in space.units]
+               + [space.full_macs() - space.macs(c) for c in thinner]) * max(steps) / full
     for budget in (lo + 0.1, 0.5 * (lo + 1), 0.95):
         _, cfgs = calibrate(space, tied, tied, steps, budget, tau=0.5)
         r = sum(space.macs(c) * n for c, n in zip(cfgs, steps)) / full

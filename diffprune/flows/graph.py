@@ -8,9 +8,9 @@ it as it is now (:func:`stale`), runs it if not, and records it (``dvc commit -f
 DVC lock: one DVC command at a time per repository). The locks are files, so they hold across
 threads, Dask worker processes and other runs alike.
 
-A stage made of independent per-expert parts (:data:`PER_EXPERT`) is submitted once its upstream
-stages are done (the number of experts is in their output): one task per expert, then the stage
-itself, which assembles what they share.
+A stage is submitted once the stages it depends on are done. A stage made of independent per-expert
+parts (:data:`PER_EXPERT`) is then expanded (the number of experts is in its upstream's output):
+one task per expert, then the stage itself, which assembles what they share.
 
 Dask moves task arguments between processes with its own (pickle-based) transport; everything
 passed here is small JSON-like values (names, paths, ``dvc status`` entries), and nothing is
@@ -20,17 +20,17 @@ persisted that way (``persist_result=False``).
 from __future__ import annotations
 
 import os
+import queue
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from prefect import flow, get_run_logger, task
-from prefect.futures import wait
 from prefect.states import Completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from diffprune.config import OrchestrationConfig
-from diffprune.flows.specs import direct_upstream, stage_specs, upstream
+from diffprune.config import ConfigError, OrchestrationConfig
+from diffprune.flows.specs import direct_upstream, stage_specs
 from diffprune.locks import stage_lock
 from diffprune.tasks.stages import RETRY_OPTIONS, run_stage
 
@@ -41,15 +41,28 @@ PER_EXPERT = {"experts", "prune-experts"}
 
 def task_runner(cfg: OrchestrationConfig):
     """The Prefect task runner ``orchestration`` names: threads (``max_workers``), Dask (prefect-dask:
-    the cluster at ``dask_address``, else a local cluster of ``dask_workers`` single-threaded worker
-    processes, its dashboard on a free loopback port) or one stage at a time."""
+    the cluster at ``dask_address``, else a local cluster of ``dask_workers`` worker processes of
+    one task each, its dashboard on a free loopback port), Ray (prefect-ray, when installed: the
+    cluster at ``ray_address``, else a local one) or one stage at a time."""
     if cfg.runner == "dask":
+        import dask
         from prefect_dask import DaskTaskRunner
 
+        # dask's nanny caps OMP/MKL/OpenBLAS at 1 thread in the workers by writing them into this
+        # process's environment: the workers would sum floats in another order than the thread
+        # runner (and every later subprocess of this one would inherit the caps). Workers keep this
+        # process's thread settings instead; run_graph restores the environment.
+        dask.config.set({"distributed.nanny.pre-spawn-environ": {}})
         if cfg.dask_address:
             return DaskTaskRunner(address=cfg.dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.dask_workers, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": "127.0.0.1:0"})
+    if cfg.runner == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise ConfigError("orchestration.runner = 'ray' needs prefect-ray: pip install 'diffprune[ray]'") from None
+        return RayTaskRunner(address=cfg.ray_address) if cfg.ray_address else RayTaskRunner()
     return ThreadPoolTaskRunner(max_workers=1 if cfg.runner == "sequential" else cfg.max_workers)
 
 
@@ -57,47 +70,94 @@ def run_graph(root: Path, params_path: str, stages: list[str], dirty: dict[str, 
               cfg: OrchestrationConfig) -> dict[str, dict]:
     """Run ``stages`` (dvc.yaml order) as the subflow ``prune-stages`` on ``cfg``'s task runner;
     returns each stage's outcome (:func:`stage_task`)."""
-    graph = stage_graph.with_options(task_runner=task_runner(cfg))
-    return graph(str(root), params_path, stages, dirty)
+    environ = dict(os.environ)
+    try:
+        graph = stage_graph.with_options(task_runner=task_runner(cfg))
+        return graph(str(root), params_path, stages, dirty)
+    finally:  # what a task runner set in this process's environment (dask's nanny) ends with the run
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 @flow(name="prune-stages", log_prints=True)
 def stage_graph(root: str, params_path: str, stages: list[str], dirty: dict[str, Any]) -> dict[str, dict]:
-    """Submit every stage with the futures of the stages it depends on; wait for all of them."""
+    """Run every stage once the stages it depends on are done; returns each stage's outcome."""
     specs = stage_specs(Path(root))
-    futures: dict[str, Any] = {}
-    for name in submission_order(stages, specs):
-        ups = [futures[u] for u in sorted(direct_upstream(name, specs) & set(stages))]
-        if name in PER_EXPERT:
-            ups = _submit_parts(name, root, params_path, dirty, ups)
-        node = stage_task.with_options(name=name, task_run_name=name)
-        futures[name] = node.submit(name, params_path, root, dirty, ups)
-    wait(list(futures.values()))
-    return {name: f.result() for name, f in futures.items()}
+    deps = {s: sorted(direct_upstream(s, specs) & set(stages)) for s in stages}
+    return _Scheduler(root, params_path, dirty, deps).run(stages)
 
 
-def submission_order(stages: list[str], specs: dict[str, dict[str, Any]]) -> list[str]:
-    """``stages`` in dvc.yaml order, except that the per-expert stages and what depends on them come
-    last: submitting them waits for their upstream stages, and everything else is submitted first."""
-    late = [s for s in stages if (upstream(s, specs) | {s}) & PER_EXPERT]
-    return [s for s in stages if s not in late] + late
+class _Scheduler:
+    """Submits a stage to the task runner only once its upstream stages are done (a task waiting on
+    futures would hold a runner slot), with their finished futures as its ``upstream`` argument (the
+    edges of the Prefect run graph). A per-expert stage, when ready and stale, is expanded first into
+    one task per expert, which the stage then depends on. When a stage fails, what depends on it is
+    not started, every other stage runs to its end, and then the first failure is raised."""
 
+    def __init__(self, root: str, params_path: str, dirty: dict[str, Any], deps: dict[str, list[str]]) -> None:
+        self.root, self.params_path, self.dirty, self.deps = root, params_path, dirty, deps
+        self.futures: dict[str, Any] = {}
+        self.done: "queue.Queue[str]" = queue.Queue()
+        self.finished: set[str] = set()
+        self.failed: list[str] = []
+        self.expanded: set[str] = set()
 
-def _submit_parts(name: str, root: str, params_path: str, dirty: dict[str, Any], ups: list) -> list:
-    """When stage ``name`` must run: one task per expert (after its upstream stages), whose futures
-    the stage itself then waits for; otherwise ``ups`` unchanged (the stage task skips)."""
-    wait(ups)
-    done = [f.result() for f in ups]
-    with stage_lock(Path(root), name):
-        reason = stale(Path(root), name, dirty, any(d["touched"] for d in done))
-    if reason is None:
-        return ups
-    from diffprune.io import read_json
+    def run(self, stages: list[str]) -> dict[str, dict]:
+        pending, running = list(stages), set()
+        while True:
+            while ready := [n for n in pending if all(d in self.finished for d in self.deps[n])]:
+                for name in ready:
+                    pending.remove(name)
+                    parts = self._expand(name)
+                    if parts:  # the stage waits for its experts now
+                        pending[:0] = [*parts, name]
+                        break  # ready again from the new pending list
+                    self._submit(name)
+                    running.add(name)
+            if not running:  # everything ran, or what is left depends on a failed stage
+                break
+            name = self.done.get()
+            running.discard(name)
+            future = self.futures[name]
+            future.wait()  # done: this caches its final state (no API call)
+            if future.state.is_completed():
+                self.finished.add(name)
+            else:
+                self.failed.append(name)
+        if self.failed:
+            self.futures[self.failed[0]].result()  # raises the stage's error
+        return {n: f.result() for n, f in self.futures.items() if "[" not in n}
 
-    k = len(read_json(Path(root) / "models/intervals/intervals.json")["boundaries"]) + 1
-    part = expert_task.with_options(name=f"{name}[expert]")
-    return [*ups, *(part.with_options(task_run_name=f"{name}[{e}]").submit(name, params_path, root, e, ups)
-                    for e in range(k))]
+    def _expand(self, name: str) -> list[str]:
+        """The expert parts of per-expert stage ``name`` when it must run (``[]`` when it is up to
+        date, not per-expert, or expanded already)."""
+        if name not in PER_EXPERT or name in self.expanded:
+            return []
+        self.expanded.add(name)
+        touched = any(self.futures[d].result()["touched"] for d in self.deps[name])
+        with stage_lock(Path(self.root), name):
+            if stale(Path(self.root), name, self.dirty, touched) is None:
+                return []
+        from diffprune.io import read_json
+
+        k = len(read_json(Path(self.root) / "models/intervals/intervals.json")["boundaries"]) + 1
+        parts = [f"{name}[{e}]" for e in range(k)]
+        for part in parts:
+            self.deps[part] = self.deps[name]
+        self.deps[name] = [*self.deps[name], *parts]
+        return parts
+
+    def _submit(self, name: str) -> None:
+        ups = [self.futures[d] for d in self.deps[name]]
+        if "[" in name:
+            stage, expert = name[:-1].split("[")
+            node = expert_task.with_options(name=f"{stage}[expert]", task_run_name=name)
+            future = node.submit(stage, self.params_path, self.root, int(expert), ups)
+        else:
+            node = stage_task.with_options(name=name, task_run_name=name)
+            future = node.submit(name, self.params_path, self.root, self.dirty, ups)
+        self.futures[name] = future
+        future.add_done_callback(lambda _: self.done.put(name))
 
 
 @task(**RETRY_OPTIONS)

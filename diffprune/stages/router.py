@@ -83,6 +83,7 @@ def _router_doc(res: RouterResult, space: ElasticSpace, budget: float, intervals
         "macs_teacher": space.full_macs(),
         "macs_share": [m * n / traj if traj else 0.0 for m, n in zip(res.macs, steps)],
         "unit_names": [u.name for u in space.units],
+        "stream_names": [s.name for s in space.streams],
         "history": res.history,
     }
 
@@ -113,13 +114,15 @@ def _save_router_plot(history: list[dict], space: ElasticSpace, configs: Sequenc
     ax1.plot([h["ratio"] for h in history], label="MACs / teacher")
     ax1.set_xlabel("router step")
     ax1.legend(fontsize=7)
-    keep = [[(w / u.units if d else 0.0) for u, w, d in zip(space.units, c.width, c.depth)] for c in configs]
+    keep = [[(w / u.units if d else 0.0) for u, w, d in zip(space.units, c.width, c.depth)]
+            + [k / seg.size for seg, k in zip(space.streams, space.stream_of(c))] for c in configs]
+    names = [u.name for u in space.units] + [f"stream {seg.name}" for seg in space.streams]
     im = ax2.imshow(keep, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     ax2.set_yticks(range(len(configs)), [f"expert {k}" for k in range(len(configs))])
-    ax2.set_xticks(range(len(space.units)), [u.name.replace("_blocks", "").replace("attentions", "attn")
-                                             .replace("resnets", "res") for u in space.units], rotation=60,
-                   ha="right", fontsize=6)
-    ax2.set_title("kept width per sub-block (0 = dropped)", fontsize=9)
+    ax2.set_xticks(range(len(names)), [n.replace("_blocks", "").replace("attentions", "attn")
+                                       .replace("resnets", "res").replace("samplers", "s") for n in names],
+                   rotation=60, ha="right", fontsize=6)
+    ax2.set_title("kept width per sub-block (0 = dropped) and stream segment", fontsize=9)
     fig.colorbar(im, ax=ax2, fraction=0.03)
     fig.tight_layout()
     with atomic_path(png) as tmp:

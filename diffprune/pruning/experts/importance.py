@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ...training import denoising_loss, random_batch
-from .elastic import RESNET, ElasticSpace, ElasticUnit
+from .elastic import RESNET, ElasticSpace, ElasticUnit, StreamUnit
 
 
 def _coupled(model: nn.Module, unit: ElasticUnit) -> list[tuple[torch.Tensor, int]]:
@@ -28,6 +28,39 @@ def _coupled(model: nn.Module, unit: ElasticUnit) -> list[tuple[torch.Tensor, in
     return out
 
 
+def _stream_coupled(model: nn.Module, seg: StreamUnit) -> list[tuple[torch.Tensor, int, int]]:
+    """``(parameter, channel dim, offset)`` of every tensor holding the segment's channels at ``offset``."""
+    out = []
+    for name in seg.producers:
+        m = model.get_submodule(name)
+        out += [(m.weight, 0, 0)] + ([(m.bias, 0, 0)] if m.bias is not None else [])
+    for name, off in seg.consumers:
+        out.append((model.get_submodule(name).weight, 1, off))
+    for name, off in seg.norms:
+        m = model.get_submodule(name)
+        out += [(p, 0, off) for p in (m.weight, m.bias) if p is not None]
+    return out
+
+
+def _taylor(w: torch.Tensor, dim: int, off: int, channels: int) -> torch.Tensor:
+    """``(channels,)`` float64: ``|w * dL/dw|`` summed over everything but channels ``off ..`` of ``dim``."""
+    g = w.grad if w.grad is not None else torch.zeros_like(w)
+    contrib = (w.detach() * g).abs().double().narrow(dim, off, channels)
+    return contrib.transpose(0, dim).reshape(channels, -1).sum(1)
+
+
+def stream_blocks(model: nn.Module, seg: StreamUnit) -> list[tuple[int, int]]:
+    """``[start, end)`` of the finest blocks channels may move within and keep the function: no
+    GroupNorm reading the segment, nor a width block of the segment, straddles their bounds."""
+    cuts = {0, seg.channels} | {b * seg.size for b in range(seg.blocks)}
+    for name, off in seg.norms:
+        gn = model.get_submodule(name)
+        g = gn.num_channels // gn.num_groups
+        cuts |= {p for p in range(seg.channels) if (off + p) % g == 0}
+    c = sorted(cuts)
+    return list(zip(c[:-1], c[1:]))
+
+
 def unit_importance(
     model: nn.Module, space: ElasticSpace, scheduler, images: torch.Tensor, *, t_min: int, t_max: int,
     batch_size: int, seed: int,
@@ -37,7 +70,8 @@ def unit_importance(
     The loss is the denoising loss of one fixed-seed batch with ``t ~ U[t_min, t_max)``.
 
     Returns:
-        For each unit of ``space``, a ``(G,)`` float tensor (higher = more important).
+        For each unit of ``space``, a ``(G,)`` float tensor (higher = more important); then for each
+        stream segment, a ``(C,)`` one.
     """
     gen = torch.Generator().manual_seed(seed)
     p0 = next(model.parameters())
@@ -53,6 +87,8 @@ def unit_importance(
             contrib = (w.detach() * g).abs().double()
             s += contrib.transpose(0, dim).reshape(contrib.shape[dim], -1).sum(1)
         scores.append(s.view(u.units, u.unit_size).sum(1).cpu())
+    for seg in space.streams:
+        scores.append(sum(_taylor(w, dim, off, seg.channels) for w, dim, off in _stream_coupled(model, seg)).cpu())
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return scores
@@ -62,11 +98,16 @@ def unit_importance(
 def reorder_units(model: nn.Module, space: ElasticSpace, orders: Sequence[torch.Tensor]) -> nn.Module:
     """Permute the groups / heads of every unit so ``orders[i]`` becomes ``0, 1, ...`` (in place).
 
-    Whole groups (heads) move together, so the function of the network is unchanged.
+    Whole groups (heads) move together, so the function of the network is unchanged. Orders past
+    the units, one per stream segment, rank its channels: each moves only within its block of
+    :func:`stream_blocks` (which keeps the function), the block's channels in the order given.
 
     Args:
-        orders: for each unit, a ``(G,)`` permutation: ``orders[i][j]`` is the unit now placed ``j``-th.
+        orders: for each unit, a ``(G,)`` permutation: ``orders[i][j]`` is the unit now placed ``j``-th;
+            then, optionally, for each stream segment a ``(C,)`` permutation.
     """
+    if len(orders) not in (len(space.units), space.num_logits):
+        raise ValueError(f"{len(orders)} orders for {len(space.units)} units and {len(space.streams)} stream segments")
     for u, order in zip(space.units, orders):
         order = torch.as_tensor(order, dtype=torch.long)
         if sorted(order.tolist()) != list(range(u.units)):
@@ -74,6 +115,14 @@ def reorder_units(model: nn.Module, space: ElasticSpace, orders: Sequence[torch.
         idx = (order[:, None] * u.unit_size + torch.arange(u.unit_size)).flatten()  # (G * size,)
         for w, dim in _coupled(model, u):
             w.copy_(w.index_select(dim, idx.to(w.device)))
+    for seg, order in zip(space.streams, orders[len(space.units):]):
+        rank = {int(c): j for j, c in enumerate(torch.as_tensor(order).tolist())}
+        if sorted(rank) != list(range(seg.channels)):
+            raise ValueError(f"stream {seg.name}: not a permutation of {seg.channels} channels")
+        idx = torch.tensor([c for lo, hi in stream_blocks(model, seg) for c in sorted(range(lo, hi), key=rank.get)])
+        for w, dim, off in _stream_coupled(model, seg):
+            part = w.narrow(dim, off, seg.channels)
+            part.copy_(part.index_select(dim, idx.to(w.device)))
     return model
 
 

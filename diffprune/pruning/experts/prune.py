@@ -1,6 +1,7 @@
 """Physical pruning of an expert to its selected sub-network, and the mixture as one checkpoint.
 
-:func:`prune_to_config` removes what the masks only hid: the trailing (least important) groups of
+:func:`prune_to_config` removes what the masks only hid: the channels of the residual stream a
+segment does not keep (:func:`.elastic_stream.prune_streams`), the trailing (least important) groups of
 each resnet's hidden width and the trailing heads of each attention become smaller real layers
 (Torch-Pruning's layer pruning functions, then the attribute repair and consistency check of
 :mod:`diffprune.pruning.taylor`), and dropped sub-blocks are replaced by :class:`SkippedBlock`
@@ -30,6 +31,7 @@ from ...models.checkpoint import load_model, save_model, set_module
 from ...sampling import ExpertMixture
 from ..surgery import check_pruned, repair_attributes
 from .elastic import RESNET, ElasticSpace, SubnetConfig
+from .elastic_stream import prune_streams
 
 
 def _trailing(unit_size: int, keep: int, units: int) -> list[int]:
@@ -53,13 +55,15 @@ def prune_to_config(model: nn.Module, space: ElasticSpace, cfg: SubnetConfig,
     """
     space.check(cfg)
     net = copy.deepcopy(model)
+    prune_streams(net, space.streams, space.stream_of(cfg))  # stream first: the blocks below then carry it
     for u, keep, on in zip(space.units, cfg.width, cfg.depth):
         m = net.get_submodule(u.name)
         if not on:  # depth: the residual branch goes
             if u.kind == RESNET and getattr(m, "conv_shortcut", None) is not None:
                 set_module(net, u.name, ShortcutBlock.of(m))
             else:
-                set_module(net, u.name, SkippedBlock(u.channels, u.kind))
+                channels = m.conv1.in_channels if u.kind == RESNET else m.to_q.in_features
+                set_module(net, u.name, SkippedBlock(channels, u.kind))
             continue
         if keep == u.units:
             continue

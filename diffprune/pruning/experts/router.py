@@ -66,7 +66,8 @@ class ExpertRoutingAgent(nn.Module):
 
     Args:
         num_experts: ``K``.
-        num_units: ``U``, the units of the (shared) elastic space.
+        num_units: ``U + S``, the units then the stream segments of the (shared) elastic space
+            (:attr:`.elastic.ElasticSpace.num_logits`; the last ``S`` depth logits are unused).
         hidden: embedding and MLP width.
         init_logit: initial value of every logit (last layer: weight 0, bias ``init_logit``), so
             training starts from (nearly) the full networks.
@@ -152,7 +153,7 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
     task = _RouterTask(space, intervals, steps, images, scheduler, tau=tau, batch_size=batch_size, distill=distill,
                        budget=budget, device=torch.device(device), resource=resource)
     gen = torch.Generator().manual_seed(seed)
-    agent = _seeded_agent(len(experts), len(space.units), hidden, seed, task.device)
+    agent = _seeded_agent(len(experts), space.num_logits, hidden, seed, task.device)
     opt = torch.optim.Adam(agent.parameters(), lr=lr)
     state = TrainState(work_dir, {"agent": agent, "opt": opt}, {"router": gen}) if work_dir is not None else None
     start, history = 0, []
@@ -231,7 +232,7 @@ class _RouterTask:
             x0, noise, t = random_batch(self.images, self.batch_size, *self.intervals[k], gen, self.device)
             # 2. the denoising loss of the chosen sub-network (target: the noise, blended with the
             #    full expert's own prediction by `distill`)
-            ctrl.set_relaxed(sub.width_masks, sub.gates)
+            ctrl.set_relaxed(sub.width_masks, sub.gates, sub.stream_masks)
             denoise = denoise + denoising_loss(e, x0, t, noise, self.scheduler, teacher=_full_expert(e, ctrl),
                                                distill=self.distill)
             # the MACs of the noise-free selection, with the gradient of the noisy sub-network's: the

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from .elastic import ElasticSpace, SubnetConfig
+from .elastic_stream import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +38,48 @@ class RelaxedSubnet:
         gates: per unit, a scalar gate, exact 0/1 in the forward pass.
         macs: scalar float64, the sub-network's MACs per ``(1, C, H, W)`` call (exact in the forward
             pass, differentiable through the soft masks).
+        stream_masks: per stream segment, a ``(C,)`` channel mask (a prefix of every block), or None
+            where no stream logits were given (full width).
+        stream_widths: per stream segment, the channels kept per block in the forward pass.
     """
 
     width_masks: list[torch.Tensor]
     gates: list[torch.Tensor]
     macs: torch.Tensor
+    stream_masks: list[Optional[torch.Tensor]] = field(default_factory=list)
+    stream_widths: tuple[int, ...] = ()
 
     def hard(self) -> SubnetConfig:
-        return SubnetConfig(tuple(int(round(float(m.sum()))) for m in self.width_masks),
-                            tuple(bool(float(g) > 0.5) for g in self.gates))
+        return SubnetConfig(tuple(int(round(float(m.detach().sum()))) for m in self.width_masks),
+                            tuple(bool(float(g.detach()) > 0.5) for g in self.gates), self.stream_widths)
+
+
+def _prefix(z: torch.Tensor, n: int, lo: int, m: float, tau: float) -> tuple[torch.Tensor, int]:
+    """Straight-through ``(n,)`` prefix mask of keep-ratio ``m + (1 - m) sigmoid(z / tau)``, and its length."""
+    j = torch.arange(n, device=z.device, dtype=z.dtype)
+    if n <= lo:
+        return torch.ones(n, device=z.device, dtype=z.dtype), n
+    r = m + (1 - m) * torch.sigmoid(z / tau)  # keep-ratio
+    soft = (r * n - j).clamp(0.0, 1.0)  # (n,) soft prefix, sums to r * n
+    k = min(n, max(lo, math.ceil(float(r.detach()) * n - 1e-6)))
+    return (j < k).to(z.dtype) + (soft - soft.detach()), k
+
+
+def _relaxed_streams(space: ElasticSpace, zs: Optional[torch.Tensor], tau: float, device: torch.device,
+                     ) -> tuple[list[Optional[torch.Tensor]], tuple[int, ...], list]:
+    """Channel masks, hard widths and kept channels (float64, differentiable) of every stream segment."""
+    masks, widths, channels = [], [], []
+    for s, seg in enumerate(space.streams):
+        if zs is None:
+            masks.append(None)
+            widths.append(seg.size)
+            channels.append(torch.full((), float(seg.channels), dtype=torch.float64, device=device))
+            continue
+        pm, k = _prefix(zs[s], seg.size, space.stream_min_keep(s), space.min_width, tau)
+        masks.append(pm.repeat(seg.blocks))  # (C,): position j of every block
+        widths.append(k)
+        channels.append(pm.double().sum() * seg.blocks)
+    return masks, tuple(widths), channels
 
 
 def relax(space: ElasticSpace, width_logits: torch.Tensor, depth_logits: torch.Tensor, *, tau: float,
@@ -53,41 +87,48 @@ def relax(space: ElasticSpace, width_logits: torch.Tensor, depth_logits: torch.T
     """Straight-through masks and MACs of one expert's sub-network.
 
     Args:
-        width_logits, depth_logits: ``(U,)`` logits for the units of ``space``.
+        width_logits: ``(U + S,)`` logits for the units then the stream segments of ``space``, or
+            ``(U,)``: the stream at full width.
+        depth_logits: ``(U,)`` (or ``(U + S,)``, the last ``S`` unused: a router's depth head has
+            as many outputs as its width head).
         tau: temperature of the sigmoids.
         gen: draws the Gumbel-sigmoid noise; None = deterministic (the selected sub-network).
         offset: added to every logit (budget calibration; see :func:`calibrate`).
     """
-    u_count = len(space.units)
-    if width_logits.shape != (u_count,) or depth_logits.shape != (u_count,):
-        raise ValueError(f"logits {tuple(width_logits.shape)}, {tuple(depth_logits.shape)}: expected ({u_count},)")
-    zw, zd = width_logits + offset, depth_logits + offset
+    u_count, sizes = len(space.units), (len(space.units), space.num_logits)
+    if width_logits.ndim != 1 or depth_logits.ndim != 1 or width_logits.shape[0] not in sizes \
+            or depth_logits.shape[0] not in sizes:
+        raise ValueError(f"logits {tuple(width_logits.shape)}, {tuple(depth_logits.shape)}: expected ({u_count},) "
+                         f"or ({space.num_logits},)")
+    zw, zd = width_logits + offset, depth_logits[:u_count] + offset
     if gen is not None:
         zw = zw + logistic_noise(zw.shape, gen).to(zw)
         zd = zd + logistic_noise(zd.shape, gen).to(zd)
-    macs = torch.zeros((), dtype=torch.float64, device=zw.device) + space.base_macs
     masks, gates = [], []
     for i, u in enumerate(space.units):
-        lo = space.min_keep(i)
-        j = torch.arange(u.units, device=zw.device, dtype=zw.dtype)
-        if u.units > lo:
-            r = space.min_width + (1 - space.min_width) * torch.sigmoid(zw[i] / tau)  # keep-ratio
-            soft = (r * u.units - j).clamp(0.0, 1.0)  # (G,) soft prefix, sums to r * G
-            k = min(u.units, max(lo, math.ceil(float(r.detach()) * u.units - 1e-6)))
-            hard = (j < k).to(zw.dtype)
-            mask = hard + (soft - soft.detach())
-        else:
-            mask = torch.ones(u.units, device=zw.device, dtype=zw.dtype)
+        masks.append(_prefix(zw[i], u.units, space.min_keep(i), space.min_width, tau)[0])
         if u.droppable:
             soft_g = torch.sigmoid(zd[i] / tau)
-            gate = (soft_g.detach() > 0.5).to(zd.dtype) + (soft_g - soft_g.detach())
+            gates.append((soft_g.detach() > 0.5).to(zd.dtype) + (soft_g - soft_g.detach()))
         else:
-            gate = torch.ones((), device=zd.device, dtype=zd.dtype)
-        masks.append(mask)
-        gates.append(gate)
-        g64 = gate.double()
-        macs = macs + g64 * (u.macs_fixed + u.macs_per_unit * mask.double().sum()) + (1 - g64) * u.macs_skip
-    return RelaxedSubnet(masks, gates, macs)
+            gates.append(torch.ones((), device=zd.device, dtype=zd.dtype))
+    zs = zw[u_count:] if zw.shape[0] > u_count else None
+    s_masks, s_widths, s_ch = _relaxed_streams(space, zs, tau, zw.device)
+    return RelaxedSubnet(masks, gates, _relaxed_macs(space, masks, gates, s_ch), s_masks, s_widths)
+
+
+def _relaxed_macs(space: ElasticSpace, masks: Sequence[torch.Tensor], gates: Sequence[torch.Tensor],
+                  stream_ch: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The MACs of the relaxed sub-network: exact in the forward pass, differentiable in the masks."""
+    g64 = [g.double() for g in gates]
+    if space.terms:
+        unit_ch = [m.double().sum() * u.unit_size for m, u in zip(masks, space.units)]
+        return torch.zeros((), dtype=torch.float64, device=masks[0].device) + evaluate(
+            space.terms, stream_ch, unit_ch, g64)
+    macs = torch.zeros((), dtype=torch.float64, device=masks[0].device) + space.base_macs
+    for u, mask, g in zip(space.units, masks, g64):
+        macs = macs + g * (u.macs_fixed + u.macs_per_unit * mask.double().sum()) + (1 - g) * u.macs_skip
+    return macs
 
 
 def select(space: ElasticSpace, width_logits: torch.Tensor, depth_logits: torch.Tensor, *, tau: float,
@@ -128,7 +169,7 @@ def calibrate(space: ElasticSpace, width_logits: torch.Tensor, depth_logits: tor
        skipped when it does not, until nothing more fits.
 
     Args:
-        width_logits, depth_logits: ``(K, U)``.
+        width_logits, depth_logits: ``(K, U + S)`` (or ``(K, U)``: the stream stays at full width).
         steps: sampling steps per expert.
         budget: allowed fraction of the teacher's trajectory MACs.
 
@@ -166,35 +207,38 @@ def calibrate(space: ElasticSpace, width_logits: torch.Tensor, depth_logits: tor
 
 def _fill(space: ElasticSpace, configs: list[SubnetConfig], zw: torch.Tensor, zd: torch.Tensor, steps: Sequence[int],
           budget: float, tau: float, ratio_of: Callable[[Sequence[SubnetConfig]], float]) -> list[SubnetConfig]:
-    """Greedy step 2 of :func:`calibrate`; ``zw``, ``zd`` are the offset ``(K, U)`` logits."""
-    width = [list(c.width) for c in configs]
+    """Greedy step 2 of :func:`calibrate`; ``zw``, ``zd`` are the offset ``(K, U [+ S])`` logits."""
+    u_count = len(space.units)
+    width = [list(c.width) + list(space.stream_of(c)) for c in configs]  # units, then stream segments
     depth = [list(c.depth) for c in configs]
+    full = [u.units for u in space.units] + [seg.size for seg in space.streams]
     m = space.min_width
+    count = zw.shape[1]  # no stream logits: the stream stays where select() put it
 
-    def needed(k: int, i: int) -> Optional[tuple[float, str]]:
-        """How much more offset the next upgrade of unit ``i`` of expert ``k`` needs, and which it is."""
-        u = space.units[i]
-        if not depth[k][i]:
-            return float(-zd[k, i]), "depth"
-        if width[k][i] >= u.units or m >= 1.0:
+    def needed(k: int, i: int) -> Optional[tuple[float, bool]]:
+        """How much more offset the next upgrade of unit (segment) ``i`` of expert ``k`` needs, and
+        whether it is the gate (True) or one more group / head / channel per block (False)."""
+        if i < u_count and not depth[k][i]:
+            return float(-zd[k, i]), True
+        if width[k][i] >= full[i] or m >= 1.0:
             return None
-        q = min(max((width[k][i] / u.units - m) / (1 - m), 1e-9), 1 - 1e-9)  # sigmoid value the next group needs
-        return tau * math.log(q / (1 - q)) - float(zw[k, i]), "width"
+        q = min(max((width[k][i] / full[i] - m) / (1 - m), 1e-9), 1 - 1e-9)  # sigmoid value the next group needs
+        return tau * math.log(q / (1 - q)) - float(zw[k, i]), False
 
     def current() -> list[SubnetConfig]:
-        return [SubnetConfig(tuple(w), tuple(d)) for w, d in zip(width, depth)]
+        return [SubnetConfig(tuple(w[:u_count]), tuple(d), tuple(w[u_count:])) for w, d in zip(width, depth)]
 
     while True:
-        cands = sorted((n[0], k, i, n[1]) for k in range(len(configs)) for i in range(len(space.units))
+        cands = sorted((n[0], k, i, n[1]) for k in range(len(configs)) for i in range(count)
                        if (n := needed(k, i)) is not None)
-        for _, k, i, what in cands:
-            if what == "depth":
+        for _, k, i, gate in cands:
+            if gate:
                 depth[k][i] = True
             else:
                 width[k][i] += 1
             if ratio_of(current()) <= budget:
                 break
-            if what == "depth":
+            if gate:
                 depth[k][i] = False
             else:
                 width[k][i] -= 1
