@@ -146,16 +146,15 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
 
     Returns a :class:`RouterResult`; the experts' weights and hooks are left as they were.
     """
-    if not len(experts) == len(intervals) == len(steps):
-        raise ValueError(f"{len(experts)} experts, {len(intervals)} intervals, {len(steps)} step counts: must agree")
-    if checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every = {checkpoint_every!r}: must be >= 1")
+    _check(len(experts), len(intervals), len(steps), checkpoint_every)
     task = _RouterTask(space, intervals, steps, images, scheduler, tau=tau, batch_size=batch_size, distill=distill,
                        budget=budget, device=torch.device(device), resource=resource)
     gen = torch.Generator().manual_seed(seed)
     agent = _seeded_agent(len(experts), space.num_logits, hidden, seed, task.device)
+    best = _seeded_agent(len(experts), space.num_logits, hidden, seed, task.device)  # see _keep_best
     opt = torch.optim.Adam(agent.parameters(), lr=lr)
-    state = TrainState(work_dir, {"agent": agent, "opt": opt}, {"router": gen}) if work_dir is not None else None
+    objects = {"agent": agent, "opt": opt, "best": best}
+    state = TrainState(work_dir, objects, {"router": gen}) if work_dir is not None else None
     start, history = 0, []
     if state is not None and (resumed := state.restore()) is not None:
         start, history = resumed[0], list(resumed[2]["history"])
@@ -165,6 +164,7 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
                          disable=not progress):
             _cosine_lr(opt, lr, step, train_steps)
             loss, record = task.loss(agent(), experts, controllers, gen, resource_weight)
+            _keep_best(agent, best, record["ratio"], history, step, train_steps, budget)
             opt.zero_grad(set_to_none=True)
             if loss.requires_grad:  # False only in a space with nothing elastic
                 loss.backward()
@@ -177,7 +177,32 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
                 on_progress(done, train_steps)
             if stop_after is not None and done >= stop_after:
                 break
-    return _result(agent, space, steps, budget, tau, history)
+    return _result(best if len(history) > _tail(train_steps) else agent, space, steps, budget, tau, history)
+
+
+def _check(k_experts: int, k_intervals: int, k_steps: int, checkpoint_every: int) -> None:
+    if not k_experts == k_intervals == k_steps:
+        raise ValueError(f"{k_experts} experts, {k_intervals} intervals, {k_steps} step counts: must agree")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every = {checkpoint_every!r}: must be >= 1")
+
+
+def _tail(train_steps: int) -> int:
+    return (3 * train_steps) // 4
+
+
+def _keep_best(agent: ExpertRoutingAgent, best: ExpertRoutingAgent, ratio: float, history: list[dict], step: int,
+               train_steps: int, budget: float) -> None:
+    """Copy ``agent`` into ``best`` when its selection (``ratio``, before this step's update) is the
+    nearest to the budget of the last quarter of the training (ties: the later). The logit of the
+    marginal unit ends within a step of 0, on either side: the last iterate's selection lands on a
+    sub-network just above or just below the budget by chance, and in a coarse elastic space one
+    unit can be several percent of the MACs; the agent's nearest own selection is the one kept."""
+    tail = _tail(train_steps)
+    if step < tail:
+        return
+    if all(abs(ratio - budget) <= abs(h["ratio"] - budget) for h in history[tail:]):
+        best.load_state_dict(agent.state_dict())
 
 
 def _seeded_agent(k_count: int, u_count: int, hidden: int, seed: int, device: torch.device) -> ExpertRoutingAgent:
