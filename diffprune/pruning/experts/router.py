@@ -29,8 +29,9 @@ slope: with the noise-free slope ``sigmoid'(z / tau)`` a logit far from 0 gets a
 sigmoid), so at ``tau < 1`` it runs away and the resource term loses its hold on it (on the tiny
 test model the agent stayed at 0.69 for a budget of 0.8, the adjustment's offset +52; on the
 benchmark offsets of -5 to -28). The learning rate decays on a cosine, so the discrete selection
-settles instead of flipping between sub-networks on either side of the budget; what is left is
-brought to the budget by :func:`.selection.calibrate`, a safety net. With ``distill = w`` the denoising
+settles instead of flipping between sub-networks on either side of the budget, and of the last
+quarter of the training the agent's own selection nearest the budget is kept (:func:`_keep_best`);
+what is left is brought to the budget by :func:`.selection.calibrate`, a safety net. With ``distill = w`` the denoising
 target blends in the full expert's own prediction, a noise-free reference that makes the loss
 measure what the pruning costs. So the budget is shared between experts by the loss, not by a
 heuristic: an expert serving many steps, or one whose interval tolerates pruning, gets cut more.
