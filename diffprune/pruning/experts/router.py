@@ -27,7 +27,7 @@ sub-network's (straight-through). Both terms then reach a logit through the same
 slope: with the noise-free slope ``sigmoid'(z / tau)`` a logit far from 0 gets about
 ``e^(-|z| / tau)`` of resource pull against ``e^(-|z|)`` of denoising pull (the noise spreads the
 sigmoid), so at ``tau < 1`` it runs away and the resource term loses its hold on it (on the tiny
-test model the agent stayed at 0.69 for a budget of 0.8, the adjustment's offset +52; on the
+test model the agent stayed at 0.67 for a budget of 0.8, the adjustment's offset +49; on the
 benchmark offsets of -5 to -28). The learning rate decays on a cosine, so the discrete selection
 settles instead of flipping between sub-networks on either side of the budget, and of the last
 quarter of the training the agent's own selection nearest the budget is kept (:func:`_keep_best`);
