@@ -178,7 +178,7 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
                 on_progress(done, train_steps)
             if stop_after is not None and done >= stop_after:
                 break
-    return _result(best if len(history) > _tail(train_steps) else agent, space, steps, budget, tau, history)
+    return _result([agent, best] if len(history) > _tail(train_steps) else [agent], space, steps, budget, tau, history)
 
 
 def _check(k_experts: int, k_intervals: int, k_steps: int, checkpoint_every: int) -> None:
@@ -323,14 +323,25 @@ def _frozen(experts: Sequence[nn.Module], space: ElasticSpace, device: torch.dev
             e.train(mode)
 
 
-def _result(agent: ExpertRoutingAgent, space: ElasticSpace, steps: Sequence[int], budget: float, tau: float,
-            history: list[dict]) -> RouterResult:
-    """The learned and the calibrated sub-networks of the trained ``agent``."""
+def _result(agents: Sequence[ExpertRoutingAgent], space: ElasticSpace, steps: Sequence[int], budget: float,
+            tau: float, history: list[dict]) -> RouterResult:
+    """The learned and the calibrated sub-networks of the one of ``agents`` (the final one, and the
+    kept one of :func:`_keep_best`) whose own selection is nearest the budget (ties: the first)."""
+    full = space.full_macs() * sum(steps)
+
+    def learned_of(a: ExpertRoutingAgent) -> list[SubnetConfig]:
+        with torch.no_grad():
+            width, depth = a()
+        return [select(space, width[k], depth[k], tau=tau) for k in range(width.shape[0])]
+
+    def gap(a: ExpertRoutingAgent) -> float:
+        return abs(mixture_macs([space.macs(c) for c in learned_of(a)], steps) / full - budget)
+
+    agent = min(agents, key=gap)
+    learned = learned_of(agent)
     with torch.no_grad():
         width, depth = agent()
-    learned = [select(space, width[k], depth[k], tau=tau) for k in range(width.shape[0])]
     offset, configs = calibrate(space, width, depth, steps, budget, tau=tau)
-    full = space.full_macs() * sum(steps)
     macs_k = [space.macs(c) for c in configs]
     ratio = mixture_macs(macs_k, steps) / full
     learned_ratio = mixture_macs([space.macs(c) for c in learned], steps) / full
