@@ -35,7 +35,7 @@ import typer
 
 from diffprune.config import Params, fingerprint, to_dict
 from diffprune.io import atomic_path, read_json, write_json
-from diffprune.pruning.experts import objective, uniform_boundaries, uniform_cuts
+from diffprune.pruning.experts import objective, steps_per_expert, uniform_boundaries, uniform_cuts
 from diffprune.pruning.taylor import prune_unet, search_ratio
 from diffprune.sampling import ModelDenoiser
 from diffprune.stages import core
@@ -112,9 +112,10 @@ def intervals_variant(base: Path, p: Params, kind: str, key: str, progress: bool
             stages.run_intervals(p, chosen, progress=progress)
         if kind == "uniform":
             doc = read_json(chosen / stages.INTERVALS / "intervals.json")
-            cuts = uniform_cuts(p.intervals.grid, p.intervals.k)
-            doc |= {"cuts": cuts, "boundaries": uniform_boundaries(doc["num_train_timesteps"], p.intervals.k),
-                    "objective": objective(doc["alignment"], cuts)}
+            cuts = uniform_cuts(p.intervals.grid, doc["k"])
+            bounds = uniform_boundaries(doc["num_train_timesteps"], doc["k"])
+            doc |= {"cuts": cuts, "boundaries": bounds, "objective": objective(doc["alignment"], cuts),
+                    "steps_served": steps_per_expert(doc.get("sampling_timesteps", []), bounds)}
             write_json(doc_path, doc)
     stages.run_experts(p, root, progress=progress)
     return root
@@ -136,7 +137,8 @@ def mixture_run(b: Bench, variant: Path, kind: str, budget: float, progress: boo
                        + stages._steps(b.p.prune_experts.fraction, b.teacher_info["steps"]))
     loaded = load_target("experts", {"model": root / stages.MIXTURE}, b.device)
     extra = {"budget": budget, "boundaries": intervals["boundaries"], "objective": intervals["objective"],
-             "router_ratio": rdoc["ratio"], "router_offset": rdoc["offset"], "train_steps": train_steps,
+             "router_ratio": rdoc["ratio"], "router_ratio_learned": rdoc.get("ratio_learned"),
+             "router_offset": rdoc["offset"], "train_steps": train_steps,
              "steps_per_expert": summary["steps_per_expert"], "macs_share": summary["macs_share"]}
     return b.run(f"experts-{kind}", loaded.denoiser, loaded.modules, key=(variant.name, key), extra=extra)
 
@@ -177,7 +179,9 @@ def to_markdown(b: Bench, ivs: dict, grid: dict[float, dict[str, Run]], quick: b
              "Training steps: elastic + pruned fine-tuning summed over experts; Diff-Pruning gets the same.", ""]
     for budget, runs in grid.items():
         ch = runs["experts-chosen"]
-        lines += [f"## Budget {budget} (router: {ch.extra['router_ratio']:.3f} before adjustment, offset "
+        learned = ch.extra.get("router_ratio_learned")
+        lines += [f"## Budget {budget} (router: {'?' if learned is None else f'{learned:.3f}'} before adjustment, "
+                  f"{ch.extra['router_ratio']:.3f} after, offset "
                   f"{ch.extra['router_offset']:.2f}; steps per expert {ch.extra['steps_per_expert']}, MACs share "
                   f"{' / '.join(f'{s:.2f}' for s in ch.extra['macs_share'])})", "", TABLE_HEAD,
                   run_row(ch, [compare(ch, runs[m]) for m in ("experts-uniform", "diff-pruning")]),

@@ -247,15 +247,18 @@ class DipgoConfig:
 @_section("intervals")
 class IntervalsConfig:
     grid: Int = Field(20, ge=2, le=TIMESTEPS)   # G timesteps over the schedule (<= num_train_timesteps)
-    k: Int = Field(2, ge=1, le=1000)            # number of contiguous intervals (experts): one model each
+    k: Annotated[int, Strict(), Field(ge=1, le=1000)] | Literal["auto"] = 2  # intervals (experts), or "auto"
+    k_max: Int = Field(6, ge=1, le=1000)        # J and steps served shown for K = 1 .. k_max; "auto" picks one
+    k_penalty: Float = Field(0.03, ge=0.0, le=1.0)  # "auto": K maximising J(K) - k_penalty (K - 1)
     batches: Int = Field(16, ge=1, le=10_000)   # gradient averaged over this many batches (fixed seeds; 4 is seed-unstable)
     batch_size: Batch = 64
     min_size: Int = Field(1, ge=1, le=TIMESTEPS)  # fewest grid points per interval
+    stability_seeds: Int = Field(0, ge=0, le=100)  # > 0: boundaries also for gradient seeds 0 .. n-1 (seed_boundaries)
     seed: Seed = 0
 
     @model_validator(mode="after")
     def _fits_grid(self) -> "IntervalsConfig":
-        if self.k * self.min_size > self.grid:
+        if self.k != "auto" and self.k * self.min_size > self.grid:
             raise ConfigError(f"intervals.k = {self.k!r}: k * min_size ({self.k} * {self.min_size}) exceeds "
                               f"grid = {self.grid}")
         return self
@@ -271,6 +274,8 @@ class ExpertsConfig:
     min_width: Fraction = 0.25                  # smallest width keep-ratio sampled
     depth_drop_prob: Decay = 0.2
     distill: Weight01 = 0.0                     # weight of the teacher's prediction in the target (KD)
+    split: Literal["equal", "served"] = "equal"  # steps per expert: equal, or the K x fraction total by steps served
+    min_share: Weight01 = 0.1                   # "served": each expert at least this share of the total
     seed: Seed = 0
 
 
@@ -280,6 +285,7 @@ class RouterConfig:
     steps: Steps = 400
     lr: Positive = 0.02
     resource_weight: Float = Field(2.0, ge=0.0)
+    resource_loss: Literal["log", "squared"] = "log"  # |log(ratio / budget)|, or (ratio / budget - 1)^2
     temperature: Positive = 0.5
     hidden: Int = Field(64, ge=1, le=WIDTH)
     batch_size: Batch = 64
@@ -295,6 +301,8 @@ class PruneExpertsConfig:
     ema_decay: Decay = 0.995
     checkpoint_every: Steps = 50
     distill: Weight01 = 0.0                     # weight of the teacher's prediction in the target (KD)
+    split: Literal["equal", "served"] = "equal"  # steps per expert: equal, or the K x fraction total by steps served
+    min_share: Weight01 = 0.1                   # "served": each expert at least this share of the total
     model_name: Name = "diffprune-experts"
     seed: Seed = 0
 
@@ -356,10 +364,13 @@ _WHY = {  # pydantic error type -> reason (fields from the error's ctx)
 
 def _config_error(exc: ValidationError, cls: type, prefix: str) -> ConfigError:
     """Turn the first error of a pydantic validation into ``key = value: why`` (value truncated)."""
-    err = exc.errors(include_url=False)[0]
-    kind, loc, ctx = err["type"], tuple(err["loc"]), err.get("ctx", {})
+    errors = exc.errors(include_url=False)
+    err = errors[0]
+    kind, ctx = err["type"], err.get("ctx", {})
+    loc = tuple(p for p in err["loc"] if isinstance(p, int) or str(p).isidentifier())  # no union member tags
     if isinstance(ctx.get("error"), ConfigError):  # a cross-field check: its message names the keys
         return ConfigError(str(ctx["error"]))
+    alt = [e["ctx"]["expected"] for e in errors[1:] if e["type"] == "literal_error" and e["loc"][:len(loc)] == loc]
     key = prefix
     for part in loc:
         key = f"{key}[{part}]" if isinstance(part, int) else f"{key}.{part}" if key else str(part)
@@ -369,7 +380,7 @@ def _config_error(exc: ValidationError, cls: type, prefix: str) -> ConfigError:
         known = sorted(f.name for f in dataclasses.fields(owner))
         return ConfigError(f"{key}: unknown key (known: {', '.join(known)})")
     why = _PATTERNS.get(ctx.get("pattern")) or (_WHY[kind].format(**ctx) if kind in _WHY else str(err["msg"]))
-    return ConfigError(f"{key} = {_r(err['input'])}: {why}")
+    return ConfigError(f"{key} = {_r(err['input'])}: {why}" + (f" (or {alt[0]})" if alt and loc != err["loc"] else ""))
 
 
 def resolve_device(name: str) -> "torch.device":  # noqa: F821

@@ -450,7 +450,7 @@ def test_stages_end_to_end_build_a_mixture_within_budget(tmp_path):
     from diffprune.targets import load_target
 
     root = make_project(tmp_path / "proj", {
-        "intervals": {"grid": 6, "k": 2, "batches": 1, "batch_size": 8},
+        "intervals": {"grid": 6, "k": 2, "batches": 1, "batch_size": 8, "stability_seeds": 3},
         "experts": {"fraction": 0.5, "batch_size": 8, "checkpoint_every": 2},
         "router": {"steps": 2, "batch_size": 4, "hidden": 8, "budget": 0.8},
         "prune_experts": {"fraction": 0.34, "batch_size": 8, "checkpoint_every": 2},
@@ -462,6 +462,11 @@ def test_stages_end_to_end_build_a_mixture_within_budget(tmp_path):
     doc = read_json(root / "models/intervals/intervals.json")
     assert len(iv["boundaries"]) == 1 and (root / "models/intervals/alignment.png").stat().st_size > 0
     assert doc["objective"] >= doc["uniform_objective"] - 1e-12
+    assert sum(doc["steps_served"]) == p.evaluate.steps and len(doc["steps_served"]) == 2
+    assert [c["k"] for c in doc["candidates"]] == list(range(1, 7)) and doc["candidates"][1]["boundaries"] == iv[
+        "boundaries"]
+    assert sorted(doc["seed_boundaries"]) == ["0", "1", "2"] and doc["seed_boundaries"]["0"] == iv["boundaries"]
+    assert doc["stable"] == (len({tuple(b) for b in doc["seed_boundaries"].values()}) == 1)
     run_experts(p, root, progress=False, expert=1)
     first = load_model(root / "models/experts/elastic/expert-1")
     out = run_experts(p, root, progress=False)  # expert 1 is up to date and kept as is
@@ -472,6 +477,9 @@ def test_stages_end_to_end_build_a_mixture_within_budget(tmp_path):
         run_experts(p, root, progress=False, expert=5)
     r = run_router(p, root, progress=False)
     assert r["ratio"] <= 0.8
+    rdoc = read_json(root / "models/experts/router/router.json")
+    assert rdoc["steps_per_expert"] == doc["steps_served"]
+    assert rdoc["adjustment"] == pytest.approx((rdoc["ratio"] - rdoc["ratio_learned"]) / 0.8)
     res = run_prune_experts(p, root, progress=False)
     assert res["trajectory_macs_ratio"] == pytest.approx(r["ratio"])
     loaded = load_target(core.TARGETS["experts"].kind, {"model": root / MIXTURE})

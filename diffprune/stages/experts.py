@@ -20,7 +20,7 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from diffusers import DDPMScheduler
@@ -33,11 +33,12 @@ from ..metrics.cost import unet_macs
 from ..models.checkpoint import load_model, load_scheduler_config, read_config, save_model, verify
 from ..pruning.experts.elastic import ElasticController, ElasticSpace, SubnetConfig, elastic_hook, elastic_space
 from ..pruning.experts.importance import importance_orders, reorder_units, unit_importance
-from ..pruning.experts.intervals import (alignment_matrix, cutoff_curve, cuts_to_boundaries, objective,
-                                         save_alignment_heatmap, segment, timestep_gradients, timestep_grid,
-                                         uniform_boundaries, uniform_cuts)
+from ..models.unet import sampling_scheduler
+from ..pruning.experts.intervals import (alignment_matrix, auto_k, candidates, cutoff_curve, cuts_to_boundaries,
+                                         objective, save_alignment_heatmap, seed_boundaries, timestep_gradients,
+                                         timestep_grid, uniform_boundaries, uniform_cuts)
 from ..pruning.experts.prune import ExpertMixtureModel, prune_to_config, save_mixture
-from ..pruning.experts.selection import mixture_macs
+from ..pruning.experts.selection import mixture_macs, steps_per_expert
 from ..training import TrainSpec, spec_json
 from . import core, safe_subpath, stage
 
@@ -69,6 +70,50 @@ def _shape(model: torch.nn.Module) -> tuple[int, int, int]:
 def _steps(fraction: float, teacher_steps: int) -> int:
     """``ceil(fraction * teacher_steps)`` training steps, at least 1."""
     return max(1, math.ceil(round(fraction * teacher_steps, 6)))
+
+
+def split_steps(total: int, served: Sequence[int], min_steps: int = 1) -> list[int]:
+    """``total`` training steps shared by the experts in proportion to the sampling steps each serves,
+    each at least ``min_steps``; the sum is exactly ``total``.
+
+    Experts whose proportional share falls below ``min_steps`` get ``min_steps`` and the rest share
+    what remains in proportion (repeated until no share falls below); the shares are then rounded
+    by largest remainder (ties to the lower index). With nothing served the split is equal.
+    """
+    k_count = len(served)
+    if k_count == 0 or min(served) < 0 or min_steps < 0 or k_count * min_steps > total:
+        raise ValueError(f"split_steps(total={total}, served={list(served)}, min_steps={min_steps}): need "
+                         f"served >= 0 and len(served) * min_steps <= total")
+    floor: set[int] = set()
+    while True:
+        free = [k for k in range(k_count) if k not in floor]
+        left = total - min_steps * len(floor)
+        mass = sum(served[k] for k in free)
+        share = {k: left * (served[k] / mass if mass else 1 / len(free)) for k in free}
+        low = {k for k, v in share.items() if v < min_steps}
+        if not low:
+            break
+        floor |= low
+    exact = [float(min_steps) if k in floor else share[k] for k in range(k_count)]
+    out = [math.floor(v + 1e-9) for v in exact]
+    order = sorted(range(k_count), key=lambda k: (-(exact[k] - out[k]), k))
+    for k in order[:total - sum(out)]:
+        out[k] += 1
+    return out
+
+
+def expert_steps(section: str, cfg: Any, teacher_steps: int, served: Sequence[int], k: int) -> int:
+    """Training steps of expert ``k``: ``fraction`` of the teacher's each (``split: equal``), or
+    ``K`` times that shared by the sampling steps each expert serves (``split: served``)."""
+    per = _steps(cfg.fraction, teacher_steps)
+    if cfg.split == "equal":
+        return per
+    total = per * len(served)
+    least = max(1, math.floor(cfg.min_share * total))
+    if least * len(served) > total:
+        raise ConfigError(f"{section}.min_share = {cfg.min_share!r}: {len(served)} experts x {least} steps "
+                          f"exceed the total {total}")
+    return split_steps(total, served, least)[k]
 
 
 def _read_intervals(root: Path) -> dict:
@@ -112,7 +157,7 @@ def run_intervals(p: Params, root: Path, progress: bool = True, **_: Any) -> dic
     """Gradient alignment of the teacher's timesteps and the best contiguous K intervals."""
     cfg = p.intervals
     device = resolve_device(p.project.device)
-    teacher, sched, _sc = _teacher(root, device)
+    teacher, sched, sched_cfg = _teacher(root, device)
     T = int(sched.config.num_train_timesteps)
     if cfg.grid > T:
         raise ConfigError(f"intervals.grid = {cfg.grid!r}: more grid points than the {T} training timesteps")
@@ -122,34 +167,70 @@ def run_intervals(p: Params, root: Path, progress: bool = True, **_: Any) -> dic
     grads = timestep_gradients(teacher, sched, images, ts, batches=cfg.batches, batch_size=cfg.batch_size,
                                seed=cfg.seed, device=device)
     a = alignment_matrix(grads).numpy()  # (G, G) float64
-    # 2. the exact best contiguous segmentation, and the uniform one for comparison
-    seg = segment(a, cfg.k, cfg.min_size)
-    ucuts = uniform_cuts(cfg.grid, cfg.k)
-    doc = {
-        "num_train_timesteps": T,
-        "grid": ts,
-        "alignment": a.tolist(),
-        "k": cfg.k,
-        "cuts": list(seg.cuts),
-        "boundaries": cuts_to_boundaries(seg.cuts, T, cfg.grid),
-        "objective": seg.objective,
-        "uniform_cuts": ucuts,
-        "uniform_boundaries": uniform_boundaries(T, cfg.k),
-        "uniform_objective": objective(a, ucuts),
-        "cutoff_curve": cutoff_curve(a),
-        "params": to_dict(cfg),
-    }
+    # 2. the exact best contiguous segmentation of every K, the chosen K, and the uniform one
+    sampling = sampling_timesteps(sched_cfg, p)
+    doc = _intervals_doc(a, cfg, T, sampling)
+    # 3. optionally, the same search with other gradient seeds: is the cut stable?
+    if cfg.stability_seeds:
+        seeds = _seed_boundaries(teacher, sched, images, T, cfg, doc["k"], range(cfg.stability_seeds), device=device)
+        doc |= {"seed_boundaries": {str(s): b for s, b in seeds.items()},
+                "stable": len({tuple(b) for b in seeds.values()}) == 1}
     out = safe_subpath(root, INTERVALS)
     with atomic_path(out, is_dir=True) as tmp:
         tmp.mkdir(parents=True)
         write_json(tmp / "intervals.json", doc)
-        save_alignment_heatmap(a, ts, tmp / "alignment.png", cuts=seg.cuts, uniform=ucuts, curve=doc["cutoff_curve"],
+        save_alignment_heatmap(a, ts, tmp / "alignment.png", cuts=doc["cuts"], uniform=doc["uniform_cuts"],
+                               curve=doc["cutoff_curve"], served=doc["steps_served"], k_curve=doc["candidates"],
                                cut_timesteps=cuts_to_boundaries(range(1, cfg.grid), T, cfg.grid),
-                               title=f"gradient alignment, K={cfg.k}: J={seg.objective:.4f} "
+                               title=f"gradient alignment, K={doc['k']}: J={doc['objective']:.4f} "
                                      f"(uniform {doc['uniform_objective']:.4f})")
-    log.info("intervals: boundaries %s, J = %.4f (uniform %.4f)", doc["boundaries"], seg.objective,
-             doc["uniform_objective"])
-    return {"intervals": str(out), "boundaries": doc["boundaries"], "objective": seg.objective}
+    log.info("intervals: K = %d, boundaries %s, J = %.4f (uniform %.4f), sampling steps per interval %s",
+             doc["k"], doc["boundaries"], doc["objective"], doc["uniform_objective"], doc["steps_served"])
+    return {"intervals": str(out), "boundaries": doc["boundaries"], "objective": doc["objective"], "k": doc["k"]}
+
+
+def _intervals_doc(a, cfg, T: int, sampling: list[int]) -> dict:
+    """``intervals.json`` but the stability report: the chosen K and its intervals, every candidate
+    K's J and sampling steps per interval, the uniform split and the two-interval curve."""
+    segs = candidates(a, max(cfg.k_max, 1 if cfg.k == "auto" else cfg.k), cfg.min_size)
+    k = auto_k(segs, cfg.k_penalty) if cfg.k == "auto" else cfg.k
+    seg = segs[k - 1]
+    ucuts = uniform_cuts(cfg.grid, k)
+
+    def bounds(cuts) -> list[int]:
+        return cuts_to_boundaries(cuts, T, cfg.grid)
+
+    return {
+        "num_train_timesteps": T,
+        "grid": timestep_grid(T, cfg.grid),
+        "alignment": a.tolist(),
+        "k": k,
+        "k_rule": f"auto: argmax J(K) - {cfg.k_penalty} (K - 1)" if cfg.k == "auto" else "intervals.k",
+        "cuts": list(seg.cuts),
+        "boundaries": bounds(seg.cuts),
+        "objective": seg.objective,
+        "sampling_timesteps": sampling,
+        "steps_served": steps_per_expert(sampling, bounds(seg.cuts)),
+        "candidates": [{"k": len(c.cuts) + 1, "objective": c.objective, "boundaries": bounds(c.cuts),
+                        "steps_served": steps_per_expert(sampling, bounds(c.cuts))} for c in segs],
+        "uniform_cuts": ucuts,
+        "uniform_boundaries": uniform_boundaries(T, k),
+        "uniform_objective": objective(a, ucuts),
+        "cutoff_curve": cutoff_curve(a),
+        "params": to_dict(cfg),
+    }
+
+
+def _seed_boundaries(teacher, sched, images, T: int, cfg, k: int, seeds, device) -> dict[int, list[int]]:
+    return seed_boundaries(teacher, sched, images, T, cfg.grid, k=k, min_size=cfg.min_size, batches=cfg.batches,
+                           batch_size=cfg.batch_size, seeds=list(seeds), device=device)
+
+
+def sampling_timesteps(scheduler_config: dict, p: Params) -> list[int]:
+    """The timesteps of the evaluation protocol's sampler (``evaluate.sampler``, ``evaluate.steps``)."""
+    sched = sampling_scheduler(scheduler_config, p.evaluate.sampler)
+    sched.set_timesteps(p.evaluate.steps)
+    return [int(t) for t in sched.timesteps]
 
 
 # ----------------------------------------------------------------------------- experts
@@ -161,7 +242,11 @@ def train_expert(p: Params, root: Path, k: int, *, progress: bool = True,
     lo, hi = _interval_ranges(doc)[k]
     device = resolve_device(p.project.device)
     teacher_dir = safe_subpath(root, core.TEACHER)
-    key = fingerprint(read_config(teacher_dir)["sha256"], [lo, hi], p.data, p.experts, {"expert": k})
+    served = (steps_per_expert(sampling_timesteps(load_scheduler_config(teacher_dir), p), doc["boundaries"])
+              if p.experts.split == "served" else [])
+    train_steps = expert_steps("experts", p.experts, p.teacher.steps, served, k)
+    key = fingerprint(read_config(teacher_dir)["sha256"], [lo, hi], p.data, p.experts, {"expert": k},
+                      *([{"steps": train_steps}] if p.experts.split == "served" else []))
     out = _expert_dir(root, ELASTIC, k)
     if _up_to_date(out, key):
         log.info("expert %d is up to date", k)
@@ -176,8 +261,8 @@ def train_expert(p: Params, root: Path, k: int, *, progress: bool = True,
                                                batch_size=cfg.batch_size, seed=cfg.seed + k))
     reorder_units(model, space, orders)
     # 2. fine-tune on [lo, hi), a random sub-network every step (drawn from the training generator)
-    spec = TrainSpec(steps=_steps(cfg.fraction, p.teacher.steps), batch_size=cfg.batch_size, lr=cfg.lr,
-                     ema_decay=cfg.ema_decay, checkpoint_every=cfg.checkpoint_every, seed=cfg.seed + k,
+    spec = TrainSpec(steps=train_steps, batch_size=cfg.batch_size, lr=cfg.lr, ema_decay=cfg.ema_decay,
+                     checkpoint_every=cfg.checkpoint_every, seed=cfg.seed + k,
                      t_min=lo, t_max=hi, distill=cfg.distill)
     with ElasticController(model, space) as ctrl:
         model = core.train_or_resume(model, images, sched, spec, core.work_dir(root, f"experts-{k}", key),
@@ -215,7 +300,9 @@ def prune_expert(p: Params, root: Path, k: int, *, progress: bool = True,
     cfg = SubnetConfig.from_json(rdoc["configs"][k])
     src = _expert_dir(root, ELASTIC, k)
     c = p.prune_experts
-    key = fingerprint(read_config(src)["sha256"], cfg.to_json(), [lo, hi], p.data, c, {"expert": k})
+    train_steps = expert_steps("prune_experts", c, p.teacher.steps, rdoc["steps_per_expert"], k)
+    key = fingerprint(read_config(src)["sha256"], cfg.to_json(), [lo, hi], p.data, c, {"expert": k},
+                      *([{"steps": train_steps}] if c.split == "served" else []))
     out = _expert_dir(root, PRUNED, k)
     if _up_to_date(out, key):
         log.info("pruned expert %d is up to date", k)
@@ -229,10 +316,10 @@ def prune_expert(p: Params, root: Path, k: int, *, progress: bool = True,
     macs = unet_macs(pruned, shape)
     if macs != space.macs(cfg):
         raise RuntimeError(f"expert {k}: pruned network runs {macs} MACs, the router budgeted {space.macs(cfg)}")
-    # 2. a short fine-tune on the expert's interval
-    # (equal for every expert: the few-step high-noise expert needs its full share; a split by
-    # steps served, 860 / 140 of 1000, raised the benchmark's FID at budget 0.3 from 4.10 to 5.17)
-    spec = TrainSpec(steps=_steps(c.fraction, p.teacher.steps), batch_size=c.batch_size, lr=c.lr,
+    # 2. a short fine-tune on the expert's interval (split: equal by default: the few-step
+    # high-noise expert needs its full share; a split by steps served, 860 / 140 of 1000, raised
+    # the benchmark's FID at budget 0.3 from 4.10 to 5.17)
+    spec = TrainSpec(steps=train_steps, batch_size=c.batch_size, lr=c.lr,
                      ema_decay=c.ema_decay, checkpoint_every=c.checkpoint_every, seed=c.seed + k, t_min=lo, t_max=hi,
                      distill=c.distill)
     images, _ = load_split(safe_subpath(root, core.DATASET), "train")

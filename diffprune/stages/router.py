@@ -19,10 +19,9 @@ from ..config import ConfigError, Params, resolve_device, to_dict
 from ..data import load_split
 from ..io import ArtifactError, atomic_path, write_json
 from ..models.checkpoint import load_model, load_scheduler_config, read_config
-from ..models.unet import sampling_scheduler
 from ..pruning.experts import ElasticSpace, RouterResult, SubnetConfig, mixture_macs, steps_per_expert, train_router
 from . import core, safe_subpath, stage
-from .experts import ELASTIC, ROUTER, _expert_dir, _interval_ranges, _read_intervals
+from .experts import ELASTIC, ROUTER, _expert_dir, _interval_ranges, _read_intervals, sampling_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ def run_router(p: Params, root: Path, progress: bool = True, on_progress: Any = 
     intervals = _interval_ranges(doc)
     experts, space = _load_elastic(root, len(intervals), device)
     sched_cfg = load_scheduler_config(_expert_dir(root, ELASTIC, 0))
-    ts = _sampling_timesteps(sched_cfg, p)
+    ts = sampling_timesteps(sched_cfg, p)
     steps = steps_per_expert(ts, doc["boundaries"])
     images, _ = load_split(safe_subpath(root, core.DATASET), "train")
     r = p.router
@@ -47,7 +46,7 @@ def run_router(p: Params, root: Path, progress: bool = True, on_progress: Any = 
                        budget=r.budget, train_steps=r.steps, lr=r.lr, resource_weight=r.resource_weight,
                        tau=r.temperature, hidden=r.hidden, batch_size=r.batch_size, seed=r.seed, device=device,
                        progress=progress, distill=r.distill, work_dir=work, checkpoint_every=CHECKPOINT_EVERY,
-                       on_progress=on_progress)
+                       resource=r.resource_loss, on_progress=on_progress)
     out_doc = _router_doc(res, space, r.budget, intervals, ts, steps, doc["boundaries"]) | {"params": to_dict(r)}
     out = safe_subpath(root, ROUTER)
     with atomic_path(out, is_dir=True) as tmp:
@@ -56,17 +55,23 @@ def run_router(p: Params, root: Path, progress: bool = True, on_progress: Any = 
                   str(tmp / "router.safetensors"))
         write_json(tmp / "router.json", out_doc)
         _save_router_plot(res.history, space, res.configs, tmp / "router.png")
-    log.info("router: MACs ratio %.3f (budget %.3f), per expert %s", res.ratio, r.budget, res.macs)
-    return {"router": str(out), "ratio": res.ratio, "macs_per_expert": res.macs}
+    log.info("router: MACs ratio %.4f (budget %.4f; the agent's own %.4f), per expert %s", res.ratio, r.budget,
+             res.learned_ratio, res.macs)
+    return {"router": str(out), "ratio": res.ratio, "ratio_learned": res.learned_ratio, "macs_per_expert": res.macs}
 
 
 def _router_doc(res: RouterResult, space: ElasticSpace, budget: float, intervals: Sequence[tuple[int, int]],
                 ts: list[int], steps: list[int], boundaries: list[int]) -> dict:
-    """``router.json``: the selection, its MACs and share per expert, and the training history."""
+    """``router.json``: the selection, its MACs and share per expert, and the training history.
+    ``ratio_learned`` is the agent's own selection, ``ratio`` the one after the adjustment
+    (:func:`~diffprune.pruning.experts.selection.calibrate`), ``adjustment`` their difference over
+    the budget."""
     traj = mixture_macs(res.macs, steps)
     return {
         "budget": budget,
         "ratio": res.ratio,
+        "ratio_learned": res.learned_ratio,
+        "adjustment": (res.ratio - res.learned_ratio) / budget,
         "offset": res.offset,
         "intervals": [list(iv) for iv in intervals],
         "boundaries": boundaries,
@@ -81,13 +86,6 @@ def _router_doc(res: RouterResult, space: ElasticSpace, budget: float, intervals
         "stream_names": [s.name for s in space.streams],
         "history": res.history,
     }
-
-
-def _sampling_timesteps(scheduler_config: dict, p: Params) -> list[int]:
-    """The timesteps of the evaluation protocol's sampler (``evaluate.sampler``, ``evaluate.steps``)."""
-    sched = sampling_scheduler(scheduler_config, p.evaluate.sampler)
-    sched.set_timesteps(p.evaluate.steps)
-    return [int(t) for t in sched.timesteps]
 
 
 def _load_elastic(root: Path, k_count: int, device: torch.device) -> tuple[list[torch.nn.Module], ElasticSpace]:

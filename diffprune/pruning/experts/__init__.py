@@ -23,11 +23,14 @@ from .importance import importance_orders, reorder_units, unit_importance
 from .intervals import (
     Segmentation,
     alignment_matrix,
+    auto_k,
+    candidates,
     cutoff_curve,
     cuts_to_boundaries,
     grid_edges,
     objective,
     save_alignment_heatmap,
+    seed_boundaries,
     segment,
     timestep_gradients,
     timestep_grid,
@@ -35,15 +38,15 @@ from .intervals import (
     uniform_cuts,
 )
 from .prune import ExpertMixtureModel, ShortcutBlock, SkippedBlock, load_mixture, prune_to_config, save_mixture
-from .router import ExpertRoutingAgent, RouterResult, train_router
+from .router import ExpertRoutingAgent, RouterResult, resource_loss, train_router
 from .selection import RelaxedSubnet, calibrate, mixture_macs, relax, select, steps_per_expert
 
 __all__ = [
     "ElasticController", "ElasticSpace", "ElasticUnit", "StreamUnit", "SubnetConfig", "elastic_hook", "elastic_space",
     "importance_orders", "reorder_units", "sample_subnet", "unit_importance",
-    "Segmentation", "alignment_matrix", "cutoff_curve", "cuts_to_boundaries", "grid_edges", "objective",
-    "save_alignment_heatmap", "segment", "timestep_gradients", "timestep_grid", "uniform_boundaries", "uniform_cuts",
+    "Segmentation", "alignment_matrix", "auto_k", "candidates", "cutoff_curve", "cuts_to_boundaries", "grid_edges", "objective",
+    "save_alignment_heatmap", "seed_boundaries", "segment", "timestep_gradients", "timestep_grid", "uniform_boundaries", "uniform_cuts",
     "ExpertMixtureModel", "ShortcutBlock", "SkippedBlock", "load_mixture", "prune_to_config", "save_mixture",
-    "ExpertRoutingAgent", "RelaxedSubnet", "RouterResult", "calibrate", "relax", "select", "steps_per_expert",
+    "ExpertRoutingAgent", "RelaxedSubnet", "RouterResult", "calibrate", "relax", "resource_loss", "select", "steps_per_expert",
     "train_router", "mixture_macs",
 ]

@@ -12,6 +12,12 @@ The grid is cut into ``K`` contiguous intervals ``S_1, ..., S_K`` maximising
 (the cluster-size-weighted average of the mean within-cluster alignment). For ``K = 2`` this is the
 paper's cutoff ``t_1 = argmax J(t_1)``; for any ``K`` the exact optimum over all contiguous
 segmentations is found by dynamic programming in ``O(K G^2)``.
+
+``J`` never falls as ``K`` grows (``K = G`` scores 1: smaller intervals hold more of the unit
+diagonal), so ``K`` is the user's, or chosen by the objective with :func:`auto_k`: the ``K`` that
+maximises ``J(K) - penalty (K - 1)``, i.e. an extra interval (one more expert to train) must raise
+``J`` by more than ``penalty``. :func:`seed_boundaries` repeats the search with other seeds of the
+gradient batches, to show whether the chosen cut is stable.
 """
 
 from __future__ import annotations
@@ -218,6 +224,38 @@ def segment(a: np.ndarray | torch.Tensor, k: int, min_size: int = 1) -> Segmenta
     return Segmentation(cuts=cuts, objective=objective(a, cuts))
 
 
+def candidates(a: np.ndarray | torch.Tensor, k_max: int, min_size: int = 1) -> list[Segmentation]:
+    """The best segmentation for every ``K = 1 .. k_max`` (fewer where ``K * min_size`` exceeds ``G``)."""
+    g = np.asarray(a).shape[0]
+    if k_max < 1:
+        raise ValueError(f"intervals.k_max = {k_max!r}: must be >= 1")
+    return [segment(a, k, min_size) for k in range(1, min(k_max, g // min_size) + 1)]
+
+
+def auto_k(segs: Sequence[Segmentation], penalty: float) -> int:
+    """The ``K`` of ``segs`` (``K = 1, 2, ...``) maximising ``J(K) - penalty (K - 1)``; ties to the smaller."""
+    if not segs:
+        raise ValueError("auto_k: no candidate segmentations")
+    if not penalty >= 0.0:
+        raise ValueError(f"intervals.k_penalty = {penalty!r}: must be >= 0")
+    score = [s.objective - penalty * k for k, s in enumerate(segs)]
+    return 1 + next(k for k, v in enumerate(score) if v >= max(score) - 1e-12)
+
+
+def seed_boundaries(model: nn.Module, scheduler, images: torch.Tensor, num_train_timesteps: int, grid: int, *,
+                    k: int, min_size: int, batches: int, batch_size: int, seeds: Sequence[int],
+                    device: torch.device | str = "cpu") -> dict[int, list[int]]:
+    """The boundaries of the best ``k`` intervals, the alignment estimated anew with each seed's batches."""
+    ts = timestep_grid(num_train_timesteps, grid)
+    out = {}
+    for seed in seeds:
+        grads = timestep_gradients(model, scheduler, images, ts, batches=batches, batch_size=batch_size, seed=seed,
+                                   device=device)
+        cuts = segment(alignment_matrix(grads).numpy(), k, min_size).cuts
+        out[int(seed)] = cuts_to_boundaries(cuts, num_train_timesteps, grid)
+    return out
+
+
 def cutoff_curve(a: np.ndarray | torch.Tensor) -> list[float]:
     """``J(t_1)`` for every two-interval cut ``t_1 = 1 .. G-1`` (the paper's Fig. 2 curve)."""
     a = np.asarray(a, dtype=np.float64)
@@ -235,11 +273,16 @@ def save_alignment_heatmap(
     uniform: Sequence[int] = (),
     curve: Optional[Sequence[float]] = None,
     cut_timesteps: Optional[Sequence[int]] = None,
+    served: Sequence[int] = (),
+    k_curve: Optional[Sequence[dict]] = None,
     title: str = "gradient alignment",
 ) -> Path:
-    """Draw ``A (G, G)`` as a heatmap with the chosen cuts (dashed) and uniform cuts (dotted); with
-    ``curve`` also the two-interval objective ``J(t_1)``, plotted at ``cut_timesteps`` (the boundary
-    of each cut ``1 .. G-1``; default: the first grid timestep above the cut). Written atomically."""
+    """Draw ``A (G, G)`` as a heatmap with the chosen cuts (dashed) and uniform cuts (dotted), each
+    chosen interval labelled with ``served`` (the sampling steps it serves); with ``curve`` also the
+    two-interval objective ``J(t_1)``, plotted at ``cut_timesteps`` (the boundary of each cut
+    ``1 .. G-1``; default: the first grid timestep above the cut); with ``k_curve`` (dicts with
+    ``k``, ``objective``, ``steps_served``) also ``J(K)``, each point labelled with its steps per
+    interval. Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -247,9 +290,30 @@ def save_alignment_heatmap(
 
     a = np.asarray(a, dtype=np.float64)
     g = a.shape[0]
-    ncols = 2 if curve is not None else 1
+    ncols = 1 + (curve is not None) + (k_curve is not None)
     fig, axes = plt.subplots(1, ncols, figsize=(4.6 * ncols, 4.0), squeeze=False)
-    ax = axes[0, 0]
+    _draw_heatmap(fig, axes[0, 0], a, timesteps, cuts, uniform, served, title)
+    col = 1
+    if curve is not None:
+        ax2 = axes[0, col]
+        xs = list(cut_timesteps) if cut_timesteps is not None else [timesteps[c] for c in range(1, g)]
+        ax2.plot(xs, list(curve), marker=".")
+        ax2.set_xlabel("cutoff timestep $t_1$")
+        ax2.set_ylabel("$J(t_1)$")
+        ax2.set_title("two-interval objective", fontsize=9)
+        col += 1
+    if k_curve is not None:
+        _draw_k_curve(axes[0, col], k_curve)
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return Path(png_path)
+
+
+def _draw_heatmap(fig, ax, a: np.ndarray, timesteps: Sequence[int], cuts: Sequence[int], uniform: Sequence[int],
+                  served: Sequence[int], title: str) -> None:
+    g = a.shape[0]
     im = ax.imshow(a, cmap="viridis", vmin=min(0.0, float(a.min())), vmax=1.0, origin="lower", interpolation="nearest")
     step = max(1, g // 6)
     ticks = list(range(0, g, step))
@@ -263,17 +327,22 @@ def save_alignment_heatmap(
     for c in uniform:
         ax.axvline(c - 0.5, color="red", ls=":", lw=1.0)
         ax.axhline(c - 0.5, color="red", ls=":", lw=1.0)
+    edges = [0, *cuts, g]
+    for (lo, hi), n in zip(zip(edges[:-1], edges[1:]), served):
+        mid = 0.5 * (lo + hi) - 0.5
+        ax.text(mid, mid, f"{n} steps", color="white", ha="center", va="center", fontsize=7,
+                bbox={"facecolor": "black", "alpha": 0.5, "pad": 1.5, "lw": 0})
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    if curve is not None:
-        ax2 = axes[0, 1]
-        xs = list(cut_timesteps) if cut_timesteps is not None else [timesteps[c] for c in range(1, g)]
-        ax2.plot(xs, list(curve), marker=".")
-        ax2.set_xlabel("cutoff timestep $t_1$")
-        ax2.set_ylabel("$J(t_1)$")
-        ax2.set_title("two-interval objective", fontsize=9)
-    fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return Path(png_path)
+
+
+def _draw_k_curve(ax, k_curve: Sequence[dict]) -> None:
+    ks = [c["k"] for c in k_curve]
+    ax.plot(ks, [c["objective"] for c in k_curve], marker="o")
+    for c in k_curve:
+        ax.annotate("/".join(str(n) for n in c["steps_served"]), (c["k"], c["objective"]), fontsize=6,
+                    textcoords="offset points", xytext=(0, 6), ha="center")
+    ax.set_xticks(ks)
+    ax.set_xlabel("number of intervals K")
+    ax.set_ylabel("best J(K)")
+    ax.set_title("objective per K (labels: sampling steps per interval)", fontsize=8)

@@ -10,14 +10,28 @@ backward pass uses the soft values.
 The agent is trained with the experts frozen on
 
     sum_k L_denoise(expert_k restricted to its sub-network, t ~ U[interval_k])
-      + lambda * (MACs_mixture / (budget * MACs_teacher) - 1)^2,
+      + lambda * R(MACs_mixture, budget * MACs_teacher),
 
 where ``MACs_mixture = sum_k n_k MACs_k`` is the trajectory cost of the sampler (``n_k`` sampling
 steps fall in expert ``k``'s interval) and ``MACs_k`` follows exactly and differentiably from the
-straight-through masks. The denoising term runs the noisy (Gumbel) sub-networks, which explore; the
-resource term is taken on the noise-free ones, the sub-networks :func:`.selection.select` finally picks, so
-the budget the loss reaches is the selection's (with the noisy MACs, logits that sit just above 0
-meet the budget on average while the selection keeps every unit). With ``distill = w`` the denoising
+straight-through masks. ``R`` is the log-ratio form of the resource regulariser
+``log(max(T, p T_full) / min(T, p T_full))`` = ``|log(ratio / budget)|`` (:func:`resource_loss`):
+its pull on the ratio is ``lambda / ratio`` on either side of the budget, so it does not fade
+there, as the squared ``(ratio / budget - 1)^2`` does.
+
+The denoising term runs the noisy (Gumbel) sub-networks, which explore. The resource term takes
+its value on the noise-free ones, the sub-networks :func:`.selection.select` finally picks, so the
+budget the loss reaches is the selection's (with the noisy MACs, logits that sit just above 0 meet
+the budget on average while the selection keeps every unit); its gradient is the noisy
+sub-network's (straight-through). Both terms then reach a logit through the same noisy sigmoid
+slope: with the noise-free slope ``sigmoid'(z / tau)`` a logit far from 0 gets about
+``e^(-|z| / tau)`` of resource pull against ``e^(-|z|)`` of denoising pull (the noise spreads the
+sigmoid), so at ``tau < 1`` it runs away and the resource term loses its hold on it (on the tiny
+test model the agent stayed at 0.67 for a budget of 0.8, the adjustment's offset +49; on the
+benchmark offsets of -5 to -28). The learning rate decays on a cosine, so the discrete selection
+settles instead of flipping between sub-networks on either side of the budget, and of the last
+quarter of the training the agent's own selection nearest the budget is kept (:func:`_keep_best`);
+what is left is brought to the budget by :func:`.selection.calibrate`, a safety net. With ``distill = w`` the denoising
 target blends in the full expert's own prediction, a noise-free reference that makes the loss
 measure what the pruning costs. So the budget is shared between experts by the loss, not by a
 heuristic: an expert serving many steps, or one whose interval tolerates pruning, gets cut more.
@@ -28,6 +42,7 @@ teacher), and the training resumes through :class:`~diffprune.training.TrainStat
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +105,7 @@ class RouterResult:
         offset: the calibration offset.
         macs: MACs per call of each selected sub-network.
         ratio: trajectory MACs of the selected mixture / the teacher's.
+        learned_ratio: the same for ``learned``, the agent's own choice before the adjustment.
         history: per step ``{"loss", "denoise", "resource", "ratio"}``.
     """
 
@@ -99,6 +115,7 @@ class RouterResult:
     offset: float
     macs: list[int]
     ratio: float
+    learned_ratio: float
     history: list[dict] = field(default_factory=list)
 
 
@@ -107,7 +124,7 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
                  resource_weight: float, tau: float, hidden: int, batch_size: int, seed: int,
                  device: torch.device | str = "cpu", progress: bool = False, distill: float = 0.0,
                  work_dir: Optional[str | Path] = None, checkpoint_every: int = 20,
-                 stop_after: Optional[int] = None,
+                 stop_after: Optional[int] = None, resource: str = "log",
                  on_progress: Optional[Callable[[int, int], None]] = None) -> RouterResult:
     """Train the ERA with the (elastic) experts frozen; select and calibrate their sub-networks.
 
@@ -117,30 +134,28 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
         steps: sampling steps each expert serves (:func:`steps_per_expert`).
         images: ``(N, C, H, W)`` training images in [-1, 1].
         budget: target fraction of the teacher's trajectory MACs, in (0, 1].
-        train_steps, lr, resource_weight, tau, hidden, batch_size, seed: the ERA's training.
+        train_steps, lr, resource_weight, tau, hidden, batch_size, seed: the ERA's training (Adam, the
+            learning rate decayed from ``lr`` to 0 on a cosine, so the selection settles on the budget).
         distill: weight of the full expert's own prediction in the denoising target (0 = the sampled
             noise alone). The full expert's output is a noise-free reference: the loss then measures
             what the pruning costs, not the noise every sub-network fails to predict.
         work_dir: where the training state (agent, optimiser, generator, history) is checkpointed every
             ``checkpoint_every`` steps; a rerun resumes from it and ends as an uninterrupted run.
         stop_after: stop (after checkpointing) once this step is reached (tests of an interrupted run).
+        resource: the regulariser's form, ``"log"`` or ``"squared"`` (:func:`resource_loss`).
         on_progress: called ``(done, total)`` after each step.
 
-    Returns:
-        A :class:`RouterResult`; the experts' weights and hooks are left as they were.
+    Returns a :class:`RouterResult`; the experts' weights and hooks are left as they were.
     """
-    if not len(experts) == len(intervals) == len(steps):
-        raise ValueError(f"{len(experts)} experts, {len(intervals)} intervals, {len(steps)} step counts: must agree")
-    if checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every = {checkpoint_every!r}: must be >= 1")
+    _check(len(experts), len(intervals), len(steps), checkpoint_every)
     task = _RouterTask(space, intervals, steps, images, scheduler, tau=tau, batch_size=batch_size, distill=distill,
-                       budget=budget, device=torch.device(device))
+                       budget=budget, device=torch.device(device), resource=resource)
     gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG left as it was
-        torch.manual_seed(seed)
-        agent = ExpertRoutingAgent(len(experts), space.num_logits, hidden).to(task.device)
+    agent = _seeded_agent(len(experts), space.num_logits, hidden, seed, task.device)
+    best = _seeded_agent(len(experts), space.num_logits, hidden, seed, task.device)  # see _keep_best
     opt = torch.optim.Adam(agent.parameters(), lr=lr)
-    state = TrainState(work_dir, {"agent": agent, "opt": opt}, {"router": gen}) if work_dir is not None else None
+    objects = {"agent": agent, "opt": opt, "best": best}
+    state = TrainState(work_dir, objects, {"router": gen}) if work_dir is not None else None
     start, history = 0, []
     if state is not None and (resumed := state.restore()) is not None:
         start, history = resumed[0], list(resumed[2]["history"])
@@ -148,7 +163,9 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
     with _frozen(experts, space, task.device) as controllers:
         for step in tqdm(range(start, train_steps), initial=start, total=train_steps, desc="router",
                          disable=not progress):
+            _cosine_lr(opt, lr, step, train_steps)
             loss, record = task.loss(agent(), experts, controllers, gen, resource_weight)
+            _keep_best(agent, best, record["ratio"], history, step, train_steps, budget)
             opt.zero_grad(set_to_none=True)
             if loss.requires_grad:  # False only in a space with nothing elastic
                 loss.backward()
@@ -161,7 +178,45 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
                 on_progress(done, train_steps)
             if stop_after is not None and done >= stop_after:
                 break
-    return _result(agent, space, steps, budget, tau, history)
+    return _result([agent, best] if len(history) > _tail(train_steps) else [agent], space, steps, budget, tau, history)
+
+
+def _check(k_experts: int, k_intervals: int, k_steps: int, checkpoint_every: int) -> None:
+    if not k_experts == k_intervals == k_steps:
+        raise ValueError(f"{k_experts} experts, {k_intervals} intervals, {k_steps} step counts: must agree")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every = {checkpoint_every!r}: must be >= 1")
+
+
+def _tail(train_steps: int) -> int:
+    return (3 * train_steps) // 4
+
+
+def _keep_best(agent: ExpertRoutingAgent, best: ExpertRoutingAgent, ratio: float, history: list[dict], step: int,
+               train_steps: int, budget: float) -> None:
+    """Copy ``agent`` into ``best`` when its selection (``ratio``, before this step's update) is the
+    nearest to the budget of the last quarter of the training (ties: the later). The logit of the
+    marginal unit ends within a step of 0, on either side: the last iterate's selection lands on a
+    sub-network just above or just below the budget by chance, and in a coarse elastic space one
+    unit can be several percent of the MACs; the agent's nearest own selection is the one kept."""
+    tail = _tail(train_steps)
+    if step < tail:
+        return
+    if all(abs(ratio - budget) <= abs(h["ratio"] - budget) for h in history[tail:]):
+        best.load_state_dict(agent.state_dict())
+
+
+def _seeded_agent(k_count: int, u_count: int, hidden: int, seed: int, device: torch.device) -> ExpertRoutingAgent:
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights, global RNG left as it was
+        torch.manual_seed(seed)
+        return ExpertRoutingAgent(k_count, u_count, hidden).to(device)
+
+
+def _cosine_lr(opt: torch.optim.Optimizer, lr: float, step: int, total: int) -> None:
+    """Step ``step`` of ``total``'s learning rate, ``lr (1 + cos(pi step / total)) / 2`` (a function of the
+    step alone, so a resumed run follows the same schedule)."""
+    for group in opt.param_groups:
+        group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
 @dataclass(frozen=True)
@@ -178,12 +233,15 @@ class _RouterTask:
     distill: float
     budget: float
     device: torch.device
+    resource: str = "log"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
             raise ValueError(f"router.budget = {self.budget!r}: must be in (0, 1]")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"router.distill = {self.distill!r}: must be in [0, 1]")
+        if self.resource not in RESOURCE_LOSSES:
+            raise ValueError(f"router.resource_loss = {self.resource!r}: expected one of {RESOURCE_LOSSES}")
 
     def loss(self, logits: tuple[torch.Tensor, torch.Tensor], experts: Sequence[nn.Module],
              controllers: Sequence[ElasticController], gen: torch.Generator,
@@ -194,7 +252,8 @@ class _RouterTask:
         macs = []
         for k, (e, ctrl) in enumerate(zip(experts, controllers)):
             sub = relax(self.space, width[k], depth[k], tau=self.tau, gen=gen)  # noisy: explores
-            chosen = relax(self.space, width[k], depth[k], tau=self.tau)  # noise-free: what select() picks
+            with torch.no_grad():
+                chosen = relax(self.space, width[k], depth[k], tau=self.tau)  # noise-free: what select() picks
             # 1. a batch of expert k's interval, from the router's generator
             x0, noise, t = random_batch(self.images, self.batch_size, *self.intervals[k], gen, self.device)
             # 2. the denoising loss of the chosen sub-network (target: the noise, blended with the
@@ -202,13 +261,35 @@ class _RouterTask:
             ctrl.set_relaxed(sub.width_masks, sub.gates, sub.stream_masks)
             denoise = denoise + denoising_loss(e, x0, t, noise, self.scheduler, teacher=_full_expert(e, ctrl),
                                                distill=self.distill)
-            macs.append(chosen.macs)
+            # the MACs of the noise-free selection, with the gradient of the noisy sub-network's: the
+            # two terms then reach each logit through the same sigmoid slope (see the module doc)
+            macs.append(chosen.macs.detach() + (sub.macs - sub.macs.detach()))
         # 3. the resource regulariser on the mixture's trajectory MACs
         ratio = sum(m * n for m, n in zip(macs, self.steps)) / float(self.space.full_macs() * sum(self.steps))
-        resource = (ratio / self.budget - 1.0) ** 2
+        resource = resource_loss(ratio, self.budget, self.resource)
         loss = denoise + resource_weight * resource.float()
         terms = (("loss", loss), ("denoise", denoise), ("resource", resource), ("ratio", ratio))
         return loss, {name: float(v.detach()) for name, v in terms}
+
+
+RESOURCE_LOSSES = ("log", "squared")
+
+
+def resource_loss(ratio: torch.Tensor, budget: float, form: str = "log") -> torch.Tensor:
+    """The resource regulariser of the trajectory MACs ``ratio`` (a fraction of the teacher's).
+
+    ``"log"`` is ``log(max(T, p T_full) / min(T, p T_full))`` = ``|log(ratio / budget)|``, the form of
+    the resource regulariser of the authors' pruning agents (the stored summary of the paper names
+    ``R`` but not its formula):
+    its pull, ``1 / ratio`` on either side, does not fade near the budget, so the agent's own
+    selection settles on it. ``"squared"`` is ``(ratio / budget - 1)^2``, whose pull vanishes there
+    (the denoising term then holds the selection above the budget).
+    """
+    if form == "log":
+        return torch.log(ratio / budget).abs()
+    if form == "squared":
+        return (ratio / budget - 1.0) ** 2
+    raise ValueError(f"router.resource_loss = {form!r}: expected one of {RESOURCE_LOSSES}")
 
 
 def _full_expert(expert: nn.Module, ctrl: ElasticController) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -242,13 +323,28 @@ def _frozen(experts: Sequence[nn.Module], space: ElasticSpace, device: torch.dev
             e.train(mode)
 
 
-def _result(agent: ExpertRoutingAgent, space: ElasticSpace, steps: Sequence[int], budget: float, tau: float,
-            history: list[dict]) -> RouterResult:
-    """The learned and the calibrated sub-networks of the trained ``agent``."""
+def _result(agents: Sequence[ExpertRoutingAgent], space: ElasticSpace, steps: Sequence[int], budget: float,
+            tau: float, history: list[dict]) -> RouterResult:
+    """The learned and the calibrated sub-networks of the one of ``agents`` (the final one, and the
+    kept one of :func:`_keep_best`) whose own selection is nearest the budget (ties: the first)."""
+    full = space.full_macs() * sum(steps)
+
+    def learned_of(a: ExpertRoutingAgent) -> list[SubnetConfig]:
+        with torch.no_grad():
+            width, depth = a()
+        return [select(space, width[k], depth[k], tau=tau) for k in range(width.shape[0])]
+
+    def gap(a: ExpertRoutingAgent) -> float:
+        return abs(mixture_macs([space.macs(c) for c in learned_of(a)], steps) / full - budget)
+
+    agent = min(agents, key=gap)
+    learned = learned_of(agent)
     with torch.no_grad():
         width, depth = agent()
-    learned = [select(space, width[k], depth[k], tau=tau) for k in range(width.shape[0])]
     offset, configs = calibrate(space, width, depth, steps, budget, tau=tau)
     macs_k = [space.macs(c) for c in configs]
-    ratio = mixture_macs(macs_k, steps) / (space.full_macs() * sum(steps))
-    return RouterResult(agent, configs, learned, offset, macs_k, ratio, history)
+    ratio = mixture_macs(macs_k, steps) / full
+    learned_ratio = mixture_macs([space.macs(c) for c in learned], steps) / full
+    log.info("router: the agent selected %.4f of the teacher's MACs, %.4f after the adjustment (budget %.4f)",
+             learned_ratio, ratio, budget)
+    return RouterResult(agent, configs, learned, offset, macs_k, ratio, learned_ratio, history)
