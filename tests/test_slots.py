@@ -13,7 +13,7 @@ from diffprune import slots
 from diffprune.config import ConfigError
 from tests.conftest import make_project
 
-HOLD_S = 0.5  # how long each concurrent task holds its slot
+HOLD_S = 1.0  # how long a holder keeps the one slot while the other asks for it
 
 
 def _read_limit():
@@ -43,23 +43,40 @@ def no_gpu_limit(prefect_harness):
     _delete_limit()
 
 
-def _two_concurrent_holders(device: str) -> list[tuple[float, float]]:
-    """(start, end) of two tasks holding a slot for ``device``, submitted at once on a thread runner."""
+def _two_concurrent_holders(device: str, *, meet: bool) -> int:
+    """How many of two tasks, submitted at once on a thread runner, held a slot for ``device`` at once.
+
+    With ``meet`` each holder waits (up to a minute) inside its slot for the other to arrive: only two
+    slots let both in, so a limit that serialises them breaks the barrier and fails the test rather
+    than depending on how fast a loaded machine starts the second task."""
+    import threading
+
     from prefect import flow, task
     from prefect.task_runners import ThreadPoolTaskRunner
 
+    barrier, lock, inside = threading.Barrier(2, timeout=60), threading.Lock(), []
+    most = [0]
+
     @task
-    def hold(i: int) -> tuple[float, float]:
+    def hold(i: int) -> None:
         with slots.gpu_slot("teacher", device):
-            start = time.monotonic()
-            time.sleep(HOLD_S)
-            return start, time.monotonic()
+            with lock:
+                inside.append(i)
+                most[0] = max(most[0], len(inside))
+            if meet:
+                barrier.wait()
+            else:
+                time.sleep(HOLD_S)
+            with lock:
+                inside.remove(i)
 
     @flow(task_runner=ThreadPoolTaskRunner(max_workers=2))
-    def two() -> list[tuple[float, float]]:
-        return [f.result() for f in [hold.submit(i) for i in range(2)]]
+    def two() -> None:
+        for f in [hold.submit(i) for i in range(2)]:
+            f.result()
 
-    return sorted(two())
+    two()
+    return most[0]
 
 
 def test_every_stage_is_classified_once():
@@ -88,17 +105,14 @@ def test_cpu_and_mps_take_no_slot_and_ask_no_server(monkeypatch):
 
 
 def test_cpu_stages_run_concurrently_with_no_limit(no_gpu_limit):
-    (_s0, e0), (s1, _e1) = _two_concurrent_holders("cpu")
-    assert s1 < e0
+    assert _two_concurrent_holders("cpu", meet=True) == 2
 
 
 def test_one_slot_serialises_cuda_stages_two_let_them_overlap(no_gpu_limit):
     assert slots.ensure_gpu_limit(1).startswith("created")
-    (_s0, e0), (s1, _e1) = _two_concurrent_holders("cuda")
-    assert s1 >= e0, "two CUDA stages held the one slot at once"
+    assert _two_concurrent_holders("cuda", meet=False) == 1, "two CUDA stages held the one slot at once"
     assert slots.ensure_gpu_limit(2).startswith("updated")
-    (_s0, e0), (s1, _e1) = _two_concurrent_holders("cuda:0")
-    assert s1 < e0, "with two slots the CUDA stages still took turns"
+    assert _two_concurrent_holders("cuda:0", meet=True) == 2  # a broken barrier fails it instead
     assert _read_limit().active_slots == 0  # both released
 
 
