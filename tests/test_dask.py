@@ -1,6 +1,6 @@
 """The flow on a local Dask cluster (prefect-dask) of 2 worker processes: the three method branches
 run at once in other processes, a stage lock held by another process holds its stage back, and a
-second run finds every stage recorded in dvc.lock."""
+second run, in this process, finds every stage the workers ran recorded in dvc.lock."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import yaml
 
 from diffprune.locks import stage_lock
 
@@ -48,6 +49,10 @@ def dask_run(tmp_path_factory, prefect_harness):
     finally:
         stop.set()  # a failed run does not leave the holder waiting
         holder.join()
+    # the main process reads what the workers recorded (the runner is no DVC param: nothing reruns for it)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["orchestration"]["runner"] = "threads"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
     second = prune_pipeline(params_path=str(root / "params.yaml"), root=str(root), only=["dipgo"], push=False)
     return first, second, released["at"], environ
 

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diffprune.config import ConfigError, load_params
+from diffprune.locks import stage_lock
 from diffprune.stages import safe_subpath
 
 from .conftest import REPO, make_project
@@ -195,18 +196,20 @@ def test_a_run_of_another_config_is_refused_while_one_is_live(tmp_path):
     other["teacher"]["steps"] = 7
     (root / "other.yaml").write_text(yaml.safe_dump(other))
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp_path / "prefect-a")}
-    a = subprocess.Popen([str(BIN / "diffprune"), "run", "--no-push", "--only", "evaluate@teacher"], cwd=root,
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    claim = root / ".work/locks/workspace.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and a.poll() is None:
-        if claim.exists() and a.pid in json.loads(claim.read_text())["pids"]:
-            break
-        time.sleep(0.1)
-    assert a.poll() is None, "run A must still be running when B starts"
-    env_b = {**env, "PREFECT_HOME": str(tmp_path / "prefect-b")}
-    b = subprocess.run([str(BIN / "diffprune"), "run", "--no-push", "--params", "other.yaml"], cwd=root,
-                       env=env_b, capture_output=True, text=True, timeout=300)
+    with stage_lock(root, "evaluate@teacher"):  # run A waits on it, claiming the workspace, until B is done
+        a = subprocess.Popen([str(BIN / "diffprune"), "run", "--no-push", "--only", "evaluate@teacher"], cwd=root,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        claim = root / ".work/locks/workspace.json"
+        deadline = time.time() + 300
+        while time.time() < deadline and a.poll() is None:
+            if claim.exists() and a.pid in json.loads(claim.read_text())["pids"]:
+                break
+            time.sleep(0.1)
+        assert a.poll() is None, "run A must still be running when B starts"
+        env_b = {**env, "PREFECT_HOME": str(tmp_path / "prefect-b")}
+        b = subprocess.run([str(BIN / "diffprune"), "run", "--no-push", "--params", "other.yaml"], cwd=root,
+                           env=env_b, capture_output=True, text=True, timeout=300)
+        assert a.poll() is None, "run A must still hold the workspace when B has been refused"
     out_a = a.communicate(timeout=600)
     assert b.returncode == 2 and "in use by run(s)" in b.stderr, b.stderr[-1500:]
     assert a.returncode == 0, out_a[1][-1500:]

@@ -98,3 +98,34 @@ def test_a_recorded_run_and_its_version_tags_are_pushed_to_the_git_remote(tmp_pa
                             text=True).stdout.strip()
     assert pushed == record["commit"]
     assert subprocess.run(["git", "status", "--porcelain"], cwd=ws, capture_output=True, text=True).stdout == ""
+
+
+def _cli_status(root: Path, *targets: str) -> dict:
+    import json
+
+    out = versioning.run_dvc(root, "status", "--json", *targets).stdout
+    return json.loads(out[out.find("{"):]) if "{" in out else {}
+
+
+def test_status_and_commit_through_the_api_answer_as_the_commands_do(repo: Path) -> None:
+    """One child per root answers every call (the same pid), as `dvc status --json` / `dvc commit`
+    would; a child that died is replaced by a fresh one."""
+    import os
+    import signal
+
+    from diffprune import dvc_api
+
+    versioning.ensure_repo(repo)
+    versioning.run_dvc(repo, "repro", "--quiet")
+    (repo / "out" / "a.txt").write_text("v2")
+    dirty = versioning.status(repo, ["make"])
+    assert dirty == _cli_status(repo, "make") and dirty["make"] and versioning.status(repo) == _cli_status(repo)
+    child = dvc_api._CHILDREN[str(repo.resolve())][0]
+    versioning.commit_stage(repo, "make")
+    assert versioning.status(repo) == {} == _cli_status(repo)  # the command sees what the API recorded
+    assert dvc_api._CHILDREN[str(repo.resolve())][0].pid == child.pid  # one process served all three
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    (repo / "out" / "a.txt").write_text("v3")
+    assert versioning.status(repo, ["make"]) == _cli_status(repo, "make") != {}  # a fresh child
+    assert dvc_api._CHILDREN[str(repo.resolve())][0].pid != child.pid
