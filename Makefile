@@ -8,6 +8,8 @@ INSTALLED := $(VENV)/.installed
 
 # telemetry off etc.: diffprune/env.py holds the defaults; QUIET runs a command with them set
 QUIET := $(BIN)/python -m diffprune.env
+# pytest-xdist workers for `make test` (a test module's tests stay in one worker: they share its fixtures)
+TEST_WORKERS ?= 2
 export PYTHONUNBUFFERED := 1
 
 # the demo's workspace (`diffprune init`): its own git + DVC repository, outside this checkout's history
@@ -30,7 +32,7 @@ demo: setup
 	cd $(DEMO) && time $(CURDIR)/$(BIN)/python -m diffprune.env $(CURDIR)/$(BIN)/diffprune run
 
 test: setup
-	$(QUIET) $(BIN)/python -m pytest -q
+	$(QUIET) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-all: setup
 	$(QUIET) $(BIN)/python -m pytest -q -m ''
