@@ -154,8 +154,11 @@ def run_cmd(
 
     params = params or root / "params.yaml"
     with _errors():
-        load_params(params)  # fail fast, before any server starts
-        from .flows.pipeline import prune_pipeline
+        cfg = load_params(params)  # fail fast, before any server starts
+        from .flows.pipeline import check_params_file, check_workspace_free, prune_pipeline
+
+        check_workspace_free(root.resolve(), cfg)
+        check_params_file(root.resolve(), params)
 
         result = prune_pipeline(params_path=str(params.resolve()), root=str(root.resolve()),
                                 only=only.split(",") if only else None, push=push)

@@ -16,7 +16,9 @@ quiet_defaults()
 # one thread count for this process and the CLI subprocesses, so float reductions match bit for bit;
 # under pytest-xdist (`make test`: a worker per core) one thread each: two workers of two OpenMP threads
 # on 2 cores took 5x as long in the torch-heavy tests (test_experts_budget: 36 s -> 190 s)
-torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "1" if "PYTEST_XDIST_WORKER" in os.environ else "2")))
+if "PYTEST_XDIST_WORKER" in os.environ:  # not setdefault: the controller process set it to 2 before us
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "2")))
 
 REPO = Path(__file__).resolve().parents[1]
 

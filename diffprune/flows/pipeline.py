@@ -52,6 +52,9 @@ PIPELINE: list[str] = [
 ]
 
 
+CLAIM = ".work/locks/workspace.json"  # the config and pids of the runs live in a workspace
+
+
 @flow(name="prune-pipeline", log_prints=True)
 def prune_pipeline(params_path: str = "params.yaml", root: str = ".", only: Optional[list[str]] = None,
                    push: bool = True) -> dict:
@@ -289,19 +292,32 @@ def _publish_report(root: Path, ran: list[str], experiment: str, commit: Optiona
     return found
 
 
+def check_workspace_free(root: Path, params) -> None:
+    """Refuse a run of another config while one is live in ``root`` (the CLI asks before any Prefect
+    server starts; :func:`_claim_workspace` asks again, atomically, when the flow claims it)."""
+    with _lock(root, "workspace"):
+        _live_claim(root, fingerprint(params))
+
+
+def _live_claim(root: Path, mine: str) -> list[int]:
+    """The live pids holding ``root``'s claim; raises when they run a config other than ``mine``."""
+    claim = root / CLAIM
+    doc = json.loads(claim.read_text()) if claim.exists() else {"config": mine, "pids": []}
+    live = [pid for pid in doc["pids"] if _alive(pid)]
+    if live and doc["config"] != mine:
+        raise ConfigError(f"workspace {root} is in use by run(s) {live} of another config "
+                          f"({doc['config']}, this one is {mine}); run it in another --root")
+    return live
+
+
 @contextlib.contextmanager
 def _claim_workspace(root: Path, params) -> Iterator[None]:
     """Runs of the SAME config may share a workspace (they reuse each other's stages); a run of a
     different config is refused while another is live, instead of overwriting its outputs."""
-    claim = root / ".work" / "locks" / "workspace.json"
+    claim = root / CLAIM
     mine = fingerprint(params)
     with _lock(root, "workspace"):
-        doc = json.loads(claim.read_text()) if claim.exists() else {"config": mine, "pids": []}
-        live = [pid for pid in doc["pids"] if _alive(pid)]
-        if live and doc["config"] != mine:
-            raise ConfigError(f"workspace {root} is in use by run(s) {live} of another config "
-                              f"({doc['config']}, this one is {mine}); run it in another --root")
-        write_json(claim, {"config": mine, "pids": [*live, os.getpid()]})
+        write_json(claim, {"config": mine, "pids": [*_live_claim(root, mine), os.getpid()]})
     try:
         yield
     finally:
