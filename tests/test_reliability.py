@@ -187,7 +187,7 @@ def test_two_runs_at_once_with_the_same_config_compute_each_stage_once(tmp_path)
     assert not ran[0] & ran[1], f"stages computed twice: {ran[0] & ran[1]}"
 
 
-def test_a_run_of_another_config_is_refused_while_one_is_live(tmp_path):
+def test_a_run_of_another_config_is_refused_while_one_is_live(tmp_path, prefect_api):
     """A second config never overwrites a live run's outputs: it is refused, and the first finishes."""
     import json
 
@@ -195,7 +195,8 @@ def test_a_run_of_another_config_is_refused_while_one_is_live(tmp_path):
     other = yaml.safe_load((root / "params.yaml").read_text())
     other["teacher"]["steps"] = 7
     (root / "other.yaml").write_text(yaml.safe_dump(other))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp_path / "prefect-a")}
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PREFECT_HOME": str(tmp_path / "prefect-a"),
+           **prefect_api}
     with stage_lock(root, "evaluate@teacher"):  # run A waits on it, claiming the workspace, until B is done
         a = subprocess.Popen([str(BIN / "diffprune"), "run", "--no-push", "--only", "evaluate@teacher"], cwd=root,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

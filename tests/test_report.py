@@ -237,7 +237,8 @@ def test_diffprune_run_ends_with_the_pareto_table_and_the_plot_path(tmp_path: Pa
     result = {"table": "metrics", "ran": ["report"], "skipped": [], "commit": None,
               "report": {"table": "| model | ... |\n|---|\n| dipgo | ... |", "png": png}}
     monkeypatch.setattr(pipeline, "prune_pipeline", lambda **kw: result)
-    out = CliRunner().invoke(app, ["run", "--params", str(REPO / "params.yaml"), "--root", str(tmp_path)])
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())  # a run uses ROOT/params.yaml
+    out = CliRunner().invoke(app, ["run", "--params", str(tmp_path / "params.yaml"), "--root", str(tmp_path)])
     assert out.exit_code == 0, out.output
     tail = out.output.strip().splitlines()
     assert tail[-1].startswith(f"Pareto plot: {png}") and "| dipgo | ... |" in tail[-2]

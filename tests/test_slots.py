@@ -82,7 +82,10 @@ def _two_concurrent_holders(device: str, *, meet: bool) -> int:
 def test_every_stage_is_classified_once():
     from diffprune.stages import STAGES, _load_all
 
+    from diffprune.stages import NAMES
+
     _load_all()
+    assert set(NAMES) == set(STAGES) and list(NAMES) == sorted(NAMES)  # the names known before importing them
     assert slots.DEVICE_STAGES | slots.HOST_STAGES == set(STAGES)
     assert not slots.DEVICE_STAGES & slots.HOST_STAGES
     assert slots.needs_slot("evaluate@teacher", "cuda:1") and slots.needs_slot("experts", "cuda")

@@ -59,7 +59,7 @@ def initialized(tmp_path_factory: pytest.TempPathFactory, images: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ran(initialized: dict) -> dict:
+def ran(initialized: dict, prefect_api: dict) -> dict:
     """The workspace on the tiny settings (its RGB data section kept), run by ``diffprune run --only``."""
     ws, tmp = initialized["ws"], initialized["tmp"]
     params = yaml.safe_load((ws / "params.yaml").read_text())
@@ -68,7 +68,8 @@ def ran(initialized: dict) -> dict:
     params["data"].update(max_images=240, ref_fraction=0.25)
     params["evaluate"]["feature_epochs"] = 20  # 2 (digits) leaves the RGB feature net short of the FID calibration
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    r = _cli(["run", "--root", "ws", "--only", ",".join(ONLY)], tmp, _env(tmp), timeout=600)  # pushes to ws/.dvc-remote
+    r = _cli(["run", "--root", "ws", "--only", ",".join(ONLY)], tmp, {**_env(tmp), **prefect_api},
+             timeout=600)  # pushes to ws/.dvc-remote
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return {**initialized, "run": r.stdout}
 
