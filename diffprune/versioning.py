@@ -383,35 +383,3 @@ def ensure_dvc(root: str | Path) -> Path:
         run_dvc(root, "init", "--quiet", "--no-scm")
         run_dvc(root, "config", "--local", "core.analytics", "false")
     return root
-
-
-def init_demo(root: str | Path) -> str:
-    """Make ``root`` a git + DVC repository with the local remote ``root/.dvc-remote`` (``make demo``)."""
-    root = Path(root).resolve()
-    if _git_toplevel(root) is None:
-        subprocess.run(["git", "init", "-q", str(root)], check=True)
-    ensure_repo(root)
-    return configure_remote(root, root / ".dvc-remote")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m diffprune.versioning init-demo [ROOT]``: make a source checkout (or any folder) a
-    run root: git + DVC with a local remote (``make demo`` uses a ``diffprune init`` workspace instead)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] != "init-demo" or len(args) > 2:
-        print("usage: python -m diffprune.versioning init-demo [ROOT]", file=sys.stderr)
-        return 2
-    from .env import quiet_defaults
-
-    quiet_defaults()
-    try:
-        remote = init_demo(args[1] if len(args) > 1 else ".")
-    except VersioningError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"DVC ready; default remote: {remote}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
