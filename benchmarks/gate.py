@@ -14,6 +14,7 @@ Usage::
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -59,7 +60,8 @@ def run_sequence(root: Path) -> list[dict[str, Any]]:
         metrics = {**m, "fid_ratio_vs_teacher": m["fid"] / TEACHER_FID}
         version = registry.register_model(name=MODEL, model_dir=ckpt, params={}, metrics=metrics, tags={},
                                           artifacts=[root / "metrics.json"], experiment="gate-sequence",
-                                          content_hash=f"candidate-{i}", steps=2)["version"]
+                                          content_hash=hashlib.sha256(f"candidate-{i}".encode()).hexdigest(),
+                                          steps=2)["version"]
         d = gate.gate_version(MODEL, version, policy)
         holder = registry.alias_holder(MODEL, policy.alias)
         rows.append({**d, "what": what, "metrics": metrics, "champion_after": int(holder.version) if holder else None})
