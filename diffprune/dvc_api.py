@@ -24,13 +24,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+COMMAND = [sys.executable, "-m", "diffprune.dvc_api"]  # the child; its reply descriptor is appended
 _CHILDREN: dict[str, tuple[subprocess.Popen, Any]] = {}
 _GUARD = threading.Lock()
 
 
 def call(root: str | Path, op: str, targets: list[str], env: dict[str, str]) -> tuple[bool, Any]:
     """Run ``op`` on ``targets`` in ``root``'s child: ``(True, result)`` or ``(False, error text)``."""
-    key = str(Path(root).resolve())
+    key = f"{os.getpid()}:{Path(root).resolve()}"  # a forked process starts its own: pipes are not shared
     with _GUARD:  # one request at a time per process: replies are read in order
         child, err = _child(key, env)
         try:
@@ -55,7 +56,8 @@ def _child(key: str, env: dict[str, str]) -> tuple[subprocess.Popen, Any]:
         return got
     err = tempfile.TemporaryFile()
     read_fd, write_fd = os.pipe()
-    child = subprocess.Popen([sys.executable, "-m", "diffprune.dvc_api", str(write_fd)], cwd=key, env=env,
+    root = key.split(":", 1)[1]
+    child = subprocess.Popen([*COMMAND, str(write_fd)], cwd=root, env=env,
                              stdin=subprocess.PIPE, stdout=err, stderr=err, pass_fds=(write_fd,), text=True)
     os.close(write_fd)
     child.stdout = os.fdopen(read_fd, "r")  # replies; DVC's own output goes to ``err``
@@ -67,7 +69,9 @@ def _child(key: str, env: dict[str, str]) -> tuple[subprocess.Popen, Any]:
 def close_all() -> None:
     """End every child (closing its stdin ends its loop)."""
     with _GUARD:
-        for child, err in _CHILDREN.values():
+        for key, (child, err) in _CHILDREN.items():
+            if not key.startswith(f"{os.getpid()}:"):
+                continue  # a parent's child (inherited through a fork): the parent ends it
             for stream in (child.stdin, child.stdout):
                 try:
                     stream.close()

@@ -120,12 +120,24 @@ def test_status_and_commit_through_the_api_answer_as_the_commands_do(repo: Path)
     (repo / "out" / "a.txt").write_text("v2")
     dirty = versioning.status(repo, ["make"])
     assert dirty == _cli_status(repo, "make") and dirty["make"] and versioning.status(repo) == _cli_status(repo)
-    child = dvc_api._CHILDREN[str(repo.resolve())][0]
+    child = dvc_api._CHILDREN[f"{os.getpid()}:{repo.resolve()}"][0]
     versioning.commit_stage(repo, "make")
     assert versioning.status(repo) == {} == _cli_status(repo)  # the command sees what the API recorded
-    assert dvc_api._CHILDREN[str(repo.resolve())][0].pid == child.pid  # one process served all three
+    assert dvc_api._CHILDREN[f"{os.getpid()}:{repo.resolve()}"][0].pid == child.pid  # one process served all three
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     (repo / "out" / "a.txt").write_text("v3")
     assert versioning.status(repo, ["make"]) == _cli_status(repo, "make") != {}  # a fresh child
-    assert dvc_api._CHILDREN[str(repo.resolve())][0].pid != child.pid
+    assert dvc_api._CHILDREN[f"{os.getpid()}:{repo.resolve()}"][0].pid != child.pid
+
+
+def test_a_child_that_dies_mid_request_is_an_error_with_its_last_words(repo: Path, monkeypatch) -> None:
+    from diffprune import dvc_api
+
+    versioning.ensure_repo(repo)
+    dies = "import sys; sys.stdin.readline(); print('out of memory, say', file=sys.stderr); sys.exit(3)"
+    monkeypatch.setattr(dvc_api, "COMMAND", [sys.executable, "-c", dies])
+    monkeypatch.setattr(dvc_api, "_CHILDREN", {})
+    with pytest.raises(VersioningError, match=r"`dvc commit --force make` failed in .*\n.*ended \(exit 3\): out of memory"):
+        versioning.commit_stage(repo, "make")
+    assert dvc_api._CHILDREN == {}  # the next call starts a fresh child
