@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -182,7 +183,9 @@ def test_dvc_remote_of_a_workspace_is_reported(tmp_path):
     from diffprune import versioning
 
     assert doctor.check_dvc(tmp_path).status == doctor.MISSING
-    versioning.init_demo(tmp_path)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    versioning.ensure_repo(tmp_path)
+    versioning.configure_remote(tmp_path, tmp_path / ".dvc-remote")
     check = doctor.check_dvc(tmp_path)
     assert check.status == doctor.OK and str(tmp_path / ".dvc-remote") in check.found
 
