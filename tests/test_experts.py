@@ -30,6 +30,7 @@ from diffprune.pruning.experts import (
     importance_orders,
     load_mixture,
     objective,
+    outlier_row,
     prune_to_config,
     relax,
     reorder_units,
@@ -147,6 +148,19 @@ def test_dp_recovers_planted_unequal_clusters_that_uniform_misses():
     assert seg.cuts == (2, 9)
     assert seg.objective > objective(a, uniform_cuts(g, 3)) + 0.05
     assert cuts_to_boundaries(seg.cuts, 1000, g) == [2 * 1000 // 12, 9 * 1000 // 12]
+
+
+def test_outlier_row_finds_a_planted_anti_aligned_row_among_aligned_neighbours():
+    g = 8
+    a = np.full((g, g), 0.5)
+    a[5, :] = a[:, 5] = -0.6  # one grid point anti-aligned with every other
+    np.fill_diagonal(a, 1.0)
+    ts = list(range(25, 1000, 125))
+    row = outlier_row(a, ts)
+    assert row["timestep"] == ts[5]
+    assert row["mean_alignment"] == pytest.approx(-0.6)
+    # a neighbour: 6 other points at 0.5 and the outlier at -0.6, over its 7 off-diagonal entries
+    assert row["neighbours_mean_alignment"] == pytest.approx((6 * 0.5 - 0.6) / 7)
 
 
 def test_interval_config_rejects_more_intervals_than_grid_points():
@@ -467,6 +481,8 @@ def test_stages_end_to_end_build_a_mixture_within_budget(tmp_path):
         "boundaries"]
     assert sorted(doc["seed_boundaries"]) == ["0", "1", "2"] and doc["seed_boundaries"]["0"] == iv["boundaries"]
     assert doc["stable"] == (len({tuple(b) for b in doc["seed_boundaries"].values()}) == 1)
+    # seed 0 is the main estimate: its least-aligned row is the main one's
+    assert doc["seed_outlier_rows"]["0"] == doc["outlier_row"] and doc["outlier_row"]["timestep"] in doc["grid"]
     run_experts(p, root, progress=False, expert=1)
     first = load_model(root / "models/experts/elastic/expert-1")
     out = run_experts(p, root, progress=False)  # expert 1 is up to date and kept as is

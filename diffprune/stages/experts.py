@@ -35,7 +35,7 @@ from ..pruning.experts.elastic import ElasticController, ElasticSpace, SubnetCon
 from ..pruning.experts.importance import importance_orders, reorder_units, unit_importance
 from ..models.unet import sampling_scheduler
 from ..pruning.experts.intervals import (alignment_matrix, auto_k, candidates, cutoff_curve, cuts_to_boundaries,
-                                         objective, save_alignment_heatmap, seed_boundaries, timestep_gradients,
+                                         objective, outlier_row, save_alignment_heatmap, seed_boundaries, timestep_gradients,
                                          timestep_grid, uniform_boundaries, uniform_cuts)
 from ..pruning.experts.prune import ExpertMixtureModel, prune_to_config, save_mixture
 from ..pruning.experts.selection import mixture_macs, steps_per_expert
@@ -173,8 +173,9 @@ def run_intervals(p: Params, root: Path, progress: bool = True, **_: Any) -> dic
     # 3. optionally, the same search with other gradient seeds: is the cut stable?
     if cfg.stability_seeds:
         seeds = _seed_boundaries(teacher, sched, images, T, cfg, doc["k"], range(cfg.stability_seeds), device=device)
-        doc |= {"seed_boundaries": {str(s): b for s, b in seeds.items()},
-                "stable": len({tuple(b) for b in seeds.values()}) == 1}
+        doc |= {"seed_boundaries": {str(s): r["boundaries"] for s, r in seeds.items()},
+                "seed_outlier_rows": {str(s): r["outlier_row"] for s, r in seeds.items()},
+                "stable": len({tuple(r["boundaries"]) for r in seeds.values()}) == 1}
     out = safe_subpath(root, INTERVALS)
     with atomic_path(out, is_dir=True) as tmp:
         tmp.mkdir(parents=True)
@@ -217,11 +218,12 @@ def _intervals_doc(a, cfg, T: int, sampling: list[int]) -> dict:
         "uniform_boundaries": uniform_boundaries(T, k),
         "uniform_objective": objective(a, ucuts),
         "cutoff_curve": cutoff_curve(a),
+        "outlier_row": outlier_row(a, timestep_grid(T, cfg.grid)),
         "params": to_dict(cfg),
     }
 
 
-def _seed_boundaries(teacher, sched, images, T: int, cfg, k: int, seeds, device) -> dict[int, list[int]]:
+def _seed_boundaries(teacher, sched, images, T: int, cfg, k: int, seeds, device) -> dict[int, dict]:
     return seed_boundaries(teacher, sched, images, T, cfg.grid, k=k, min_size=cfg.min_size, batches=cfg.batches,
                            batch_size=cfg.batch_size, seeds=list(seeds), device=device)
 

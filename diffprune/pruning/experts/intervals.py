@@ -244,16 +244,31 @@ def auto_k(segs: Sequence[Segmentation], penalty: float) -> int:
 
 def seed_boundaries(model: nn.Module, scheduler, images: torch.Tensor, num_train_timesteps: int, grid: int, *,
                     k: int, min_size: int, batches: int, batch_size: int, seeds: Sequence[int],
-                    device: torch.device | str = "cpu") -> dict[int, list[int]]:
-    """The boundaries of the best ``k`` intervals, the alignment estimated anew with each seed's batches."""
+                    device: torch.device | str = "cpu") -> dict[int, dict]:
+    """Per seed, the alignment estimated anew with that seed's batches: the boundaries of its best ``k``
+    intervals and its :func:`outlier_row`."""
     ts = timestep_grid(num_train_timesteps, grid)
     out = {}
     for seed in seeds:
         grads = timestep_gradients(model, scheduler, images, ts, batches=batches, batch_size=batch_size, seed=seed,
                                    device=device)
-        cuts = segment(alignment_matrix(grads).numpy(), k, min_size).cuts
-        out[int(seed)] = cuts_to_boundaries(cuts, num_train_timesteps, grid)
+        a = alignment_matrix(grads).numpy()
+        out[int(seed)] = {"boundaries": cuts_to_boundaries(segment(a, k, min_size).cuts, num_train_timesteps, grid),
+                          "outlier_row": outlier_row(a, ts)}
     return out
+
+
+def outlier_row(a: np.ndarray | torch.Tensor, timesteps: Sequence[int]) -> dict:
+    """The grid point least aligned with all the others: its timestep, its mean alignment with the other
+    points, and the same mean of its grid neighbours. A row far below its neighbours that moves or
+    vanishes with the seed is an estimation artefact, and a cut that isolates it is not to be trusted."""
+    a = np.asarray(a, dtype=np.float64)
+    g = a.shape[0]
+    means = (a.sum(axis=1) - np.diag(a)) / max(g - 1, 1)
+    i = int(np.argmin(means))
+    nbrs = [j for j in (i - 1, i + 1) if 0 <= j < g]
+    return {"timestep": int(timesteps[i]), "mean_alignment": float(means[i]),
+            "neighbours_mean_alignment": float(np.mean(means[nbrs])) if nbrs else None}
 
 
 def cutoff_curve(a: np.ndarray | torch.Tensor) -> list[float]:
