@@ -41,6 +41,7 @@ _ATTRS = (
 MODEL_CLASSES: dict[str, str] = {
     "UNet2DModel": "diffusers:UNet2DModel",
     "DiTTransformer2DModel": "diffusers:DiTTransformer2DModel",
+    "UNet2DConditionModel": "diffusers:UNet2DConditionModel",
     "ExpertMixtureModel": "diffprune.pruning.experts.prune:ExpertMixtureModel",
 }
 
@@ -76,6 +77,9 @@ def _structure(model: nn.Module) -> dict[str, dict[str, Any]]:
             rec["bias"] = m.bias is not None
         if isinstance(m, nn.GroupNorm):
             rec.update(eps=m.eps, affine=m.affine)
+        if isinstance(m, nn.LayerNorm):  # the transformer blocks of text-to-image UNets and DiTs
+            rec.update(normalized_shape=list(m.normalized_shape), eps=m.eps, affine=m.elementwise_affine,
+                       bias=m.bias is not None)
         if hasattr(m, "structure_init"):
             rec["init"] = m.structure_init()
         out[name] = rec
@@ -91,6 +95,9 @@ def _rebuild(rec: dict[str, Any], old: nn.Module) -> nn.Module:
         return nn.Linear(rec["in_features"], rec["out_features"], bias=rec["bias"])
     if t == "GroupNorm":
         return nn.GroupNorm(rec["num_groups"], rec["num_channels"], eps=rec["eps"], affine=rec["affine"])
+    if t == "LayerNorm":
+        return nn.LayerNorm(tuple(rec["normalized_shape"]), eps=rec["eps"], elementwise_affine=rec["affine"],
+                            bias=rec["bias"])
     if t in REPLACEMENTS:
         return REPLACEMENTS[t](**rec.get("init", {}))
     raise ArtifactError(f"checkpoint records a module of type {t!r} that cannot be rebuilt (was {type(old).__name__})")
@@ -118,7 +125,10 @@ def apply_structure(model: nn.Module, structure: dict[str, dict[str, Any]]) -> n
             mod = model.get_submodule(name) if name else model
         except AttributeError:
             continue
-        if cur != rec and rec["type"] in ("Conv2d", "Linear", "GroupNorm") or rec["type"] != cur["type"]:
+        # a LayerNorm recorded before its shape was (older checkpoints) is never pruned: kept as built
+        resized = rec["type"] in ("Conv2d", "Linear", "GroupNorm") or (rec["type"] == "LayerNorm"
+                                                                        and "normalized_shape" in rec)
+        if cur != rec and resized or rec["type"] != cur["type"]:
             set_module(model, name, _rebuild(rec, mod))
             continue
         for a in () if isinstance(mod, ConfigMixin) else _ATTRS:

@@ -19,16 +19,19 @@ import json
 import string
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from ..config import ConfigError
 from ..io import atomic_path
 from ..sampling import initial_noise, trajectory
 from .dit import TINY_VAE, to_unit
 from .unet import check_pretrained_source
+
+if TYPE_CHECKING:  # the pipeline class imports transformers: only where a pipeline is built or loaded
+    from diffusers import StableDiffusionPipeline
 
 HUB_SD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 """The Hub preset of this family (512 x 512 images, latent 64 x 64 x 4, CLIP ViT-L/14 text encoder)."""
@@ -85,6 +88,7 @@ def build_sd_pipeline(unet: Optional[dict] = None, vae: Optional[dict] = None, t
     Seeded without touching the global RNG; no safety checker (nothing to download). The UNet's
     ``cross_attention_dim`` must equal the text encoder's width.
     """
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_tokenizer()
@@ -116,6 +120,8 @@ def save_sd(pipe: StableDiffusionPipeline, path: str | Path) -> Path:
 def load_sd(name_or_path: str | Path, device: str | torch.device = "cpu") -> StableDiffusionPipeline:
     """``StableDiffusionPipeline.from_pretrained`` of a local folder or a Hub id, in eval mode, with its
     scheduler replaced by DDIM on the same betas. Offline, a Hub id fails at once with a :class:`ConfigError`."""
+    from diffusers import StableDiffusionPipeline
+
     name_or_path = str(name_or_path)
     check_pretrained_source(name_or_path, "sd.pretrained")
     try:

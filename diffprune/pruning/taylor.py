@@ -42,7 +42,8 @@ from .groupnorm import GroupwisePruner, ReferenceTaylorImportance, head_plan
 from .surgery import PruningError, check_pruned, repair_attributes
 
 __all__ = ["IMPORTANCES", "PruningError", "GradientTrace", "accumulate_timestep_gradients", "timestep_loss",
-           "make_importance", "effective_threshold", "prune_unet", "RatioSearch", "search_ratio", "finetune_spec"]
+           "make_importance", "effective_threshold", "prune_unet", "scoring_indices", "RatioSearch", "search_ratio",
+           "finetune_spec"]
 
 IMPORTANCES = ("diff-pruning", "taylor", "magnitude", "random")
 
@@ -186,6 +187,16 @@ def _pruning_failure(pruner: tp.pruner.BasePruner, group, error: Exception) -> P
     )
 
 
+def _draw_indices(n: int, cfg: TaylorConfig, gen: torch.Generator) -> torch.Tensor:
+    return torch.randperm(n, generator=gen)[: cfg.batch_size]
+
+
+def scoring_indices(n: int, cfg: TaylorConfig) -> torch.Tensor:
+    """``(B,)`` indices of the images :func:`prune_unet` scores, out of ``n``: a conditional model's
+    wrapper aligns its per-image conditioning with them."""
+    return _draw_indices(n, cfg, torch.Generator().manual_seed(cfg.seed))
+
+
 def _scoring_batch(images: torch.Tensor, cfg: TaylorConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 1: ``cfg.batch_size`` real images (seeded choice) and one fixed noise tensor.
 
@@ -196,7 +207,7 @@ def _scoring_batch(images: torch.Tensor, cfg: TaylorConfig, device: torch.device
         ``(x0, noise)``, both ``(B, C, H, W)`` on ``device``.
     """
     gen = torch.Generator().manual_seed(cfg.seed)
-    idx = torch.randperm(images.shape[0], generator=gen)[: cfg.batch_size]
+    idx = _draw_indices(images.shape[0], cfg, gen)
     x0 = images[idx].to(device)  # (B, C, H, W)
     noise = torch.randn(x0.shape, generator=gen).to(device)  # (B, C, H, W)
     return x0, noise

@@ -11,6 +11,7 @@ from .schedule import BlockCosts, Schedule, block_costs, gate_table_macs, save_h
 from .schedule import schedule_macs, skip_savings
 from .supernet import GatedDenoiser, GatedRunner, SkipScheduleDenoiser
 from .dit import DiTGraph, SkipScheduleDiT, guided_schedule_macs
+from .sd import SDUNetGraph, SkipScheduleSD, guided_sd_schedule_macs
 
 __all__ = [
     "OUTPUT", "BlockGraph", "UNet2DGraph", "block_graph", "executed_blocks", "needed_blocks",
@@ -20,4 +21,5 @@ __all__ = [
     "schedule_macs", "skip_savings",
     "GatedDenoiser", "GatedRunner", "SkipScheduleDenoiser",
     "DiTGraph", "SkipScheduleDiT", "guided_schedule_macs",
+    "SDUNetGraph", "SkipScheduleSD", "guided_sd_schedule_macs",
 ]

@@ -15,9 +15,9 @@ off again, leaving nothing on the model; the model's ``forward`` itself is never
 graph keeps working when diffusers changes it.
 
 :class:`UNet2DGraph` implements it for diffusers' ``UNet2DModel`` (every down block, the mid block,
-every up block). An SD ``UNet2DConditionModel`` or a ``DiTTransformer2DModel`` adapter would list
-its blocks and consumers the same way; :class:`~.dit.DiTGraph` does it for ``DiTTransformer2DModel``
-(a chain of transformer blocks whose residual updates are reused).
+every up block); :class:`~.sd.SDUNetGraph` extends it to Stable Diffusion's ``UNet2DConditionModel``
+(the same cascade, text embeddings passed through), and :class:`~.dit.DiTGraph` does it for
+``DiTTransformer2DModel`` (a chain of transformer blocks whose residual updates are reused).
 """
 
 from __future__ import annotations
@@ -283,6 +283,12 @@ def block_graph(model: nn.Module) -> BlockGraph:
 
     if isinstance(model, UNet2DModel):
         return UNet2DGraph(model)
+    from diffusers import UNet2DConditionModel
+
+    if isinstance(model, UNet2DConditionModel):
+        from .sd import SDUNetGraph
+
+        return SDUNetGraph(model)
     from diffusers import DiTTransformer2DModel
 
     if isinstance(model, DiTTransformer2DModel):
