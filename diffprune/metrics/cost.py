@@ -26,6 +26,19 @@ def _cpu_attention_flops(query_shape: torch.Size, key_shape: torch.Size, value_s
 _EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
 
 
+def _no_flops(*args: Any, **kwargs: Any) -> int:
+    return 0
+
+
+# "layers": the convention of the papers' tables (DiP-GO's 16.94T for SD-1.5, DiT's 118.6 G): the
+# convolutions and linear layers, not the attention products QK^T and AV (of no weights)
+_LAYERS_ONLY = {getattr(torch.ops.aten, name): _no_flops for name in (
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable", "bmm", "baddbmm") if hasattr(torch.ops.aten, name)}
+COUNTS = ("all", "layers")
+
+
 class MacCounter:
     """Counts the MACs executed inside ``model`` (any of its modules, called alone or nested) while active.
 
@@ -38,9 +51,15 @@ class MacCounter:
         model: the network whose work is counted.
         per_module: also record MACs by module name (``model.named_modules()`` names; only modules
             with a non-zero count appear).
+        count: ``"all"`` (every product: the house's cost, the one methods are compared by) or
+            ``"layers"`` (convolutions and linear layers only, the papers' convention, to compare with
+            their tables; attention's batched products are left out).
     """
 
-    def __init__(self, model: nn.Module, per_module: bool = False) -> None:
+    def __init__(self, model: nn.Module, per_module: bool = False, count: str = "all") -> None:
+        if count not in COUNTS:
+            raise ValueError(f"count = {count!r}: expected one of {list(COUNTS)}")
+        self.count = count
         self.model = model
         self.total = 0
         self.per_module: dict[str, int] | None = {} if per_module else None
@@ -67,7 +86,8 @@ class MacCounter:
         return self._flops.get_total_flops() // 2
 
     def __enter__(self) -> "MacCounter":
-        self._flops = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+        self._flops = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS if self.count == "all"
+                                      else {**_EXTRA_FORMULAS, **_LAYERS_ONLY})
         for name, m in self.model.named_modules():
             self._handles.append(m.register_forward_pre_hook(lambda mod, inp: self._enter()))
             self._handles.append(m.register_forward_hook(lambda mod, inp, out, n=name: self._leave(n),

@@ -125,19 +125,20 @@ class BlockCosts:
 
 
 @torch.no_grad()
-def block_costs(model: nn.Module | BlockGraph, sample_shape: Sequence[int]) -> BlockCosts:
+def block_costs(model: nn.Module | BlockGraph, sample_shape: Sequence[int], count: str = "all") -> BlockCosts:
     """Per-block MACs of one call on a batch of one ``sample_shape = (C, H, W)`` image.
 
     A block's cost is the work done while the block is computed (its ``compute()``), not the work of
     its modules: DiT's head calls block 0's label embedding after the blocks, and that work stays
-    in ``always`` when block 0 reuses its update.
+    in ``always`` when block 0 reuses its update. ``count``: as :class:`~diffprune.metrics.cost.MacCounter`
+    (``"layers"``: the papers' convention, to compare with their tables).
     """
     graph = block_graph(model)
     p = next(graph.model.parameters())
     x = torch.zeros((1, *sample_shape), device=p.device, dtype=p.dtype)
     t = torch.ones((1,), device=p.device, dtype=torch.long)
     blocks = [0] * len(graph.block_names)
-    with MacCounter(graph.model) as total:
+    with MacCounter(graph.model, count=count) as total:
         def run_block(k: int, compute):
             start = total.executed_macs()
             out = compute()
