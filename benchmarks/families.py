@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 import torch
 import typer
 
 from diffprune.env import quiet_defaults
-from diffprune.metrics.cost import MacCounter, measure_latency
-from diffprune.pruning.dipgo import SDUNetGraph, DiTGraph, block_costs, gate_table_macs, schedule_from_scores
+from diffprune.metrics.cost import measure_latency
+from diffprune.pruning.dipgo import DiTGraph, SDUNetGraph, block_costs, schedule_from_scores
 from diffprune.sampling import trajectory
 
 from benchmarks.common import REPO

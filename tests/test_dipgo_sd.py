@@ -109,7 +109,9 @@ def test_text_passes_through_the_cache_by_rows(pipe, graph):
     noise = initial_noise(len(PROMPTS), (4, 8, 8), 0)
     alone = [trajectory(SkipScheduleSD(pipe.unet, sched, _text(pipe, [p]), G), pipe.scheduler, noise[i:i + 1], T,
                         clamp=False) for i, p in enumerate(PROMPTS)]
-    assert torch.allclose(both, torch.cat(alone), atol=1e-5, rtol=1e-5)
+    # float tolerance: a batch of 1 and of 2 round matrix products differently (measured with one
+    # thread: 1.2e-5 with this schedule and 1.6e-5 with every block computed, on latents up to 16)
+    assert torch.allclose(both, torch.cat(alone), atol=1e-4, rtol=1e-5)
     swapped = sample_latents(SkipScheduleSD(pipe.unet, sched, _text(pipe, PROMPTS[::-1]), G), pipe.scheduler,
                              steps=T, seed=0)
     assert not torch.allclose(swapped, both, atol=1e-4)  # the prompts, not the rows, drive each image
