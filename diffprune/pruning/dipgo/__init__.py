@@ -12,6 +12,7 @@ from .schedule import schedule_macs, skip_savings
 from .supernet import GatedDenoiser, GatedRunner, SkipScheduleDenoiser
 from .dit import DiTGraph, SkipScheduleDiT, guided_schedule_macs
 from .sd import SDUNetGraph, SkipScheduleSD, guided_sd_schedule_macs
+from .conditioned import ConditionedGraph, dit_conditioned, sd_conditioned
 
 __all__ = [
     "OUTPUT", "BlockGraph", "UNet2DGraph", "block_graph", "executed_blocks", "needed_blocks",
@@ -22,4 +23,5 @@ __all__ = [
     "GatedDenoiser", "GatedRunner", "SkipScheduleDenoiser",
     "DiTGraph", "SkipScheduleDiT", "guided_schedule_macs",
     "SDUNetGraph", "SkipScheduleSD", "guided_sd_schedule_macs",
+    "ConditionedGraph", "dit_conditioned", "sd_conditioned",
 ]

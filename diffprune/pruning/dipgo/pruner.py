@@ -108,7 +108,7 @@ def train_pruner(
     _check_deterministic(sampler)
     n_iter, t0 = cfg.steps if train_steps is None else train_steps, time.perf_counter()
     run = _PrunerRun.build(model, scheduler_config, cfg, steps, sample_shape, torch.device(device), sampler, n_iter, features)
-    with frozen(run.graph.model):
+    with frozen(run.graph.model), frozen(getattr(run.graph, "decoder", None) or nn.Identity()):
         # 1. a fixed pool of (noise, full-model sample) pairs, drawn once
         run.draw_pool()
         pool_time = time.perf_counter() - t0
@@ -213,39 +213,62 @@ class _PrunerRun:
         return TrainState(work_dir / "pruner-state", {"pruner": self.pruner, "opt": self.opt, "lr_sched": self.lr_sched},
                           {"data": self.gen})
 
-    def full_samples(self, noise: torch.Tensor) -> torch.Tensor:
-        """The full model's final samples ``(B, C, H, W)`` from ``noise (B, C, H, W)``."""
+    @property
+    def clamp(self) -> bool:
+        """Pixel samples are clamped to [-1, 1]; a latent model's (``graph.latent``) are not."""
+        return not getattr(self.graph, "latent", False)
+
+    def rows(self, idx: torch.Tensor):
+        """The conditions of the pool rows ``idx`` for the calls inside (a conditional graph's
+        :meth:`~.conditioned.ConditionedGraph.rows`); nothing for an unconditional graph."""
+        return self.graph.rows(idx) if hasattr(self.graph, "rows") else contextlib.nullcontext()
+
+    def decoded(self, x0: torch.Tensor) -> torch.Tensor:
+        """What the consistency loss compares: the images a latent graph's decoder makes, else ``x0``."""
+        return self.graph.decode(x0) if hasattr(self.graph, "decode") else x0
+
+    def full_samples(self, noise: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The full model's final samples ``(B, C, H, W)`` from ``noise (B, C, H, W)`` of pool rows ``idx``."""
         keep_all = [[True] * len(self.graph.block_names)] * self.num_steps
-        return trajectory(self.runner.denoiser(keep_all), self.sched, noise, self.num_steps)
+        with self.rows(idx):
+            return trajectory(self.runner.denoiser(keep_all), self.sched, noise, self.num_steps, clamp=self.clamp)
 
     def draw_pool(self) -> None:
         """Draw ``cfg.pool_size`` noises and their full-model samples (nothing when 0)."""
         if not self.cfg.pool_size:
             return
         self.pool_noise = torch.randn((self.cfg.pool_size, *self.sample_shape), generator=self.gen).to(self.device)
-        chunks = self.pool_noise.split(max(self.cfg.batch_size, 64))
-        self.pool_target = torch.cat([self.full_samples(z) for z in chunks])
+        size = max(self.cfg.batch_size, 64)
+        self.pool_target = torch.cat([self.full_samples(z, torch.arange(i * size, i * size + len(z)))
+                                      for i, z in enumerate(self.pool_noise.split(size))])
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch of noises ``(B, C, H, W)`` and the full model's samples from them (same shape)."""
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A batch of noises ``(B, C, H, W)``, the full model's samples from them (same shape), and their
+        pool rows ``(B,)`` (the rows' conditions, for a conditional graph)."""
         if self.pool_noise is not None:
-            idx = torch.randint(self.cfg.pool_size, (self.cfg.batch_size,), generator=self.gen).to(self.device)
-            return self.pool_noise[idx], self.pool_target[idx]
+            idx = torch.randint(self.cfg.pool_size, (self.cfg.batch_size,), generator=self.gen)
+            return self.pool_noise[idx.to(self.device)], self.pool_target[idx.to(self.device)], idx
         noise = torch.randn((self.cfg.batch_size, *self.sample_shape), generator=self.gen).to(self.device)
-        return noise, self.full_samples(noise)
+        idx = torch.arange(self.cfg.batch_size)
+        return noise, self.full_samples(noise, idx), idx
 
     def iteration(self, it: int) -> dict[str, float]:
         """One optimisation step of the pruner; returns its record for the loss history."""
         # 1. noise and the full model's final sample from it
-        noise, target = self.batch()
+        noise, target, idx = self.batch()
         # 2. gates and the SubNet's final sample, differentiable in the gates
         gates = ste_gates(self.pruner())  # (T, N)
         hard = (gates.detach() > 0.5).tolist()
         kept = gate_table_macs(self.graph.consumers, self.costs, hard) / (self.costs.full * self.num_steps)
-        x0 = trajectory(self.runner.denoiser(gates, soft=True), self.sched, noise, self.num_steps, grad=True)
-        # 3. consistency + MACs-weighted sparsity: the kept fraction of a step's MACs averaged over
-        #    the gated steps 1..T-1 (the reference's sparse_lossv2), only while above the target
-        l_cons = self.loss_fn(x0, target)
+        with self.rows(idx):
+            x0 = trajectory(self.runner.denoiser(gates, soft=True), self.sched, noise, self.num_steps, grad=True,
+                            clamp=self.clamp)
+        # 3. consistency (on decoded images for a latent model) + MACs-weighted sparsity: the kept
+        #    fraction of a step's MACs averaged over the gated steps 1..T-1 (the reference's
+        #    sparse_lossv2), only while above the target
+        with torch.no_grad():
+            target = self.decoded(target)
+        l_cons = self.loss_fn(self.decoded(x0), target)
         if kept > self.cfg.target_ratio and self.num_steps > 1:
             l_sparse = self.cfg.alpha_s * (gates[1:] * self.gamma).sum() / (self.num_steps - 1)
         else:
