@@ -9,24 +9,21 @@ newest one falls back to the one before it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from .distributed import local_batch, make_accelerator, run_device, unwrap
-from .io import ArtifactError, atomic_path, read_json, sha256_file
 from .models.ema import EMA
 from .sampling import Predictor, predict
+from .train_state import TrainState  # noqa: F401  (re-exported: every resumable run imports it from here)
 
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import Accelerator
@@ -59,6 +56,9 @@ class TrainSpec:
 
 
 StepHook = Callable[[int, torch.Generator], None]
+ConditionalCall = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``call(model, x_t (B, C, H, W), t (B,), conditions (B, ...)) -> prediction``: a conditional model's
+training call (DiT: its labels as ``class_labels`` and the eps channels of its output)."""
 
 
 def _lr_lambda(spec: TrainSpec) -> Callable[[int], float]:
@@ -120,113 +120,6 @@ def denoising_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, sch
     return target
 
 
-def _flatten(obj: Any, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
-    """A JSON skeleton of ``obj`` (nested dicts/lists/scalars) with its tensors moved to ``tensors``.
-
-    Dicts keep their key types (an optimizer's state is keyed by int), so :func:`_unflatten` gives
-    back exactly what ``state_dict()`` returned.
-    """
-    if torch.is_tensor(obj):
-        tensors[prefix] = obj.detach().contiguous().cpu()
-        return {"__tensor__": prefix}
-    if isinstance(obj, dict):
-        return {"__dict__": [[k, _flatten(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
-    if isinstance(obj, (list, tuple)):
-        return {"__list__": [_flatten(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)],
-                "tuple": isinstance(obj, tuple)}
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"{prefix}: cannot save a {type(obj).__name__} in a training state (tensors and JSON only)")
-
-
-def _unflatten(skel: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(skel, dict):
-        if "__tensor__" in skel:
-            return tensors[skel["__tensor__"]]
-        if "__dict__" in skel:
-            return {k: _unflatten(v, tensors) for k, v in skel["__dict__"]}
-        if "__list__" in skel:
-            items = [_unflatten(v, tensors) for v in skel["__list__"]]
-            return tuple(items) if skel.get("tuple") else items
-    return skel
-
-
-class TrainState:
-    """The resumable state of one optimisation run, saved atomically as safetensors + JSON (no pickle).
-
-    It holds named *stateful* objects (anything with ``state_dict()`` / ``load_state_dict()``: models,
-    optimizers, LR schedules, EMAs), named ``torch.Generator`` s, optionally the global torch RNG,
-    and whatever extra tensors / JSON the caller passes at save time (a data order, a loss history).
-    Every run of the house resumes through it: the teacher, fine-tunes, experts, the router and the
-    DiP-GO pruner. Checkpoints live in ``root/step-NNNNNNNN/``; the ``keep`` newest are kept, so a
-    corrupted newest one falls back to the one before it.
-
-    Args:
-        root: the folder of this run's checkpoints.
-        objects: ``name -> stateful object``; restored in place by :meth:`restore`.
-        generators: ``name -> torch.Generator``; restored in place.
-        global_rng: also save / restore ``torch.get_rng_state()`` (for code that draws from it).
-        keep: how many checkpoints to keep.
-    """
-
-    def __init__(self, root: str | Path, objects: dict[str, Any], generators: Optional[dict[str, torch.Generator]] = None,
-                 *, global_rng: bool = False, keep: int = 2) -> None:
-        if keep < 1:
-            raise ValueError(f"keep = {keep!r}: must be >= 1")
-        self.root, self.objects, self.generators = Path(root), objects, dict(generators or {})
-        self.global_rng, self.keep = global_rng, keep
-
-    def checkpoints(self) -> list[Path]:
-        """Checkpoint folders, newest first."""
-        if not self.root.exists():
-            return []
-        return sorted(self.root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
-
-    def save(self, step: int, *, tensors: Optional[dict[str, torch.Tensor]] = None, meta: Optional[dict] = None) -> Path:
-        """Write checkpoint ``step`` (atomically) with the extra ``tensors`` and JSON ``meta``."""
-        flat: dict[str, torch.Tensor] = {}
-        skeleton = {name: _flatten(obj.state_dict(), flat, f"obj.{name}") for name, obj in self.objects.items()}
-        for name, g in self.generators.items():
-            flat[f"rng.{name}"] = g.get_state()
-        if self.global_rng:
-            flat["rng.<torch>"] = torch.get_rng_state()
-        flat |= {f"extra.{k}": v.detach().contiguous().cpu() for k, v in (tensors or {}).items()}
-        record = {"step": step, "objects": skeleton, "meta": meta or {}}
-        with atomic_path(self.root / f"step-{step:08d}", is_dir=True) as tmp:
-            tmp.mkdir(parents=True)
-            save_file(flat, str(tmp / "state.safetensors"))
-            record["sha256"] = sha256_file(tmp / "state.safetensors")
-            (tmp / "meta.json").write_text(json.dumps(record, sort_keys=True))
-        for old in self.checkpoints()[self.keep:]:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.root / f"step-{step:08d}"
-
-    def restore(self, device: torch.device | str | None = None) -> Optional[tuple[int, dict[str, torch.Tensor], dict]]:
-        """Load the newest valid checkpoint into the registered objects and generators.
-
-        Returns ``(step, extra tensors, meta)``, or ``None`` when there is no usable checkpoint
-        (unusable ones are skipped with a warning).
-        """
-        for ck in self.checkpoints():
-            try:
-                record = read_json(ck / "meta.json")
-                if sha256_file(ck / "state.safetensors") != record["sha256"]:
-                    raise ArtifactError(f"{ck / 'state.safetensors'}: content hash mismatch")
-                flat = load_file(str(ck / "state.safetensors"), device=str(device) if device is not None else "cpu")
-            except (ArtifactError, OSError, KeyError, ValueError) as e:
-                log.warning("skipping unusable training checkpoint %s: %s", ck, e)
-                continue
-            for name, obj in self.objects.items():
-                obj.load_state_dict(_unflatten(record["objects"][name], flat))
-            for name, g in self.generators.items():
-                g.set_state(flat[f"rng.{name}"].cpu())
-            if self.global_rng:
-                torch.set_rng_state(flat["rng.<torch>"].cpu())
-            extra = {k[6:]: v for k, v in flat.items() if k.startswith("extra.")}
-            return int(record["step"]), extra, record["meta"]
-        return None
-
-
 def train_denoiser(
     model: nn.Module,
     images: torch.Tensor,
@@ -242,6 +135,8 @@ def train_denoiser(
     on_progress: Optional[Callable[[int, int], None]] = None,
     teacher: Optional[nn.Module] = None,
     mixed_precision: str = "no",
+    conditions: Optional[torch.Tensor] = None,
+    call: Optional[ConditionalCall] = None,
 ) -> tuple[nn.Module, EMA]:
     """Train ``model`` to denoise ``images`` ``(N, C, H, W)`` in [-1, 1]; resumable.
 
@@ -258,25 +153,31 @@ def train_denoiser(
             show it, e.g. as a Prefect progress artifact).
         teacher: the frozen network ``spec.distill > 0`` distils from (run in eval mode, no grads).
         mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (CUDA only): the autocast dtype of the forward.
+        conditions: ``(N, ...)`` one condition per image (class labels, text embeddings), drawn with
+            it; the model (and a teacher) is then called as ``call(model, x_t, t, conditions)``.
 
     Returns:
         The model with its final raw weights, and the EMA of its weights.
     """
     if spec.distill and teacher is None:
         raise ValueError(f"distill = {spec.distill!r} needs a teacher")
+    if (conditions is None) != (call is None) or (conditions is not None and len(conditions) != len(images)):
+        raise ValueError(f"conditions ({None if conditions is None else len(conditions)}) for {len(images)} images "
+                         f"and call ({call is not None}): give both, one condition per image, or neither")
     acc = make_accelerator(device, mixed_precision, find_unused_parameters=before_step is not None)
     device = run_device(acc, device)
     teacher = teacher.to(device).eval().requires_grad_(False) if teacher is not None else None
-    run = _Run.begin(acc, model.to(device).train(), images.to(device), spec, work_dir, desc)
+    run = _Run.begin(acc, model.to(device).train(), images.to(device), spec, work_dir, desc,
+                     None if conditions is None else conditions.to(device))
     t_max = spec.t_max if spec.t_max is not None else scheduler.config.num_train_timesteps
     bar = tqdm(total=spec.steps, initial=run.start, desc=desc, disable=not progress or not acc.is_main_process)
     for step in range(run.start, spec.steps):
         # 1. the next global minibatch, noise, timesteps: one generator, so resumes and all processes agree
-        x0, noise, t = run.batches.draw(step, spec.t_min, t_max)
+        x0, noise, t, c = run.batches.draw(step, spec.t_min, t_max)
         if before_step is not None:
             before_step(step, run.batches.gen)
         # 2. one optimiser step on this process's shard of it, then the EMA
-        loss = run.step(x0, noise, t, scheduler, teacher, spec)
+        loss = run.step(x0, noise, t, scheduler, teacher, spec, c, call)
         bar.set_postfix(loss=f"{loss:.4f}")
         bar.update(1)
         # 3. checkpoint
@@ -306,12 +207,12 @@ class _Run:
 
     @classmethod
     def begin(cls, acc: Accelerator, model: nn.Module, images: torch.Tensor, spec: TrainSpec, work_dir: str | Path,
-              desc: str) -> "_Run":
+              desc: str, conditions: Optional[torch.Tensor] = None) -> "_Run":
         """Fresh optimiser, LR schedule, EMA and data order, then the newest checkpoint, if any."""
         ema = EMA(model, spec.ema_decay)
         opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(spec))
-        batches = _Batches(images, spec.batch_size, spec.seed)
+        batches = _Batches(images, spec.batch_size, spec.seed, conditions)
         objects = {"model": model, "ema": ema, "opt": opt, "lr_sched": sched, "data": batches}
         if acc.scaler is not None:  # fp16: the loss scale resumes too
             objects["scaler"] = acc.scaler
@@ -324,12 +225,18 @@ class _Run:
         return cls(acc, model, wrapped, ema, opt, step_opt, sched, batches, state, start)
 
     def step(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler, teacher: Optional[nn.Module],
-             spec: TrainSpec) -> float:
+             spec: TrainSpec, c: Optional[torch.Tensor] = None, call: Optional[ConditionalCall] = None) -> float:
         """One optimiser step on this process's shard of the global batch (DDP averages the shards'
-        gradients), then the EMA; returns the shard's loss."""
-        x0, noise, t, weight = local_batch(self.acc, x0, noise, t)
+        gradients), then the EMA; returns the shard's loss. ``c``: the batch's conditions, if any."""
+        if c is None:
+            x0, noise, t, weight = local_batch(self.acc, x0, noise, t)
+            model, ref = self.wrapped, teacher
+        else:
+            x0, noise, t, c, weight = local_batch(self.acc, x0, noise, t, c)
+            model = _bind(call, self.wrapped, c)
+            ref = _bind(call, teacher, c) if teacher is not None else None
         with self.acc.autocast():
-            loss = denoising_loss(self.wrapped, x0, t, noise, scheduler, teacher=teacher, distill=spec.distill)
+            loss = denoising_loss(model, x0, t, noise, scheduler, teacher=ref, distill=spec.distill)
         self.step_opt.zero_grad(set_to_none=True)
         self.acc.backward(loss if weight == 1 else loss * weight)
         if spec.grad_clip:
@@ -349,6 +256,10 @@ class _Run:
         self.acc.wait_for_everyone()
 
 
+def _bind(call: ConditionalCall, model: nn.Module, c: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return lambda x, t: call(model, x, t, c)
+
+
 def random_batch(images: torch.Tensor, batch_size: int, t_min: int, t_max: int, gen: torch.Generator,
                  device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``batch_size`` images drawn with replacement from ``images (N, C, H, W)``, their noise and
@@ -361,30 +272,35 @@ def random_batch(images: torch.Tensor, batch_size: int, t_min: int, t_max: int, 
 
 
 class _Batches:
-    """Minibatches of ``images (N, ...)`` in a seeded epoch order, reshuffled each epoch; stateful."""
+    """Minibatches of ``images (N, ...)`` (and their ``conditions (N, ...)``, if any) in a seeded epoch
+    order, reshuffled each epoch; stateful."""
 
-    def __init__(self, images: torch.Tensor, batch_size: int, seed: int) -> None:
+    def __init__(self, images: torch.Tensor, batch_size: int, seed: int,
+                 conditions: Optional[torch.Tensor] = None) -> None:
         if images.shape[0] == 0:
             raise ValueError("cannot train on an empty dataset")
-        self.images, self.batch_size = images, batch_size
+        self.images, self.conditions, self.batch_size = images, conditions, batch_size
         self.gen = torch.Generator().manual_seed(seed)
         self.perm = torch.randperm(images.shape[0], generator=self.gen)
 
     def next(self, step: int) -> torch.Tensor:
+        """The indices of minibatch ``step``."""
         n = self.images.shape[0]
         pos = (step * self.batch_size) % n
         if pos + self.batch_size > n:
             self.perm = torch.randperm(n, generator=self.gen)
             pos = 0
-        return self.images[self.perm[pos : pos + self.batch_size]]
+        return self.perm[pos : pos + self.batch_size]
 
-    def draw(self, step: int, t_min: int, t_max: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Minibatch ``x0 (B, C, H, W)``, its noise ``(B, C, H, W)`` and timesteps ``t (B,)`` in
-        ``[t_min, t_max)``, all drawn from :attr:`gen` (so a resumed run draws the same ones)."""
-        x0 = self.next(step)
+    def draw(self, step: int, t_min: int, t_max: int) -> tuple[torch.Tensor, ...]:
+        """Minibatch ``x0 (B, C, H, W)``, its noise ``(B, C, H, W)``, timesteps ``t (B,)`` in
+        ``[t_min, t_max)``, all drawn from :attr:`gen` (so a resumed run draws the same ones), and its
+        conditions ``(B, ...)`` (``None`` without)."""
+        idx = self.next(step)
+        x0 = self.images[idx]
         noise = torch.randn(x0.shape, generator=self.gen).to(x0.device)
         t = torch.randint(t_min, t_max, (x0.shape[0],), generator=self.gen).to(x0.device)
-        return x0, noise, t
+        return x0, noise, t, None if self.conditions is None else self.conditions[idx.to(self.conditions.device)]
 
     def state_dict(self) -> dict:
         return {"perm": self.perm}

@@ -6,7 +6,8 @@ import re
 from .conftest import REPO
 
 PKG = REPO / "diffprune"
-ALGORITHM = [PKG / "pruning", PKG / "models", PKG / "metrics", PKG / "sampling.py", PKG / "training.py", PKG / "data"]
+ALGORITHM = [PKG / "pruning", PKG / "models", PKG / "metrics", PKG / "sampling.py", PKG / "training.py",
+             PKG / "train_state.py", PKG / "data"]
 FORBIDDEN = {"prefect", "mlflow", "dvc"}
 
 
