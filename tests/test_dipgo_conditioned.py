@@ -42,6 +42,14 @@ def test_the_pool_is_the_guided_sampler_per_row_and_not_clamped(dit):
     assert got.abs().max() > 1  # latents, never clamped to the pixel range
 
 
+def test_without_a_vae_the_model_is_in_pixel_space_and_its_samples_are_clamped(dit):
+    graph = dit_conditioned(dit.transformer, LABELS, G)  # no VAE: pixel space
+    run = _PrunerRun.build(graph, _sched_cfg(dit), CFG, T, (4, 8, 8), torch.device("cpu"), "ddim", 2)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    got = run.full_samples(noise, torch.tensor([0, 1]))
+    assert not graph.latent and got.abs().max() <= 1 and torch.equal(run.decoded(got), got)
+
+
 def test_pruner_on_a_guided_dit_reaches_the_target_and_its_schedule_runs(dit):
     graph = dit_conditioned(dit.transformer, LABELS, G, vae=dit.vae)
     before = {k: v.clone() for k, v in dit.vae.state_dict().items()}

@@ -7,9 +7,9 @@ denoiser of one trajectory. :class:`ConditionedGraph` makes a conditional family
 ``conds[rows[i] % n]`` (a class label, a prompt's embeddings) and guided on the doubled batch by the
 family's own denoiser (``GuidedDiT`` / ``GuidedSD``: the same formula as the plain sampler). The
 pruner sets ``rows`` to the pool rows of each batch (:meth:`ConditionedGraph.rows`), so a pooled
-noise keeps the condition its full-model target was drawn with. The latents are not clamped
-(``latent = True``), and the consistency loss compares the images the VAE decodes (``decode``), as
-the paper's SSIM on the decoded final images does.
+noise keeps the condition its full-model target was drawn with. With a VAE the latents are
+not clamped (``latent``) and the consistency loss compares the images it decodes (``decode``), as the
+paper's SSIM on the decoded final images does; a class-conditional model in pixel space has none.
 """
 
 from __future__ import annotations
@@ -35,16 +35,16 @@ class ConditionedGraph(BlockGraph):
         inner: the family's graph (with ``conditioned(cond)`` and ``call_model``).
         num_conditions: how many conditions the rows index (a row without ``rows`` set is ``i % n``).
         make_denoiser: builds the guided denoiser for a batch's rows (see :data:`MakeDenoiser`).
-        decoder: the VAE whose ``decode`` turns final latents into images for the loss, or ``None``.
+        decoder: the VAE whose ``decode`` turns final latents into images for the loss; ``None`` for a
+            model in pixel space (its final samples are then clamped to [-1, 1], as the house's).
     """
-
-    latent = True  # final samples are latents: never clamped to the pixel range
 
     def __init__(self, inner: BlockGraph, num_conditions: int, make_denoiser: MakeDenoiser,
                  decoder: Optional[nn.Module] = None) -> None:
         if num_conditions < 1:
             raise ValueError(f"num_conditions = {num_conditions}: need >= 1")
         self.inner, self.model, self.decoder = inner, inner.model, decoder
+        self.latent = decoder is not None  # latents are never clamped to the pixel range
         self.num_conditions, self.make_denoiser = num_conditions, make_denoiser
         self._rows: Optional[torch.Tensor] = None
 
