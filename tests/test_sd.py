@@ -84,6 +84,13 @@ def test_bad_inputs_are_refused_with_the_bad_value(pipe, tmp_path):
         GuidedSD(pipe.unet, torch.randn(2, 5, 7), 1.0)
 
 
+def test_pickled_weights_are_refused_not_loaded(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert list((tmp_path / "pickled").rglob("*.bin"))
+    with pytest.raises(ConfigError, match="cannot load a StableDiffusionPipeline"):
+        load_sd(tmp_path / "pickled")
+
+
 def test_hub_id_offline_fails_at_once_naming_it(monkeypatch):
     assert HUB_SD == "stable-diffusion-v1-5/stable-diffusion-v1-5"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

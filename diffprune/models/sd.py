@@ -119,13 +119,15 @@ def save_sd(pipe: StableDiffusionPipeline, path: str | Path) -> Path:
 
 def load_sd(name_or_path: str | Path, device: str | torch.device = "cpu") -> StableDiffusionPipeline:
     """``StableDiffusionPipeline.from_pretrained`` of a local folder or a Hub id, in eval mode, with its
-    scheduler replaced by DDIM on the same betas. Offline, a Hub id fails at once with a :class:`ConfigError`."""
+    scheduler replaced by DDIM on the same betas; safetensors weights only. Offline, a Hub id fails at
+    once with a :class:`ConfigError`."""
     from diffusers import StableDiffusionPipeline
 
     name_or_path = str(name_or_path)
     check_pretrained_source(name_or_path, "sd.pretrained")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(name_or_path, use_safetensors=None, safety_checker=None,
+        # safetensors only: a folder of pickled .bin weights is refused, never unpickled
+        pipe = StableDiffusionPipeline.from_pretrained(name_or_path, use_safetensors=True, safety_checker=None,
                                                        requires_safety_checker=False)
     except (OSError, ValueError, EnvironmentError) as e:
         raise ConfigError(f"sd.pretrained = {name_or_path!r}: cannot load a StableDiffusionPipeline ({e})") from e
