@@ -177,13 +177,13 @@ class UNet2DGraph(BlockGraph):
 
     Down block i's outputs are its residual tuple ``(r_1, ..., r_m)``, whose last entry is also the
     hidden state passed on; up block j reads the previous hidden state and pops its residuals from
-    the stack (``UNet2DModel.forward`` does both; :meth:`consumers` simulates it). Unsupported variants (skip-connection blocks,
-    class conditioning) raise ``NotImplementedError`` at construction.
+    the stack (``UNet2DModel.forward`` does both; :meth:`consumers` simulates it). A class-conditional
+    UNet (``num_class_embeds``) takes its labels from :meth:`conditioned` (class 0 outside it: the
+    same cost). Skip-connection blocks raise ``NotImplementedError`` at construction.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        if model.class_embedding is not None:
-            raise NotImplementedError("UNet2DGraph: class-conditional UNet2DModel is not supported")
+        self._labels: Optional[torch.Tensor] = None
         for blk in [*model.down_blocks, *model.up_blocks]:
             if hasattr(blk, "skip_conv"):
                 raise NotImplementedError(f"UNet2DGraph: {type(blk).__name__} (skip_conv blocks) is not supported")
@@ -270,9 +270,21 @@ class UNet2DGraph(BlockGraph):
             return res[-1], res
         return outputs[0] if outputs is not None else None
 
+    @contextlib.contextmanager
+    def conditioned(self, class_labels: torch.Tensor) -> Iterator["UNet2DGraph"]:
+        """Calls inside pass ``class_labels: (B,)`` to a class-conditional UNet."""
+        self._labels = class_labels
+        try:
+            yield self
+        finally:
+            self._labels = None
+
     def call_model(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``UNet2DModel.forward(x, t)``'s sample ``(B, C, H, W)``."""
-        return self.model(x, t, return_dict=False)[0]
+        """``UNet2DModel.forward(x, t)``'s sample ``(B, C, H, W)`` (with the class labels of :meth:`conditioned`)."""
+        if getattr(self.model, "class_embedding", None) is None:
+            return self.model(x, t, return_dict=False)[0]
+        y = self._labels if self._labels is not None else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return self.model(x, t, class_labels=y, return_dict=False)[0]
 
 
 def block_graph(model: nn.Module) -> BlockGraph:
