@@ -140,30 +140,23 @@ def train_denoiser(
 ) -> tuple[nn.Module, EMA]:
     """Train ``model`` to denoise ``images`` ``(N, C, H, W)`` in [-1, 1]; resumable.
 
-    Runs through ``accelerate`` (:mod:`diffprune.distributed`): one process, or several (``accelerate
-    launch``) training on shards of each global batch; only the main one checkpoints and reports.
+    Runs through ``accelerate`` (:mod:`diffprune.distributed`): one process, or several (``accelerate launch``)
+    on shards of each global batch; only the main one checkpoints and reports.
 
     Args:
         work_dir: where training checkpoints live; a rerun resumes from the newest valid one.
         before_step: called as ``before_step(step, generator)`` before each forward (elastic experts
             use it to pick a sub-network; it must draw randomness only from ``generator``).
-        stop_after: stop (after checkpointing) once this step is reached — used by tests that
-            simulate an interrupted run.
-        on_progress: called as ``on_progress(done, total)`` at every checkpoint (orchestrators
-            show it, e.g. as a Prefect progress artifact).
-        teacher: the frozen network ``spec.distill > 0`` distils from (run in eval mode, no grads).
-        mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"`` (CUDA only): the autocast dtype of the forward.
+        stop_after: stop (after checkpointing) at this step (tests simulating an interrupted run).
+        on_progress: called as ``on_progress(done, total)`` at every checkpoint (a Prefect artifact).
+        teacher: the frozen network ``spec.distill > 0`` distils from; mixed_precision: ``"no"``,
+            ``"bf16"`` or ``"fp16"`` (CUDA only), the autocast dtype of the forward.
         conditions: ``(N, ...)`` one condition per image (class labels, text embeddings), drawn with
             it; the model (and a teacher) is then called as ``call(model, x_t, t, conditions)``.
 
-    Returns:
-        The model with its final raw weights, and the EMA of its weights.
+    Returns ``(model, ema)``: the final raw weights and the EMA of them.
     """
-    if spec.distill and teacher is None:
-        raise ValueError(f"distill = {spec.distill!r} needs a teacher")
-    if (conditions is None) != (call is None) or (conditions is not None and len(conditions) != len(images)):
-        raise ValueError(f"conditions ({None if conditions is None else len(conditions)}) for {len(images)} images "
-                         f"and call ({call is not None}): give both, one condition per image, or neither")
+    _check_inputs(spec, teacher, images, conditions, call)
     acc = make_accelerator(device, mixed_precision, find_unused_parameters=before_step is not None)
     device = run_device(acc, device)
     teacher = teacher.to(device).eval().requires_grad_(False) if teacher is not None else None
@@ -181,13 +174,21 @@ def train_denoiser(
         bar.set_postfix(loss=f"{loss:.4f}")
         bar.update(1)
         # 3. checkpoint
-        done = step + 1
-        if done % spec.checkpoint_every == 0 or done == spec.steps or done == stop_after:
+        if (done := step + 1) % spec.checkpoint_every == 0 or done == spec.steps or done == stop_after:
             run.checkpoint(done, spec.steps, on_progress)
         if stop_after is not None and done >= stop_after:
             break
     bar.close()
     return unwrap(acc, run.wrapped), run.ema
+
+
+def _check_inputs(spec: TrainSpec, teacher: Optional[nn.Module], images: torch.Tensor,
+                  conditions: Optional[torch.Tensor], call: Optional[ConditionalCall]) -> None:
+    if spec.distill and teacher is None:
+        raise ValueError(f"distill = {spec.distill!r} needs a teacher")
+    if (conditions is None) != (call is None) or (conditions is not None and len(conditions) != len(images)):
+        raise ValueError(f"conditions ({None if conditions is None else len(conditions)}) for {len(images)} images "
+                         f"and call ({call is not None}): give both, one condition per image, or neither")
 
 
 @dataclass
@@ -256,7 +257,7 @@ class _Run:
         self.acc.wait_for_everyone()
 
 
-def _bind(call: ConditionalCall, model: nn.Module, c: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _bind(call: ConditionalCall, model: nn.Module, c: torch.Tensor) -> Predictor:
     return lambda x, t: call(model, x, t, c)
 
 
