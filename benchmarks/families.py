@@ -66,7 +66,7 @@ def _models(quick: bool, device: torch.device, dtype: torch.dtype) -> dict[str, 
     }
 
 
-def _pruned(name: str, entry: dict) -> dict:
+def _pruned(entry: dict) -> dict:
     """The entry of one Diff-Pruning model of ``entry``'s (magnitude scores, ratio ``RATIO``)."""
     from diffusers import DDPMScheduler
 
@@ -133,7 +133,7 @@ def _row(name: str, entry: dict, steps: int, device: torch.device, dtype: torch.
     row["trajectory_macs_layers_t"] = row["macs_per_step_layers_g"] * steps / 1e3
     if next(entry["model"].parameters()).device.type == "meta":
         return row  # counted only: no weights to time or prune
-    pruned = _pruned(name, entry)
+    pruned = _pruned(entry)
     row["pruned_macs_ratio"] = _macs(pruned, "all") / _macs(entry, "all")
     row["latency_full_s"] = _latency(entry, None, steps, device, dtype)
     row["latency_schedule_s"] = _latency(entry, sched.keep, steps, device, dtype)

@@ -19,8 +19,7 @@ handled where the plain sampler handles them.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from diffusers import DiTTransformer2DModel
@@ -44,7 +43,6 @@ class DiTGraph(BlockGraph):
         if not isinstance(model, DiTTransformer2DModel):
             raise TypeError(f"DiTGraph: expected a DiTTransformer2DModel, got {type(model).__name__}")
         self.model = model
-        self._labels: Optional[torch.Tensor] = None
 
     @property
     def block_names(self) -> list[str]:
@@ -68,18 +66,9 @@ class DiTGraph(BlockGraph):
     def block_hook(self, k: int, run_block: RunBlock) -> ModelHook:
         return _ResidualHook(k, run_block)
 
-    @contextlib.contextmanager
-    def conditioned(self, class_labels: torch.Tensor) -> Iterator["DiTGraph"]:
-        """Model calls inside use ``class_labels: (B',)``."""
-        self._labels = class_labels
-        try:
-            yield self
-        finally:
-            self._labels = None
-
     def call_model(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``DiTTransformer2DModel.forward``'s raw output ``(B', C_out, h, w)`` for ``x: (B', C, h, w)``, ``t: (B',)``."""
-        y = self._labels
+        y = self.condition
         if y is None:
             y = torch.full((x.shape[0],), int(self.model.config.num_embeds_ada_norm), device=x.device)
         return self.model(x, timestep=t, class_labels=y, return_dict=False)[0]

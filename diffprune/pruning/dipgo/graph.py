@@ -94,6 +94,19 @@ class BlockGraph(abc.ABC):
             for hook in reversed(installed):
                 hook.remove()
 
+    condition: Optional[torch.Tensor] = None
+    """The conditioning of the calls inside :meth:`conditioned` (labels, text embeddings); ``None`` outside."""
+
+    @contextlib.contextmanager
+    def conditioned(self, condition: torch.Tensor) -> Iterator["BlockGraph"]:
+        """Model calls inside use ``condition`` (per row of the call: class labels ``(B',)`` or text
+        embeddings ``(B', L, D)``); each family's :meth:`call_model` passes it on."""
+        self.condition = condition
+        try:
+            yield self
+        finally:
+            self.condition = None
+
     def block_hook(self, k: int, run_block: RunBlock) -> ModelHook:
         """The hook that routes block k's calls to ``run_block`` (a family whose reuse is not a plain
         output backup, such as DiT's residual updates, returns its own)."""
@@ -183,7 +196,6 @@ class UNet2DGraph(BlockGraph):
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self._labels: Optional[torch.Tensor] = None
         for blk in [*model.down_blocks, *model.up_blocks]:
             if hasattr(blk, "skip_conv"):
                 raise NotImplementedError(f"UNet2DGraph: {type(blk).__name__} (skip_conv blocks) is not supported")
@@ -270,20 +282,11 @@ class UNet2DGraph(BlockGraph):
             return res[-1], res
         return outputs[0] if outputs is not None else None
 
-    @contextlib.contextmanager
-    def conditioned(self, class_labels: torch.Tensor) -> Iterator["UNet2DGraph"]:
-        """Calls inside pass ``class_labels: (B,)`` to a class-conditional UNet."""
-        self._labels = class_labels
-        try:
-            yield self
-        finally:
-            self._labels = None
-
     def call_model(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``UNet2DModel.forward(x, t)``'s sample ``(B, C, H, W)`` (with the class labels of :meth:`conditioned`)."""
         if getattr(self.model, "class_embedding", None) is None:
             return self.model(x, t, return_dict=False)[0]
-        y = self._labels if self._labels is not None else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        y = self.condition if self.condition is not None else torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return self.model(x, t, class_labels=y, return_dict=False)[0]
 
 

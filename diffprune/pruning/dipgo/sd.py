@@ -5,7 +5,7 @@ on a stack, a mid block, up blocks that pop them (SD-1.5: down 0-3, mid, up 0-3,
 blocks of the DiP-GO paper). :class:`SDUNetGraph` reuses :class:`~.graph.UNet2DGraph`'s consumer
 derivation (the skip-connection cascade: a block is not needed when every block reading it reuses
 its backup) and adds the text conditioning: the embeddings of a call are set with
-:meth:`SDUNetGraph.conditioned` and passed as ``encoder_hidden_states``; the cross-attention blocks
+``conditioned(text)`` and passed as ``encoder_hidden_states``; the cross-attention blocks
 receive them from the UNet's own forward.
 
 Conditioning passes through the cache by rows: with guidance the runner sees the doubled batch
@@ -15,9 +15,6 @@ through a :class:`~.supernet.GatedRunner`.
 """
 
 from __future__ import annotations
-
-import contextlib
-from typing import Iterator, Optional
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -45,20 +42,10 @@ class SDUNetGraph(UNet2DGraph):
                                       "(SDXL's added conditioning) is not supported")
         super().__init__(model)
         self.tokens = int(tokens)
-        self._text: Optional[torch.Tensor] = None
-
-    @contextlib.contextmanager
-    def conditioned(self, text: torch.Tensor) -> Iterator["SDUNetGraph"]:
-        """Model calls inside use the text embeddings ``text: (B', L, D)``."""
-        self._text = text
-        try:
-            yield self
-        finally:
-            self._text = None
 
     def call_model(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``UNet2DConditionModel.forward``'s sample ``(B', C, h, w)`` for ``x: (B', C, h, w)``, ``t: (B',)``."""
-        text = self._text
+        text = self.condition
         if text is None:
             text = torch.zeros(x.shape[0], self.tokens, self.model.config.cross_attention_dim, device=x.device)
         return self.model(x, t, encoder_hidden_states=text, return_dict=False)[0]
