@@ -177,12 +177,14 @@ def run_cmd(
 def init_cmd(
     dest: Annotated[Path, typer.Argument(help="the new workspace folder (must not exist, or be empty)")],
     data: Annotated[Path, typer.Option("--data", help="your folder of images (sub-folders = classes)")],
+    preset: Annotated[Optional[str], typer.Option(
+        "--preset", help="a model family's preset, presets/NAME.yaml (dit-digits: a class-conditional DiT)")] = None,
 ) -> None:
     """Create a self-contained workspace (git + DVC, params.yaml, dvc.yaml) for your image folder."""
     from .workspace import init_workspace
 
     with _errors():
-        summary = init_workspace(dest, data)
+        summary = init_workspace(dest, data, preset)
     typer.echo(summary)
 
 

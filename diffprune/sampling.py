@@ -5,7 +5,10 @@ A *denoiser* is any callable ``(x_t, t, step) -> model_output`` with ``x_t: (B, 
 noisiest). Plain models, timestep-expert mixtures and skip-schedule runners are all denoisers, so
 there is one trajectory loop, :func:`trajectory`, which :func:`sample` and DiP-GO's pruner
 training both run. A denoiser may define ``start(num_steps)``; it is called before every trajectory
-(to reset caches).
+(to reset caches). A conditional latent model's denoiser may also define ``condition(indices)`` (called
+by :func:`sample` before each batch with the range of its image indices: it sets their conditions)
+and ``decode(latents) -> images`` (the VAE: :func:`sample` then leaves the latents unclamped and
+returns the decoded images); :class:`diffprune.models.dit.ClassCycle` is one.
 """
 
 from __future__ import annotations
@@ -147,18 +150,23 @@ def sample(
 
     Deterministic for a given ``seed`` (DDIM with eta=0 is fully deterministic; DDPM draws its step
     noise from a generator seeded by ``seed`` and the batch index). Each batch is one
-    :func:`trajectory` from :func:`initial_noise`.
+    :func:`trajectory` from :func:`initial_noise`; a latent denoiser (with ``decode``) is sampled in
+    ``sample_shape`` latents and the images it decodes are returned.
     """
     if num_images < 1 or steps < 1:
         raise ValueError(f"num_images={num_images}, steps={steps}: both must be >= 1")
     noise = initial_noise(num_images, sample_shape, seed)
+    decode = getattr(denoiser, "decode", None)  # a latent model's VAE
     out = []
     batches = range(0, num_images, batch_size)
     bar = tqdm(total=len(batches) * steps, desc="sampling", disable=not progress, leave=False)
     for bi, i in enumerate(batches):
         gen = torch.Generator().manual_seed(seed * 100_003 + bi)
-        x0 = trajectory(denoiser, scheduler, noise[i : i + batch_size].to(device), steps, generator=gen,
-                        on_step=lambda _: bar.update(1))
-        out.append(x0.cpu())
+        x_T = noise[i : i + batch_size].to(device)
+        if hasattr(denoiser, "condition"):  # the conditions of images i .. i + B - 1
+            denoiser.condition(range(i, i + len(x_T)))
+        x0 = trajectory(denoiser, scheduler, x_T, steps, generator=gen, on_step=lambda _: bar.update(1),
+                        clamp=decode is None)
+        out.append((x0 if decode is None else decode(x0)).cpu())
     bar.close()
     return torch.cat(out)

@@ -53,7 +53,52 @@ def _experts(paths: dict[str, Path], device) -> Loaded:
     return Loaded(mixture.denoiser(), experts, load_scheduler_config(paths["model"]), _shape(experts[0]))
 
 
-KINDS: dict[str, Callable[[dict[str, Path], object], Loaded]] = {"unet": _unet, "dipgo": _dipgo, "experts": _experts}
+def load_vae(path: Path, device="cpu"):
+    """The ``AutoencoderKL`` folder of a latent model (safetensors only: a pickled ``.bin`` is refused)."""
+    from diffusers import AutoencoderKL
+
+    from .io import ArtifactError
+
+    try:
+        return AutoencoderKL.from_pretrained(str(path), use_safetensors=True).to(device).eval()
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ArtifactError(f"{path}: not a safetensors AutoencoderKL folder ({str(e).splitlines()[0]})") from e
+
+
+def conditioning(model_dir: Path) -> dict:
+    """``{"num_classes", "guidance_scale"}`` a conditional checkpoint records in its meta."""
+    from .io import ArtifactError
+    from .models.checkpoint import read_config
+
+    cond = read_config(model_dir)["meta"].get("conditioning")
+    if not isinstance(cond, dict) or not {"num_classes", "guidance_scale"} <= set(cond):
+        raise ArtifactError(f"{model_dir}: a conditional model's checkpoint must record meta.conditioning "
+                            f"(num_classes, guidance_scale)")
+    return cond
+
+
+def _dit(paths: dict[str, Path], device, schedule: bool = False) -> Loaded:
+    """A class-conditional DiT (plain, or running a DiP-GO skip schedule) sampling a balanced class cycle."""
+    from .models.dit import ClassCycle, GuidedDiT
+
+    model = load_model(paths["model"], device)
+    cond = conditioning(paths["model"])
+    labels = list(range(int(cond["num_classes"])))
+    if schedule:
+        from .pruning.dipgo import Schedule
+        from .pruning.dipgo.dit import SkipScheduleDiT
+
+        guided: GuidedDiT = SkipScheduleDiT(model, Schedule.load(paths["schedule"]), labels, cond["guidance_scale"])
+    else:
+        guided = GuidedDiT(model, labels, cond["guidance_scale"])
+    denoiser = ClassCycle(guided, len(labels), load_vae(paths["vae"], device))
+    return Loaded(denoiser, [model], load_scheduler_config(paths["model"]), _shape(model))
+
+
+KINDS: dict[str, Callable[[dict[str, Path], object], Loaded]] = {
+    "unet": _unet, "dipgo": _dipgo, "experts": _experts,
+    "dit": _dit, "dit-dipgo": lambda paths, device: _dit(paths, device, schedule=True),
+}
 
 
 def load_target(kind: str, paths: dict[str, str | Path], device="cpu") -> Loaded:

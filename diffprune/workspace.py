@@ -283,10 +283,28 @@ def _valid_params(text: str, data: dict[str, Any], levels: int, where: Path) -> 
             data["image_size"] = max(step, data["image_size"] // 2 // step * step)
 
 
-def _write_files(tmp: Path, data_path: Path) -> dict[str, Any]:
+def _preset_params(top: Path, text: str, preset: str) -> str:
+    """The project's params text with ``presets/PRESET.yaml`` laid over it (rewritten as plain YAML)."""
+    from .families import merge_preset, preset_path
+    from .safe_yaml import read_yaml
+
+    path = preset_path(preset, top)
+    over = read_yaml(path) or {}
+    if not isinstance(over, dict):
+        raise WorkspaceError(f"{path}: expected a mapping of params sections")
+    schema = next((l for l in text.splitlines() if "$schema=" in l), None)
+    body = yaml.safe_dump(merge_preset(yaml.safe_load(text), over), sort_keys=False, width=110)
+    return "\n".join(filter(None, [schema, f"# the project's params.yaml with presets/{preset}.yaml over it", body]))
+
+
+def _write_files(tmp: Path, data_path: Path, preset: str | None = None) -> dict[str, Any]:
     """params.yaml, dvc.yaml, .gitignore, the code hashes (and the schema) into ``tmp``; the data values."""
+    from .families import family_dvc
+
     top = template_dir()
     params_text = (top / "params.yaml").read_text()
+    if preset:
+        params_text = _preset_params(top, params_text, preset)
     levels = len((yaml.safe_load(params_text).get("teacher") or {}).get("block_out_channels") or [1, 1, 1])
     data = data_section(data_path, levels)
     if (top / "params.schema.json").is_file():
@@ -299,7 +317,8 @@ def _write_files(tmp: Path, data_path: Path) -> dict[str, Any]:
         data.update(source=loaded.source, channels=loaded.channels, image_size=loaded.image_size)
     else:
         _valid_params(params_text, data, levels, tmp)
-    stages, sources = workspace_stages(yaml.safe_load((top / "dvc.yaml").read_text()))
+    family = load_params(tmp / "params.yaml").teacher.family
+    stages, sources = workspace_stages(family_dvc(yaml.safe_load((top / "dvc.yaml").read_text()), family))
     (tmp / "dvc.yaml").write_text(DVC_HEADER + yaml.safe_dump(stages, sort_keys=False, width=110))
     (tmp / ".gitignore").write_text(GITIGNORE)
     copy_benchmarks(top, tmp)
@@ -354,9 +373,10 @@ def _umask() -> int:
     return mask
 
 
-def init_workspace(dest: str | Path, data: str | Path) -> str:
-    """Create the workspace ``dest`` for the image folder ``data`` (see the module doc): built in a
-    temporary sibling folder and renamed into place, so a failure leaves nothing behind. Returns a summary."""
+def init_workspace(dest: str | Path, data: str | Path, preset: str | None = None) -> str:
+    """Create the workspace ``dest`` for the image folder ``data`` (see the module doc), with the params
+    of ``presets/PRESET.yaml`` when given: built in a temporary sibling folder and renamed into place,
+    so a failure leaves nothing behind. Returns a summary."""
     from . import versioning
 
     if shutil.which("git") is None:
@@ -367,7 +387,7 @@ def init_workspace(dest: str | Path, data: str | Path) -> str:
         raise WorkspaceError(f"{dest}: inside --data {data}; its outputs (PNG grids) would become training images")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.init-", dir=dest.parent))
     try:
-        values = _write_files(tmp, Path(data))
+        values = _write_files(tmp, Path(data), preset)
         _git(tmp, "init", "-q")
         versioning.ensure_repo(tmp)
         versioning.configure_relative_remote(tmp, REMOTE)

@@ -98,7 +98,7 @@ SPECS = stage_specs(REPO)
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_stage_deps_cover_its_code(name: str) -> None:
-    from diffprune.stages import get_stage
+    from diffprune.stages import stage_function as get_stage
 
     spec = SPECS[name]
     words = spec["cmd"].split()
@@ -109,7 +109,7 @@ def test_stage_deps_cover_its_code(name: str) -> None:
 
 
 def test_the_analysis_sees_lazy_and_relative_imports() -> None:
-    from diffprune.stages import get_stage
+    from diffprune.stages import stage_function as get_stage
 
     rel = {f.relative_to(REPO).as_posix() for f in stage_modules(get_stage("register"))}
     assert {"diffprune/tracking.py", "diffprune/versioning.py", "diffprune/stages/core.py"} <= rel  # lazy
@@ -148,3 +148,40 @@ def _lookup(params, dotted: str):
     for part in dotted.split("."):
         obj = getattr(obj, part, None)
     return obj
+
+
+def _dit_specs() -> dict:
+    """The stages of a DiT workspace's dvc.yaml (before the workspace folds the code into `code`)."""
+    import json
+
+    import yaml
+
+    from diffprune.families import family_dvc
+    from diffprune.flows import specs as specs_mod
+
+    doc = family_dvc(yaml.safe_load((REPO / "dvc.yaml").read_text()), "dit")
+    tmp = REPO / ".work" / "dit-dvc-test"
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "dvc.yaml").write_text(json.dumps(doc))
+    return specs_mod.stage_specs(tmp)
+
+
+DIT_SPECS = _dit_specs()
+
+
+@pytest.mark.parametrize("name", list(DIT_SPECS))
+def test_a_dit_workspace_stage_deps_cover_the_dit_code(name: str) -> None:
+    from diffprune.stages import stage_function
+
+    spec = DIT_SPECS[name]
+    fn = stage_function(spec["cmd"].split()[2], "dit")
+    missing = sorted(f.relative_to(REPO).as_posix() for f in stage_modules(fn) if not _covered(f, spec["deps"]))
+    assert not missing, f"the DiT workspace's stage {name} runs code it does not list in deps: {missing}"
+
+
+def test_a_dit_workspace_has_latents_and_no_expert_stages() -> None:
+    assert "latents" in DIT_SPECS and list(DIT_SPECS).index("latents") == 1
+    assert not {"intervals", "experts", "router", "prune-experts", "evaluate@experts", "register@experts"} & set(DIT_SPECS)
+    assert not any("experts" in d or "intervals" in d for s in DIT_SPECS.values() for d in s["deps"])
+    for name in ("teacher", "taylor", "finetune", "dipgo", "evaluate@dipgo"):
+        assert {"data/latents", "models/autoencoder"} <= set(DIT_SPECS[name]["deps"]), name

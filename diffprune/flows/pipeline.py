@@ -43,13 +43,16 @@ from diffprune.report import metrics_table, table_rows
 from diffprune.flows.graph import run_graph
 from diffprune.flows.specs import missing_params, missing_sources, needed, stage_specs
 
-# The stages in run order; dvc.yaml declares the same ones (a test checks it).
+# The stages in run order; the project's dvc.yaml declares the same ones but ``latents`` (a test checks
+# it); a workspace of another model family has the ``latents`` stage and lacks the ones that family
+# has no version of (diffprune.families.UNSUPPORTED). SPINE: what every dvc.yaml must declare.
 PIPELINE: list[str] = [
-    "data", "features", "teacher", "taylor", "finetune", "dipgo",
+    "data", "latents", "features", "teacher", "taylor", "finetune", "dipgo",
     "intervals", "experts", "router", "prune-experts",
     "evaluate@teacher", "evaluate@finetune", "evaluate@dipgo", "evaluate@experts",
     "register@teacher", "register@finetune", "register@dipgo", "register@experts", "report",
 ]
+SPINE = ("data", "features", "teacher", "evaluate@teacher", "register@teacher")
 
 
 CLAIM = ".work/locks/workspace.json"  # the config and pids of the runs live in a workspace
@@ -89,10 +92,10 @@ def _stages(root: Path, only: Optional[list[str]]) -> tuple[list[str], dict[str,
     """The stages to consider, in run order, and every stage's spec; refuses a folder lacking the
     files (code, mostly) that the stages depend on and no stage produces."""
     specs = stage_specs(root)
-    missing = [s for s in PIPELINE if s not in specs]
+    missing = [s for s in SPINE if s not in specs]
     if missing:
         raise ConfigError(f"dvc.yaml lacks pipeline stages {missing}")
-    wanted = needed(only, specs) if only else set(PIPELINE)
+    wanted = needed(only, specs) if only else set(PIPELINE) & set(specs)
     stages = [s for s in PIPELINE if s in wanted]
     absent = missing_sources(root, stages, specs)
     if absent:

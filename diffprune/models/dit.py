@@ -211,3 +211,66 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] images -> [0, 1], DiTPipeline's ``output_type="pt"`` convention."""
     return (images / 2 + 0.5).clamp(0, 1)
 
+
+
+def build_dit(num_layers: int, num_heads: int, head_dim: int, patch_size: int,
+              latent_shape: Sequence[int], seed: int = 0) -> DiTTransformer2DModel:
+    """A fresh class-conditional ``DiTTransformer2DModel`` (eps only, no learned sigma) for latents of
+    ``latent_shape = (C, h, w)``; seeded, the global RNG untouched.
+
+    It keeps 1000 classes + the null class whatever the dataset's class count (``DiTPipeline``
+    hard-codes the null id 1000): a dataset's labels 0 .. n-1 use the first n rows of the table.
+    In training mode its label embedding drops 10% of the labels to the null class (DiT's
+    ``class_dropout_prob``), which is what classifier-free guidance needs.
+    """
+    c, h, w = (int(v) for v in latent_shape)
+    if h != w or h % patch_size:
+        raise ConfigError(f"dit.patch_size = {patch_size}: must divide the square latent side ({h} x {w})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return DiTTransformer2DModel(num_attention_heads=num_heads, attention_head_dim=head_dim, in_channels=c,
+                                     out_channels=c, num_layers=num_layers, sample_size=h, patch_size=patch_size,
+                                     num_embeds_ada_norm=1000)
+
+
+def dit_call(model: DiTTransformer2DModel, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The training call (:data:`diffprune.training.ConditionalCall`): eps ``(B, C, h, w)`` for labels ``(B,)``."""
+    return model(x, timestep=t, class_labels=labels).sample[:, : model.config.in_channels]
+
+
+class ClassCycle:
+    """A guided DiT denoiser for :func:`diffprune.sampling.sample`: image ``i`` is drawn as class
+    ``i % num_classes`` (a balanced set, the same classes for every model at the same seed), and the
+    final latents are decoded by ``vae`` into images.
+
+    ``sample`` calls :meth:`condition` with the image indices of each batch before its trajectory,
+    and :meth:`decode` after it (no clamping of latents in between).
+
+    Args:
+        guided: a :class:`GuidedDiT` (or a subclass: a skip-schedule runner); its labels are set here.
+        num_classes: how many classes the dataset has (labels 0 .. n-1).
+        vae: the ``AutoencoderKL`` whose latents the model denoises.
+    """
+
+    def __init__(self, guided: GuidedDiT, num_classes: int, vae: AutoencoderKL) -> None:
+        if not 1 <= num_classes <= guided.num_classes:
+            raise ValueError(f"num_classes = {num_classes}: the model has {guided.num_classes} classes")
+        self.guided, self.num_classes, self.vae = guided, int(num_classes), vae
+
+    def condition(self, indices: range) -> None:
+        self.guided.class_labels = torch.arange(indices.start, indices.stop) % self.num_classes
+
+    def start(self, num_steps: int) -> None:
+        if hasattr(self.guided, "start"):
+            self.guided.start(num_steps)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        return self.guided(x, t, step)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode(self.vae, latents)
+
+
+def dit_pipeline(transformer: DiTTransformer2DModel, vae: AutoencoderKL, scheduler_config: dict) -> DiTPipeline:
+    """diffusers' own ``DiTPipeline`` around a (possibly pruned) transformer: what users sample with."""
+    return DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler.from_config(scheduler_config))

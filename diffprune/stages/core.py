@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -59,10 +60,22 @@ TARGETS: dict[str, Target] = {
 }
 
 
-def get_target(name: str) -> Target:
+# teacher.family -> (the kind a pixel-UNet target has -> the family's kind), and the extra artifacts
+# every model of the family needs (its VAE); filled by the family's stage module (stages/dit.py).
+# A target whose kind a family does not map (the expert mixture on DiT) does not exist there.
+FAMILY_KINDS: dict[str, dict[str, str]] = {"unet": {"unet": "unet", "dipgo": "dipgo", "experts": "experts"}}
+FAMILY_PATHS: dict[str, dict[str, str]] = {"unet": {}}
+
+
+def get_target(name: str, family: str = "unet") -> Target:
+    """Pipeline model ``name`` as ``family`` builds it (its kind, and the family's extra artifacts)."""
     if name not in TARGETS:
         raise ConfigError(f"unknown model {name!r} (known: {', '.join(sorted(TARGETS))})")
-    return TARGETS[name]
+    tgt, kinds = TARGETS[name], FAMILY_KINDS.get(family, {})
+    if tgt.kind not in kinds:
+        have = sorted(n for n, t in TARGETS.items() if t.kind in kinds)
+        raise ConfigError(f"model {name!r}: not available for teacher.family = {family!r} (it has: {', '.join(have)})")
+    return dataclasses.replace(tgt, kind=kinds[tgt.kind], paths={**tgt.paths, **FAMILY_PATHS[family]})
 
 
 def eval_dir(root: Path, target: str) -> Path:
@@ -135,18 +148,19 @@ def work_dir(root: Path, name: str, *cfgs: Any) -> Path:
 
 def train_or_resume(model, images, scheduler, spec: TrainSpec, work: Path, *, device, progress: bool,
                     desc: str, before_step=None, on_progress: ProgressFn | None = None, teacher=None,
-                    mixed_precision: str = "no"):
+                    mixed_precision: str = "no", **conditional: Any):
     """The one training entry point of every stage: resumable, returns the EMA weights in ``model``.
 
     Under ``accelerate launch`` every process trains; only the main one may then write the stage's
     outputs (:func:`diffprune.distributed.is_main_process`). A mixed-precision run has its own working
-    folder (``WORK-bf16``): it never resumes an fp32 run's checkpoints, nor they its.
+    folder (``WORK-bf16``): it never resumes an fp32 run's checkpoints, nor they its. ``conditional``:
+    a conditional family's ``conditions=`` and ``call=`` (:func:`diffprune.training.train_denoiser`).
     """
     if mixed_precision != "no":
         work = work.with_name(f"{work.name}-{mixed_precision}")
     model, ema = train_denoiser(model, images, scheduler, spec, work, device=device, progress=progress,
                                 desc=desc, before_step=before_step, on_progress=on_progress, teacher=teacher,
-                                mixed_precision=mixed_precision)
+                                mixed_precision=mixed_precision, **conditional)
     ema.copy_to(model)
     return model.eval()
 
@@ -185,16 +199,16 @@ def run_teacher(p: Params, root: Path, progress: bool = True, on_progress: Progr
 
 # ----------------------------------------------------------------------------- evaluate
 
-def target_paths(root: Path, target: str) -> dict[str, Path]:
-    return {k: safe_subpath(root, v) for k, v in get_target(target).paths.items()}
+def target_paths(root: Path, target: str, family: str = "unet") -> dict[str, Path]:
+    return {k: safe_subpath(root, v) for k, v in get_target(target, family).paths.items()}
 
 
 @stage("evaluate")
 def run_evaluate(p: Params, root: Path, target: str = "teacher", progress: bool = True, **_: Any) -> dict:
     """Evaluate one pipeline model with the shared protocol; writes models/eval/<target>/."""
     device = resolve_device(p.project.device)
-    tgt = get_target(target)
-    loaded = load_target(tgt.kind, target_paths(root, target), device)
+    tgt = get_target(target, p.teacher.family)
+    loaded = load_target(tgt.kind, target_paths(root, target, p.teacher.family), device)
     sched = sampling_scheduler(loaded.scheduler_config, p.evaluate.sampler)
     feats_dir = safe_subpath(root, FEATURES)
     ext = get_extractor(feats_dir, p.evaluate.inception_weights, device)
@@ -238,7 +252,8 @@ def plot_point(target: str, metrics: dict) -> dict:
 
 def _speedup(p: Params, root: Path, loaded, sched, device) -> dict:
     """The candidate's latency against the teacher's, timed here, interleaved, in this process."""
-    teacher = load_target("unet", target_paths(root, "teacher"), device)
+    family = p.teacher.family
+    teacher = load_target(get_target("teacher", family).kind, target_paths(root, "teacher", family), device)
     shape = loaded.sample_shape
     return paired_latency(latency_probe(loaded.denoiser, sched, p.evaluate, shape, device),
                           latency_probe(teacher.denoiser, sched, p.evaluate, shape, device),
@@ -253,8 +268,8 @@ def run_register(p: Params, root: Path, target: str = "teacher", **_: Any) -> di
     architecture and scheduler config, never the checkpoint's timings or sources)."""
     from .. import registry, serving, tracking, versioning  # glue modules; imported lazily (light library imports)
 
-    tgt = get_target(target)
-    paths = target_paths(root, target)
+    tgt = get_target(target, p.teacher.family)
+    paths = target_paths(root, target, p.teacher.family)
     for name, path in paths.items():
         if not path.exists():
             raise ConfigError(f"{path}: the {target} model's {name} is missing (run its stages first)")

@@ -30,7 +30,11 @@ def run_dipgo(p: Params, root: Path, progress: bool = True, on_progress: Any = N
                                   # resumable: keyed by the config and the teacher's weights
                                   work_dir=work_dir(root, "dipgo", p.dipgo, p.evaluate.steps, p.evaluate.sampler,
                                                     read_config(teacher_dir)["sha256"]))
-    seconds = time.time() - t0
+    return write_schedule(p, root, schedule, info, time.time() - t0)
+
+
+def write_schedule(p: Params, root: Path, schedule, info: dict, seconds: float) -> dict:
+    """models/dipgo/{schedule.json, heatmap.png, training.json}, atomically; the stage's result."""
     out = safe_subpath(root, SCHEDULE_DIR)
     with atomic_path(out, is_dir=True) as tmp:
         tmp.mkdir(parents=True)

@@ -1,0 +1,162 @@
+"""The class-conditional DiT family through the pipeline's stages (teacher.family = dit), on a tiny preset."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {"teacher": {"family": "dit", "steps": 40, "batch_size": 32, "checkpoint_every": 20},
+        "dit": {"num_layers": 4, "num_heads": 2, "head_dim": 8},
+        "autoencoder": {"steps": 30, "block_out_channels": [16, 16]},
+        "evaluate": {"num_samples": 24, "batch_size": 24, "steps": 10, "latency_batch": 4, "latency_repeats": 1},
+        "dipgo": {"target_ratio": 0.5, "tolerance": 0.05, "steps": 3, "batch_size": 4, "pool_size": 8, "dim": 32},
+        "finetune": {"fraction": 0.1}, "taylor": {"batch_size": 16, "max_timesteps": 5}}
+
+
+def _run(p, root, name, **kw):
+    from diffprune.stages import get_stage
+
+    return get_stage(name)(p, root, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    from diffprune.config import load_params
+
+    root = tmp_path_factory.mktemp("dit-ws")
+    p = load_params(None, TINY)
+    out = {}
+    for name, kw in [("data", {}), ("latents", {}), ("features", {}), ("teacher", {}),
+                     ("evaluate", {"target": "teacher"}), ("dipgo", {}), ("evaluate", {"target": "dipgo"}),
+                     ("taylor", {}), ("finetune", {}), ("evaluate", {"target": "finetune"})]:
+        out[name + (f"@{kw['target']}" if kw else "")] = _run(p, root, name, **kw)
+    return p, root, out
+
+
+def test_latents_are_encoded_once_with_labels_and_a_safetensors_vae(ws):
+    from safetensors.torch import load_file
+
+    p, root, _ = ws
+    d = load_file(str(root / "data/latents/latents.safetensors"))
+    assert d["latents"].shape[1:] == (4, 4, 4) and len(d["labels"]) == len(d["latents"])
+    assert set(d["labels"].tolist()) == set(range(10))
+    files = {f.name for f in (root / "models/autoencoder").iterdir()}
+    assert "diffusion_pytorch_model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    info = json.loads((root / "data/latents/autoencoder.json").read_text())
+    assert info["source"] == "trained" and info["scaling_factor"] > 0
+
+
+def test_the_teacher_records_its_conditioning_and_its_macs_are_counted_per_call(ws):
+    from diffprune.metrics.cost import MacCounter
+    from diffprune.models.checkpoint import load_model, read_config
+
+    p, root, out = ws
+    meta = read_config(root / "models/teacher")["meta"]
+    assert meta["family"] == "dit" and meta["conditioning"] == {"num_classes": 10, "guidance_scale": 1.0}
+    model = load_model(root / "models/teacher")
+    with MacCounter(model) as c:
+        model(torch.zeros(1, 4, 4, 4), timestep=torch.tensor([5]), class_labels=torch.tensor([3]))
+    assert out["evaluate@teacher"]["metrics"]["trajectory_macs"] == c.total * p.evaluate.steps
+    assert (root / "models/teacher-samples.png").exists()
+
+
+def test_dipgo_on_dit_counted_macs_equal_the_schedule_and_fall(ws):
+    from diffprune.pruning.dipgo import Schedule
+
+    _, root, out = ws
+    schedule = Schedule.load(root / "models/dipgo/schedule.json")
+    m = out["evaluate@dipgo"]["metrics"]
+    assert m["macs_ratio_vs_teacher"] == pytest.approx(schedule.macs_ratio, rel=1e-9)
+    assert 0.4 < m["macs_ratio_vs_teacher"] < 0.6
+
+
+def test_an_all_compute_schedule_samples_the_plain_dit_bit_for_bit(ws, tmp_path):
+    from diffprune.models.unet import sampling_scheduler
+    from diffprune.pruning.dipgo import Schedule
+    from diffprune.sampling import sample
+    from diffprune.targets import load_target
+
+    p, root, _ = ws
+    sched = Schedule.load(root / "models/dipgo/schedule.json")
+    full = Schedule(block_names=sched.block_names, keep=[[True] * sched.num_blocks for _ in range(sched.num_steps)])
+    full.save(tmp_path / "all.json")
+    paths = {"model": root / "models/teacher", "vae": root / "models/autoencoder"}
+    plain = load_target("dit", paths)
+    gated = load_target("dit-dipgo", {**paths, "schedule": tmp_path / "all.json"})
+    s = sampling_scheduler(plain.scheduler_config, "ddim")
+    kw = dict(num_images=13, sample_shape=plain.sample_shape, steps=p.evaluate.steps, seed=4, batch_size=5)
+    a, b = sample(plain.denoiser, s, **kw), sample(gated.denoiser, s, **kw)
+    assert a.shape == (13, 1, 8, 8) and torch.equal(a, b)
+
+
+def test_diff_pruning_on_dit_drops_params_and_macs(ws):
+    _, root, out = ws
+    report = json.loads((root / "models/taylor-report.json").read_text())
+    assert report["params_after"] < report["params_before"] and report["macs_after"] < report["macs_before"]
+    assert out["evaluate@finetune"]["metrics"]["macs_ratio_vs_teacher"] < 1.0
+
+
+def test_the_pruned_dit_loads_into_diffusers_dit_pipeline_in_a_fresh_process(ws, tmp_path):
+    """What users do with the result: diffusers' DiTPipeline around the fine-tuned (pruned) transformer,
+    whose images equal the house sampler's for the same labels and seed."""
+    p, root, _ = ws
+    code = f"""
+import torch
+from diffprune.models.checkpoint import load_model, load_scheduler_config
+from diffprune.models.dit import ClassCycle, GuidedDiT, dit_pipeline
+from diffprune.models.unet import sampling_scheduler
+from diffprune.sampling import sample
+from diffprune.targets import load_vae
+root = {str(root)!r}
+model, vae = load_model(root + "/models/finetune"), load_vae(root + "/models/autoencoder")
+cfg = load_scheduler_config(root + "/models/finetune")
+pipe = dit_pipeline(model, vae, dict(sampling_scheduler(cfg, "ddim").config))
+img = pipe(class_labels=[0, 1, 2], num_inference_steps=6, guidance_scale=1.0,
+           generator=torch.Generator().manual_seed(3), output_type="np").images
+ours = sample(ClassCycle(GuidedDiT(model, [0, 1, 2]), 10, vae), sampling_scheduler(cfg, "ddim"), num_images=3,
+              sample_shape=(4, 4, 4), steps=6, seed=3, batch_size=3)
+ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+print("MAXDIFF", float(abs(img - ours).max()), img.shape)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(line for line in r.stdout.splitlines() if line.startswith("MAXDIFF"))
+    assert float(line.split()[1]) < 1e-5 and "(3, 8, 8, 1)" in line
+
+
+def test_the_expert_stages_refuse_the_dit_family_by_name(ws):
+    from diffprune.config import ConfigError
+
+    p, root, _ = ws
+    with pytest.raises(ConfigError, match="stage experts: not available for teacher.family = 'dit'"):
+        _run(p, root, "experts")
+
+
+def test_a_pixel_family_has_no_latents_stage(tmp_path):
+    from diffprune.config import ConfigError, load_params
+
+    with pytest.raises(ConfigError, match="teacher.family = 'unet' is not a latent family"):
+        _run(load_params(None), tmp_path, "latents")
+
+
+def test_init_with_the_dit_preset_writes_a_dit_workspace(tmp_path):
+    import yaml
+
+    from diffprune.config import load_params
+
+    bin_ = Path(sys.executable).parent / "diffprune"
+    r = subprocess.run([str(bin_), "init", str(tmp_path / "ws"), "--data", "digits", "--preset", "dit-digits"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    p = load_params(tmp_path / "ws/params.yaml")
+    assert p.teacher.family == "dit" and p.dit.num_layers == 6 and p.data.source == "digits"
+    stages = yaml.safe_load((tmp_path / "ws/dvc.yaml").read_text())["stages"]
+    assert "latents" in stages and "experts" not in stages and "experts" not in stages["evaluate"]["foreach"]
+    bad = subprocess.run([str(bin_), "init", str(tmp_path / "ws2"), "--data", "digits", "--preset", "../x"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--preset '../x'" in bad.stderr and not (tmp_path / "ws2").exists()
