@@ -10,12 +10,14 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = {"teacher": {"family": "dit", "steps": 40, "batch_size": 32, "checkpoint_every": 20},
+from tests.conftest import TINY_PARAMS
+
+# the shared tiny config (240 digits, a 2-epoch feature net, 4 DDIM steps) with a 4-block DiT on its VAE
+TINY = {**TINY_PARAMS,
+        "teacher": {**TINY_PARAMS["teacher"], "family": "dit", "steps": 20, "checkpoint_every": 10},
         "dit": {"num_layers": 4, "num_heads": 2, "head_dim": 8},
-        "autoencoder": {"steps": 30, "block_out_channels": [16, 16]},
-        "evaluate": {"num_samples": 24, "batch_size": 24, "steps": 10, "latency_batch": 4, "latency_repeats": 1},
-        "dipgo": {"target_ratio": 0.5, "tolerance": 0.05, "steps": 3, "batch_size": 4, "pool_size": 8, "dim": 32},
-        "finetune": {"fraction": 0.1}, "taylor": {"batch_size": 16, "max_timesteps": 5}}
+        "autoencoder": {"steps": 10, "batch_size": 32, "block_out_channels": [8, 8]},
+        "evaluate": {**TINY_PARAMS["evaluate"], "num_samples": 20, "batch_size": 20}}
 
 
 def _run(p, root, name, **kw):
@@ -44,7 +46,7 @@ def test_latents_are_encoded_once_with_labels_and_a_safetensors_vae(ws):
     p, root, _ = ws
     d = load_file(str(root / "data/latents/latents.safetensors"))
     assert d["latents"].shape[1:] == (4, 4, 4) and len(d["labels"]) == len(d["latents"])
-    assert set(d["labels"].tolist()) == set(range(10))
+    assert set(d["labels"].tolist()) == set(range(10))  # 180 training digits of every class
     files = {f.name for f in (root / "models/autoencoder").iterdir()}
     assert "diffusion_pytorch_model.safetensors" in files and not any(f.endswith(".bin") for f in files)
     info = json.loads((root / "data/latents/autoencoder.json").read_text())
@@ -72,7 +74,7 @@ def test_dipgo_on_dit_counted_macs_equal_the_schedule_and_fall(ws):
     schedule = Schedule.load(root / "models/dipgo/schedule.json")
     m = out["evaluate@dipgo"]["metrics"]
     assert m["macs_ratio_vs_teacher"] == pytest.approx(schedule.macs_ratio, rel=1e-9)
-    assert 0.4 < m["macs_ratio_vs_teacher"] < 0.6
+    assert m["macs_ratio_vs_teacher"] < 0.75
 
 
 def test_an_all_compute_schedule_samples_the_plain_dit_bit_for_bit(ws, tmp_path):
