@@ -54,6 +54,22 @@ def merge_preset(params: dict[str, Any], preset: dict[str, Any]) -> dict[str, An
     return out
 
 
+def preset_params(top: Path, text: str, preset: str) -> str:
+    """The project's params text with ``top/presets/PRESET.yaml`` laid over it (rewritten as plain YAML,
+    the ``$schema`` line kept)."""
+    import yaml
+
+    from .safe_yaml import read_yaml
+
+    path = preset_path(preset, top)
+    over = read_yaml(path) or {}
+    if not isinstance(over, dict):
+        raise ConfigError(f"{path}: expected a mapping of params sections")
+    schema = next((line for line in text.splitlines() if "$schema=" in line), None)
+    body = yaml.safe_dump(merge_preset(yaml.safe_load(text), over), sort_keys=False, width=110)
+    return "\n".join(filter(None, [schema, f"# the project's params.yaml with presets/{preset}.yaml over it", body]))
+
+
 def _dropped_outs(stages: dict[str, Any], names: tuple[str, ...]) -> set[str]:
     outs: set[str] = set()
     for name in names:

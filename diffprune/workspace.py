@@ -283,28 +283,14 @@ def _valid_params(text: str, data: dict[str, Any], levels: int, where: Path) -> 
             data["image_size"] = max(step, data["image_size"] // 2 // step * step)
 
 
-def _preset_params(top: Path, text: str, preset: str) -> str:
-    """The project's params text with ``presets/PRESET.yaml`` laid over it (rewritten as plain YAML)."""
-    from .families import merge_preset, preset_path
-    from .safe_yaml import read_yaml
-
-    path = preset_path(preset, top)
-    over = read_yaml(path) or {}
-    if not isinstance(over, dict):
-        raise WorkspaceError(f"{path}: expected a mapping of params sections")
-    schema = next((l for l in text.splitlines() if "$schema=" in l), None)
-    body = yaml.safe_dump(merge_preset(yaml.safe_load(text), over), sort_keys=False, width=110)
-    return "\n".join(filter(None, [schema, f"# the project's params.yaml with presets/{preset}.yaml over it", body]))
-
-
 def _write_files(tmp: Path, data_path: Path, preset: str | None = None) -> dict[str, Any]:
     """params.yaml, dvc.yaml, .gitignore, the code hashes (and the schema) into ``tmp``; the data values."""
-    from .families import family_dvc
+    from .families import family_dvc, preset_params
 
     top = template_dir()
     params_text = (top / "params.yaml").read_text()
     if preset:
-        params_text = _preset_params(top, params_text, preset)
+        params_text = preset_params(top, params_text, preset)
     levels = len((yaml.safe_load(params_text).get("teacher") or {}).get("block_out_channels") or [1, 1, 1])
     data = data_section(data_path, levels)
     if (top / "params.schema.json").is_file():

@@ -11,8 +11,6 @@ is a short full-batch-free fit without checkpoints: a rerun repeats it bit for b
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 from diffusers import AutoencoderKL
 from torch.nn import functional as F
@@ -64,7 +62,7 @@ def fit_autoencoder(vae: AutoencoderKL, images: torch.Tensor, cfg: AutoencoderCo
 
 
 @torch.no_grad()
-def _calibrate(vae: AutoencoderKL, images: torch.Tensor, device, batch_size: Optional[int] = 256) -> dict:
+def _calibrate(vae: AutoencoderKL, images: torch.Tensor, device, batch_size: int = 256) -> dict:
     """Set ``scaling_factor`` = 1 / std of the latent means; the reconstruction of the posterior mode."""
     means, mse, kl = [], 0.0, 0.0
     for b in images.split(batch_size):

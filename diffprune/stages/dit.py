@@ -46,8 +46,7 @@ def train_scheduler(p: Params) -> DDPMScheduler:
                          clip_sample=False)
 
 
-def _conditioning(p: Params, root: Path) -> dict:
-    _, labels = load_latents(root)
+def _conditioning(p: Params, labels: torch.Tensor) -> dict:
     return {"num_classes": int(labels.max()) + 1, "guidance_scale": float(p.dit.guidance_scale)}
 
 
@@ -69,7 +68,7 @@ def run_teacher(p: Params, root: Path, progress: bool = True, on_progress: Progr
     transformer (a ``DiTPipeline``; the latents stage then used its VAE)."""
     device = resolve_device(p.project.device)
     latents, labels = load_latents(root)
-    cond = _conditioning(p, root)
+    cond = _conditioning(p, labels)
     t0 = time.time()
     if p.teacher.pretrained:
         from ..models.dit import load_dit
