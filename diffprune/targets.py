@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -24,6 +24,7 @@ class Loaded:
     modules: list[nn.Module]
     scheduler_config: dict
     sample_shape: tuple[int, int, int]
+    steps: Optional[int] = None  # the sampling steps the model is made for (a stacked model's); None: the protocol's
 
 
 def _shape(model: nn.Module) -> tuple[int, int, int]:
@@ -51,6 +52,21 @@ def _experts(paths: dict[str, Path], device) -> Loaded:
     mixture = load_mixture(paths["model"], device)
     experts = list(mixture.experts)
     return Loaded(mixture.denoiser(), experts, load_scheduler_config(paths["model"]), _shape(experts[0]))
+
+
+def _stack(paths: dict[str, Path], device) -> Loaded:
+    """A stacked model: its base network ``model`` (a UNet or a mixture of experts) and ``stack``
+    (``stack.json``: its skip schedule if it has one, the sampling steps it was made for)."""
+    from .io import read_json
+    from .pruning.dipgo import Schedule
+    from .pruning.stack import stacked_denoiser
+
+    doc = read_json(paths["stack"])
+    net = load_model(paths["model"], device).eval()
+    schedule = None if doc.get("schedule") is None else Schedule.from_json(doc["schedule"])
+    modules = list(getattr(net, "experts", [net]))
+    return Loaded(stacked_denoiser(net, schedule), modules, load_scheduler_config(paths["model"]), _shape(modules[0]),
+                  steps=int(doc["chosen"]["steps"]))
 
 
 def load_vae(path: Path, device="cpu"):
@@ -96,7 +112,7 @@ def _dit(paths: dict[str, Path], device, schedule: bool = False) -> Loaded:
 
 
 KINDS: dict[str, Callable[[dict[str, Path], object], Loaded]] = {
-    "unet": _unet, "dipgo": _dipgo, "experts": _experts,
+    "unet": _unet, "dipgo": _dipgo, "experts": _experts, "stack": _stack,
     "dit": _dit, "dit-dipgo": lambda paths, device: _dit(paths, device, schedule=True),
 }
 

@@ -239,18 +239,23 @@ def _channel_groups(student: nn.Module, x0: torch.Tensor, cfg: TaylorConfig, las
 
 
 def _taylor_gradients(student: nn.Module, scheduler, x0: torch.Tensor, noise: torch.Tensor,
-                      cfg: TaylorConfig) -> GradientTrace:
+                      cfg: TaylorConfig, timesteps: Optional[tuple[int, int]] = None) -> GradientTrace:
     """Step 3: gradients accumulated over the early timesteps (Taylor importances only).
 
     Args:
         x0, noise: ``(B, C, H, W)`` the scoring batch and its fixed noise.
+        timesteps: ``[lo, hi)``: accumulate from ``t = lo`` on and never past ``hi`` (a timestep
+            expert's interval); None: from ``t = 0`` (Diff-Pruning).
     """
     if cfg.importance not in ("diff-pruning", "taylor"):
         return GradientTrace(losses=(), timesteps_used=0)
-    steps = min(cfg.max_timesteps, int(scheduler.config.num_train_timesteps))
-    trace = accumulate_timestep_gradients(
-        timestep_loss(student, scheduler, x0, noise), threshold=effective_threshold(cfg), max_timesteps=steps
-    )
+    total = int(scheduler.config.num_train_timesteps)
+    lo, hi = timesteps if timesteps is not None else (0, total)
+    if not 0 <= lo < hi <= total:
+        raise ConfigError(f"timesteps = {timesteps!r}: expected 0 <= lo < hi <= {total}")
+    loss_at = timestep_loss(student, scheduler, x0, noise)
+    trace = accumulate_timestep_gradients(lambda t: loss_at(lo + t), threshold=effective_threshold(cfg),
+                                          max_timesteps=min(cfg.max_timesteps, hi - lo))
     for p in student.parameters():  # a layer the loss never reached scores 0, not a crash
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -273,6 +278,7 @@ def prune_unet(
     images: torch.Tensor,
     cfg: TaylorConfig,
     device: str | torch.device = "cpu",
+    timesteps: Optional[tuple[int, int]] = None,
 ) -> tuple[UNet2DModel, dict]:
     """Prune ``cfg.ratio`` of the channels of every layer of a diffusers UNet (Diff-Pruning).
 
@@ -287,6 +293,8 @@ def prune_unet(
         images: ``(N, C, H, W)`` real images in [-1, 1], from which the one scoring batch is drawn.
         cfg: importance, ratio, threshold ``T``, batch size, timestep cap and seed.
         device: where the scoring runs; the pruned model is returned there.
+        timesteps: ``[lo, hi)`` the gradients accumulate over (from ``lo``, stopping at the
+            threshold or ``hi``): one timestep expert's interval. None: from ``t = 0``.
 
     Returns:
         ``(pruned, report)``: ``importance``, ``ratio``, ``threshold`` (the one applied),
@@ -313,7 +321,7 @@ def prune_unet(
         x0, noise = _scoring_batch(images, cfg, device)  # 1. one batch, one fixed noise
         last = _LastGroup()
         pruner = _channel_groups(student, x0, cfg, last)  # 2. channel groups
-        trace = _taylor_gradients(student, scheduler, x0, noise, cfg)  # 3. gradients over early t
+        trace = _taylor_gradients(student, scheduler, x0, noise, cfg, timesteps)  # 3. gradients over early t
         _remove_lowest(pruner, last)  # 4. importance -> pruner
     student.zero_grad(set_to_none=True)
 
@@ -324,6 +332,7 @@ def prune_unet(
     return student, {
         "importance": cfg.importance, "ratio": cfg.ratio, "threshold": effective_threshold(cfg) if taylor else None,
         "timesteps_used": trace.timesteps_used, "losses": list(trace.losses), "params_before": params_before,
+        "timestep_range": list(timesteps) if timesteps is not None else None,
         "params_after": num_parameters(student), "macs_before": macs_before,
         "macs_after": unet_macs(student, sample_shape),
     }

@@ -33,7 +33,7 @@ def stage(name: str, family: str | None = None) -> Callable[[Callable[..., dict]
 # the names the stage modules register, known without importing them (torch, diffusers: ~10 s on 2 cores),
 # so a mistyped name fails at once; a test checks that it equals what the modules register
 NAMES = ("data", "dipgo", "evaluate", "experts", "features", "finetune", "intervals", "latents", "prune-experts",
-         "register", "report", "router", "taylor", "teacher")
+         "register", "report", "router", "stack", "taylor", "teacher")
 
 
 def stage_function(name: str, family: str = "unet") -> Callable[..., dict]:
@@ -59,7 +59,7 @@ def get_stage(name: str) -> Callable[..., dict]:
 
 def _load_all() -> None:
     # importing a stage module registers its stages (and its models in core.TARGETS)
-    from . import core, dipgo, dit, experts, latent, report, router, taylor  # noqa: F401
+    from . import core, dipgo, dit, experts, latent, report, router, stack, taylor  # noqa: F401
 
 
 def safe_subpath(root: Path, rel: str | Path) -> Path:

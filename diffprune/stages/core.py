@@ -63,7 +63,8 @@ TARGETS: dict[str, Target] = {
 # teacher.family -> (the kind a pixel-UNet target has -> the family's kind), and the extra artifacts
 # every model of the family needs (its VAE); filled by the family's stage module (stages/dit.py).
 # A target whose kind a family does not map (the expert mixture on DiT) does not exist there.
-FAMILY_KINDS: dict[str, dict[str, str]] = {"unet": {"unet": "unet", "dipgo": "dipgo", "experts": "experts"}}
+FAMILY_KINDS: dict[str, dict[str, str]] = {"unet": {"unet": "unet", "dipgo": "dipgo", "experts": "experts",
+                                                     "stack": "stack"}}
 FAMILY_PATHS: dict[str, dict[str, str]] = {"unet": {}}
 
 
@@ -220,7 +221,8 @@ def run_evaluate(p: Params, root: Path, target: str = "teacher", progress: bool 
         if not ref_file.exists():
             raise ConfigError(f"{ref_file}: evaluate the teacher first (its samples are the fidelity reference)")
         reference = load_file(str(ref_file))["samples"]
-    metrics, samples = evaluate(loaded.denoiser, sched, loaded.modules, p.evaluate, ext, train_feats,
+    protocol = p.evaluate if loaded.steps is None else dataclasses.replace(p.evaluate, steps=loaded.steps)
+    metrics, samples = evaluate(loaded.denoiser, sched, loaded.modules, protocol, ext, train_feats,
                                 sample_shape=loaded.sample_shape, reference=reference, device=device,
                                 progress=progress)
     floor = read_json(feats_dir / "floor.json")
@@ -232,7 +234,7 @@ def run_evaluate(p: Params, root: Path, target: str = "teacher", progress: bool 
         log.warning("%s is degenerate: %s", target, metrics["verdict"])
     if reference is not None:
         metrics |= compare_to_teacher(metrics, read_json(eval_dir(root, "teacher") / "metrics.json"))
-        metrics |= _speedup(p, root, loaded, sched, device)
+        metrics |= _speedup(p, protocol, root, loaded, sched, device)
     out = eval_dir(root, target)
     with atomic_path(out, is_dir=True) as tmp:
         tmp.mkdir(parents=True)
@@ -250,12 +252,13 @@ def plot_point(target: str, metrics: dict) -> dict:
             "fid": float(metrics["fid"]), "psnr_vs_teacher": metrics.get("psnr_vs_teacher")}
 
 
-def _speedup(p: Params, root: Path, loaded, sched, device) -> dict:
-    """The candidate's latency against the teacher's, timed here, interleaved, in this process."""
+def _speedup(p: Params, protocol, root: Path, loaded, sched, device) -> dict:
+    """The candidate's latency (its ``protocol``: its own steps) against the teacher's (the
+    protocol's steps), timed here, interleaved, in this process."""
     family = p.teacher.family
     teacher = load_target(get_target("teacher", family).kind, target_paths(root, "teacher", family), device)
     shape = loaded.sample_shape
-    return paired_latency(latency_probe(loaded.denoiser, sched, p.evaluate, shape, device),
+    return paired_latency(latency_probe(loaded.denoiser, sched, protocol, shape, device),
                           latency_probe(teacher.denoiser, sched, p.evaluate, shape, device),
                           repeats=p.evaluate.latency_repeats)
 
@@ -286,7 +289,8 @@ def run_register(p: Params, root: Path, target: str = "teacher", **_: Any) -> di
     info = registry.register_model(
         name=tgt.model_name(p), kind=tgt.kind, model_dir=paths["model"],
         extra_dirs={k: v for k, v in paths.items() if k != "model"},
-        sampler=p.evaluate.sampler, steps=p.evaluate.steps, batch_size=p.evaluate.batch_size,
+        sampler=p.evaluate.sampler, steps=int(metrics.get("steps", p.evaluate.steps)),  # a stacked model's own
+        batch_size=p.evaluate.batch_size,
         params={s: to_dict(p.section(s)) for s in (*tgt.sections, "evaluate")},
         metrics=numeric, artifacts=[ev / "grid.png", ev / "metrics.json"],
         tags={**tags, **verdict, "feature_extractor": metrics["feature_extractor"], "target": target},

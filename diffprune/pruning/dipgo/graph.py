@@ -294,6 +294,10 @@ def block_graph(model: nn.Module) -> BlockGraph:
     """The :class:`BlockGraph` adapter for ``model``; fails loudly on unsupported model types."""
     if isinstance(model, BlockGraph):
         return model
+    if hasattr(model, "experts") and hasattr(model, "boundaries"):  # a mixture of timestep experts
+        from .routed import RoutedGraph
+
+        return RoutedGraph(model)
     from diffusers import UNet2DModel
 
     if isinstance(model, UNet2DModel):

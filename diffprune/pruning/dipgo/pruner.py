@@ -84,6 +84,7 @@ def train_pruner(
     checkpoint_every: int = 20,
     features: Optional[Features] = None,
     on_progress: Optional[Callable[[int, int], None]] = None,
+    forced_steps: Sequence[int] = (),
 ) -> tuple[Schedule, dict[str, Any]]:
     """Learn a ``[steps x N]`` skip schedule for ``model`` at ``cfg.target_ratio`` of its MACs.
 
@@ -101,6 +102,9 @@ def train_pruner(
             the same schedule as an uninterrupted run.
         features: a feature map ``(B, C, H, W) -> (B, F)``; given, it replaces ``cfg.loss``.
         on_progress: called ``(done, total)`` after each step. progress: show a bar.
+        forced_steps: sampling steps that compute every block, as step 0 does (a mixture's first
+            step of each expert, :func:`~.routed.switch_steps`): their gates are held on in
+            training and kept by the post-processing.
 
     Returns:
         The post-processed :class:`Schedule` and an info dict (timings, loss history, gamma).
@@ -108,6 +112,7 @@ def train_pruner(
     _check_deterministic(sampler)
     n_iter, t0 = cfg.steps if train_steps is None else train_steps, time.perf_counter()
     run = _PrunerRun.build(model, scheduler_config, cfg, steps, sample_shape, torch.device(device), sampler, n_iter, features)
+    run.forced = _forced_mask(forced_steps, steps).to(run.device)
     with frozen(run.graph.model), frozen(getattr(run.graph, "decoder", None) or nn.Identity()):
         # 1. a fixed pool of (noise, full-model sample) pairs, drawn once
         run.draw_pool()
@@ -133,6 +138,17 @@ def train_pruner(
 
 def _no_progress(done: int, total: int) -> None:
     pass
+
+
+def _forced_mask(forced_steps: Sequence[int], steps: int) -> torch.Tensor:
+    """``(T,)`` True at the steps that compute every block (step 0 and ``forced_steps``)."""
+    mask = torch.zeros(steps, dtype=torch.bool)
+    for i in forced_steps:
+        if not 0 <= int(i) < steps:
+            raise ValueError(f"forced step {i}: the trajectory has steps 0 .. {steps - 1}")
+        mask[int(i)] = True
+    mask[0] = True
+    return mask
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -185,6 +201,7 @@ class _PrunerRun:
     sched: Any
     gen: torch.Generator
     runner: GatedRunner
+    forced: Optional[torch.Tensor] = None       # (T,) bool: steps whose gates are all on
     pool_noise: Optional[torch.Tensor] = None   # (P, C, H, W)
     pool_target: Optional[torch.Tensor] = None  # (P, C, H, W)
 
@@ -258,6 +275,8 @@ class _PrunerRun:
         noise, target, idx = self.batch()
         # 2. gates and the SubNet's final sample, differentiable in the gates
         gates = ste_gates(self.pruner())  # (T, N)
+        if self.forced is not None and bool(self.forced[1:].any()):  # a mixture's switch steps: all on
+            gates = torch.where(self.forced[:, None], torch.ones_like(gates), gates)
         hard = (gates.detach() > 0.5).tolist()
         kept = gate_table_macs(self.graph.consumers, self.costs, hard) / (self.costs.full * self.num_steps)
         with self.rows(idx):
@@ -289,8 +308,9 @@ class _PrunerRun:
         """The keep scores ``(T, N)`` thresholded to ``cfg.target_ratio``: the schedule, and the scores."""
         with torch.no_grad():
             scores = self.pruner.keep_scores().cpu()
+        forced = [] if self.forced is None else self.forced.nonzero().flatten().tolist()
         schedule = schedule_from_scores(scores, self.graph, self.costs, self.cfg.target_ratio, self.cfg.tolerance,
-                                        method="dipgo")
+                                        method="dipgo", forced_steps=forced)
         return schedule, scores
 
     def info(self, schedule: Schedule, scores: torch.Tensor, history: list[dict[str, float]],

@@ -134,6 +134,12 @@ def block_costs(model: nn.Module | BlockGraph, sample_shape: Sequence[int], coun
     (``"layers"``: the papers' convention, to compare with their tables).
     """
     graph = block_graph(model)
+    if hasattr(graph, "graphs"):  # a mixture: one cost table only when every expert costs the same
+        per = [block_costs(g, sample_shape, count) for g in graph.graphs]
+        if any(c != per[0] for c in per[1:]):
+            raise ValueError("the experts' blocks cost different MACs (pruned to different widths): "
+                             "a skip schedule over the mixture needs experts pruned alike")
+        return per[0]
     p = next(graph.model.parameters())
     x = torch.zeros((1, *sample_shape), device=p.device, dtype=p.dtype)
     t = torch.ones((1,), device=p.device, dtype=torch.long)
@@ -198,6 +204,7 @@ def schedule_from_scores(
     *,
     method: str = "dipgo",
     strict: bool = True,
+    forced_steps: Sequence[int] = (),
 ) -> Schedule:
     """Threshold keep scores ``(T, N)`` so the trajectory MACs ratio lands on ``target_ratio``.
 
@@ -206,15 +213,17 @@ def schedule_from_scores(
     bisecting a threshold between consecutive scores; kept MACs grow with the count, so the search
     is monotone. When the gate at the threshold is too coarse to land in the band (it frees or
     needs many blocks), the next-ranked gates that still fit are added. Step 0 always computes
-    everything. Raises ``ValueError`` when the closest schedule misses the target by
-    more than ``tolerance`` and ``strict``.
+    everything, and so does each of ``forced_steps`` (a mixture's first step of each expert). Raises
+    ``ValueError`` when the closest schedule misses the target by more than ``tolerance`` and ``strict``.
     """
     T, N = scores.shape
     if N != len(graph.block_names):
         raise ValueError(f"scores have {N} blocks, the graph has {len(graph.block_names)}")
     if not 0.0 < target_ratio <= 1.0:
         raise ValueError(f"target_ratio = {target_ratio}: expected in (0, 1]")
-    ranking = _GateRanking(scores, graph.consumers, costs)
+    if any(not 0 <= int(t) < T for t in forced_steps):
+        raise ValueError(f"forced_steps = {list(forced_steps)}: the schedule has steps 0 .. {T - 1}")
+    ranking = _GateRanking(scores, graph.consumers, costs, forced_steps)
     # 1. bisection: the largest prefix of the ranking (= the lowest threshold) still below target
     lo, hi = ranking.bisect(target_ratio)
     chosen = list(ranking.order[:lo])
@@ -242,15 +251,18 @@ class _GateRanking:
     """The gates of steps 1..T-1 ranked by descending keep score, and the MACs ratio of keeping a
     chosen subset of them (as flat indices ``(t - 1) * N + k``) on top of the full step 0."""
 
-    def __init__(self, scores: torch.Tensor, consumers: list[list[int | str]], costs: BlockCosts) -> None:
+    def __init__(self, scores: torch.Tensor, consumers: list[list[int | str]], costs: BlockCosts,
+                 forced: Sequence[int] = ()) -> None:
         self.T, self.N = scores.shape
         self.consumers, self.costs = consumers, costs
+        self.forced = sorted({int(t) for t in forced} - {0})  # steps kept whole, like step 0: never ranked
         flat = scores[1:].detach().float().flatten().cpu()
-        self.order = sorted(range(flat.numel()), key=lambda i: (-float(flat[i]), i))  # descending score
+        free = [i for i in range(flat.numel()) if 1 + i // self.N not in self.forced]
+        self.order = sorted(free, key=lambda i: (-float(flat[i]), i))  # descending score
 
     def gates(self, chosen: Sequence[int]) -> list[list[bool]]:
-        """The ``[T][N]`` gate table keeping step 0 and the ``chosen`` gates."""
-        keep = [[True] * self.N] + [[False] * self.N for _ in range(self.T - 1)]
+        """The ``[T][N]`` gate table keeping step 0, the forced steps and the ``chosen`` gates."""
+        keep = [[True] * self.N] + [[t in self.forced] * self.N for t in range(1, self.T)]
         for i in chosen:
             keep[1 + i // self.N][i % self.N] = True
         return keep

@@ -1,0 +1,148 @@
+"""Stacking the three methods: one MACs budget split between Diff-Pruning, timestep experts,
+DiP-GO and fewer sampling steps, the split searched on paired fidelity to the teacher.
+
+The trajectory MACs of a stacked model are the product of three factors::
+
+    ratio = net_ratio x skip_ratio x steps / teacher_steps
+
+* ``net_ratio``: per-step MACs of the base network over the teacher's: the teacher itself (1.0), one
+  Diff-Pruning model, or a mixture of timestep experts pruned to the same widths, in one of two
+  orders (:data:`ORDERS`):
+
+  - ``prune-experts``: Diff-Pruning first (one channel selection, gradients over the informative
+    early timesteps), then one copy per interval fine-tuned on its interval;
+  - ``experts-prune``: one Diff-Pruning selection *per interval* (gradients accumulated from the
+    interval's first timestep, :func:`~diffprune.pruning.taylor.prune_unet` ``timesteps=``), each
+    expert fine-tuned on its interval. Every GroupNorm group loses ``floor(ratio * g)`` channels
+    whatever the scores, so the experts of both orders have equal widths: one cost table, one skip
+    schedule over the mixture (:class:`~diffprune.pruning.dipgo.routed.RoutedGraph`).
+
+* ``skip_ratio``: the kept MACs fraction of a DiP-GO schedule learned over the base network's
+  ``steps``-step trajectory (1.0 = no schedule). Over a mixture, each expert's first step computes
+  every block (:func:`~diffprune.pruning.dipgo.routed.switch_steps`).
+* ``steps``: the sampling steps (DDIM), at most the teacher's.
+
+:func:`candidate_splits` lists, for a budget, every (base network, skip ratio) of a grid with the
+steps that bring the product to the budget; the stage (or benchmark) trains each candidate's
+schedule and :func:`choose` picks the candidate with the best mean paired PSNR against the
+teacher on a validation set of noises (a seed the evaluation never uses). The chosen split and its
+runner-ups are reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..metrics.image import psnr
+from ..sampling import Denoiser, ModelDenoiser, sample
+from .dipgo import Schedule, SkipScheduleDenoiser
+from .experts.prune import ExpertMixtureModel
+
+ORDERS = ("prune-experts", "experts-prune")
+"""How a mixture's experts are made (see the module docstring); ``single`` is one Diff-Pruning model."""
+
+MACS_TOLERANCE = 0.02
+"""A split's trajectory MACs land within 2% (relative) of the budget: the benchmarks' equal cost."""
+
+VALIDATION_SEED = 9_999
+"""Seed of the validation noises the split is chosen on (the evaluation protocol's seeds are 0, 1, 2)."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """One way of spending a budget: base network ``net`` (its per-step MACs ratio ``net_ratio``),
+    a DiP-GO schedule keeping ``skip_ratio`` of its trajectory MACs, ``steps`` sampling steps."""
+
+    net: str
+    net_ratio: float
+    skip_ratio: float
+    steps: int
+    teacher_steps: int
+
+    @property
+    def predicted_ratio(self) -> float:
+        """Trajectory MACs over the teacher's (full model, ``teacher_steps`` steps)."""
+        return self.net_ratio * self.skip_ratio * self.steps / self.teacher_steps
+
+    @property
+    def name(self) -> str:
+        skip = "" if self.skip_ratio >= 1.0 else f"-skip{self.skip_ratio:.2f}"
+        return f"{self.net}{skip}-T{self.steps}"
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "name": self.name, "predicted_ratio": self.predicted_ratio}
+
+
+def candidate_splits(budget: float, nets: dict[str, float], skip_ratios: Sequence[float], teacher_steps: int, *,
+                     min_steps: int = 4, tolerance: float = MACS_TOLERANCE, min_skip: float = 0.2) -> list[Split]:
+    """Every split of ``budget`` (trajectory MACs over the teacher's) on the grid ``nets x skip_ratios``.
+
+    For a base net and a nominal skip ratio ``s`` the steps are ``round(budget * T / (net * s))``
+    (at least ``min_steps``, at most ``T``); the skip ratio is then the one that lands the product
+    on the budget exactly. With ``s = 1`` no schedule is learned, so the split is kept only when the
+    whole steps alone land within ``tolerance`` of the budget. A skip ratio outside
+    ``[min_skip, 1]`` after the adjustment drops the split. Duplicates (same net and steps) are kept once.
+    """
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"stack budget = {budget!r}: expected in (0, 1]")
+    out: dict[tuple[str, int, bool], Split] = {}
+    for net, r in nets.items():
+        for s in sorted(set(skip_ratios), reverse=True):
+            steps = int(min(teacher_steps, max(min_steps, round(budget * teacher_steps / (r * s)))))
+            exact = budget * teacher_steps / (r * steps)  # the skip ratio that lands on the budget
+            if s >= 1.0:
+                if abs(exact - 1.0) > tolerance:
+                    continue
+                split = Split(net, r, 1.0, steps, teacher_steps)
+            elif min_skip <= exact < 1.0 - tolerance:
+                split = Split(net, r, round(exact, 4), steps, teacher_steps)
+            else:
+                continue
+            out.setdefault((net, steps, split.skip_ratio < 1.0), split)
+    return sorted(out.values(), key=lambda c: (c.net, c.steps))
+
+
+def mixture_of(experts: Sequence[nn.Module], boundaries: Sequence[int]) -> ExpertMixtureModel:
+    """The experts as one module (pipeline-loadable through its checkpoint); the experts must share
+    their widths (one skip schedule costs them alike)."""
+    shapes = [[tuple(p.shape) for p in e.parameters()] for e in experts]
+    if any(s != shapes[0] for s in shapes[1:]):
+        raise ValueError("the experts have different widths: stack them pruned at one ratio")
+    return ExpertMixtureModel(list(experts), boundaries).eval()
+
+
+def interval_ranges(boundaries: Sequence[int], num_train_timesteps: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` timestep interval of each expert from the ``K - 1`` boundaries."""
+    edges = [0, *[int(b) for b in boundaries], int(num_train_timesteps)]
+    return [(edges[k], edges[k + 1]) for k in range(len(edges) - 1)]
+
+
+def stacked_denoiser(net: nn.Module, schedule: Optional[Schedule]) -> Denoiser:
+    """The stacked model's denoiser: ``net`` (a UNet or a mixture) with its skip schedule, if any."""
+    if schedule is not None:
+        return SkipScheduleDenoiser(net, schedule)
+    return net.denoiser() if isinstance(net, ExpertMixtureModel) else ModelDenoiser(net)
+
+
+def validation_psnr(denoiser: Denoiser, scheduler, reference: torch.Tensor, steps: int, *, batch_size: int = 64,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """``(N,)`` PSNR of each validation sample (seed :data:`VALIDATION_SEED`, ``steps`` steps)
+    against ``reference``, the teacher's samples from the same noises."""
+    x = sample(denoiser, scheduler, num_images=reference.shape[0], sample_shape=tuple(reference.shape[1:]),
+               steps=steps, seed=VALIDATION_SEED, batch_size=batch_size, device=device)
+    return psnr(x, reference, reduce=False)
+
+
+def choose(scored: Sequence[tuple[Split, float, float]]) -> tuple[Split, list[dict]]:
+    """The split with the highest validation PSNR among ``(split, achieved MACs ratio, PSNR)``, and
+    every candidate's record, best first (the runner-ups)."""
+    if not scored:
+        raise ValueError("no candidate split reaches the budget: widen stack.skip_ratios or lower stack.min_steps")
+    ranked = sorted(scored, key=lambda c: (-c[2] if math.isfinite(c[2]) else math.inf, c[0].name))
+    rows = [{**s.to_json(), "macs_ratio": r, "validation_psnr": v} for s, r, v in ranked]
+    return ranked[0][0], rows
