@@ -94,9 +94,19 @@ def at_or_above(levels: list[tuple[float, float]], target: float) -> tuple[float
     return min(ok, key=lambda lv: (lv[1], -lv[0]))
 
 
+_DP: dict[float, tuple[Any, dict]] = {}  # this run's Diff-Pruning nets by channel ratio (a Taylor pass is minutes)
+
+
 def dp_net(b: Bench, ratio: float, progress: bool) -> tuple[Any, dict]:
     """One Diff-Pruning net at channel ratio ``ratio``, fine-tuned with the ``finetune`` recipe;
     cached by its configs."""
+    if ratio not in _DP:
+        _DP[ratio] = _dp_net(b, ratio, progress)
+    net, info = _DP[ratio]
+    return net, dict(info)
+
+
+def _dp_net(b: Bench, ratio: float, progress: bool) -> tuple[Any, dict]:
     cfg = with_values(b.p.taylor, importance="diff-pruning", ratio=ratio)
     pruned, report = prune_unet(b.teacher, b.train_scheduler, b.images, cfg, device=b.device)
     spec = finetune_spec(b.p.finetune, b.teacher_info["steps"])
@@ -104,7 +114,7 @@ def dp_net(b: Bench, ratio: float, progress: bool) -> tuple[Any, dict]:
     net = core.train_or_resume(copy.deepcopy(pruned), b.images, b.train_scheduler, spec, work, device=b.device,
                                progress=progress, desc=f"diff-pruning r={ratio:.3f}")
     return net, {"channel_ratio": ratio, "macs_ratio": report["macs_after"] / report["macs_before"],
-                 "train_steps": spec.steps, "pruned": pruned}
+                 "train_steps": spec.steps, "timesteps_used": report["timesteps_used"], "pruned": pruned}
 
 
 def build_nets(b: Bench, root: Path, progress: bool) -> tuple[dict[str, Any], dict[str, dict]]:
@@ -119,7 +129,7 @@ def build_nets(b: Bench, root: Path, progress: bool) -> tuple[dict[str, Any], di
             for order in ORDERS:
                 nets[f"{order}-{target}"] = stack_stage.make_mixture(
                     pt, root, order, b.teacher, i["pruned"], boundaries, b.images, b.train_scheduler, b.device,
-                    progress)
+                    progress, passes=i["timesteps_used"])
                 info[f"{order}-{target}"] = {"train_steps": i["train_steps"], "macs_ratio": i["macs_ratio"],
                                              "boundaries": boundaries}
     for i in info.values():

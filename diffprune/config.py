@@ -276,7 +276,7 @@ STACK_NETS = ("teacher", "diff-pruning", "prune-experts", "experts-prune")
 class StackConfig:
     budget: Fraction = 0.2                      # trajectory MACs of the stacked model / the teacher's
     nets: list[Literal[STACK_NETS]] = Field(list(STACK_NETS), min_length=1, max_length=4)  # base networks tried
-    skip_ratios: list[Fraction] = Field([1.0, 0.7, 0.5], min_length=1, max_length=8)  # nominal DiP-GO kept fractions (1.0: none)
+    skip_ratios: list[Fraction] = Field([1.0, 0.5], min_length=1, max_length=8)  # nominal DiP-GO kept fractions (1.0: none)
     min_steps: Int = Field(4, ge=1, le=TIMESTEPS)  # fewest sampling steps a split may use
     validation_samples: Int = Field(64, ge=1, le=BATCH)  # noises the split is chosen on (their own seed)
     model_name: Name = "diffprune-stack"

@@ -24,7 +24,8 @@ LATENT_OUTS = ("data/latents", "models/autoencoder")
 # as NAME or NAME@ITEM of a foreach stage
 UNSUPPORTED: dict[str, tuple[str, ...]] = {
     "unet": (),
-    "dit": ("intervals", "experts", "router", "prune-experts", "evaluate@experts", "register@experts"),
+    "dit": ("intervals", "experts", "router", "prune-experts", "stack", "evaluate@experts", "register@experts",
+            "evaluate@stack", "register@stack"),
 }
 # family -> its stage modules, a dep of every stage it overrides or that reads the latents
 FAMILY_CODE = {"dit": ["diffprune/stages/dit.py", "diffprune/stages/latent.py", "diffprune/stages/taylor.py",

@@ -6,7 +6,7 @@ calls :func:`build_report` and :func:`write_report`; the flow publishes what the
 Points come from two places and are never mixed into one front:
 
 * ``pipeline``: this run's models (``models/eval/*/metrics.json``, :func:`diffprune.report.collect`);
-* ``benchmark``: the runs of ``benchmarks/results/{dipgo,taylor,experts}.json`` when present. Their
+* ``benchmark``: the runs of ``benchmarks/results/{dipgo,taylor,experts,stack}.json`` when present. Their
   FIDs are on the benchmark teacher's scale (another teacher, often another feature network and
   sample count), so they get their own marker, legend entry, front and table, and the caption says
   how their teacher differs from this run's. A missing or malformed file is skipped with a warning.
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 REPORT_DIR = "models/report"
 BENCH_DIR = "benchmarks/results"
-BENCHMARKS = ("dipgo", "taylor", "experts")        # benchmarks/results/NAME.json, read when present
+BENCHMARKS = ("dipgo", "taylor", "experts", "stack")  # benchmarks/results/NAME.json, read when present
 BENCH_LISTS = ("points", "targets", "budgets")      # the per-setting lists of those files
 FILES = {"png": "pareto.png", "md": "pareto.md", "json": "pareto.json"}
 AXES = {"macs": "trajectory_macs", "latency": "latency_s"}
@@ -110,7 +110,7 @@ def bench_points(name: str, doc: Any) -> tuple[list[dict[str, Any]], Optional[di
 
 
 def benchmark_points(folder: Path) -> tuple[list[dict[str, Any]], dict[str, dict], list[str]]:
-    """``(points, teachers by benchmark, skipped)`` of ``folder/{dipgo,taylor,experts}.json``; a
+    """``(points, teachers by benchmark, skipped)`` of ``folder/{dipgo,taylor,experts,stack}.json``; a
     missing, unreadable or malformed file is skipped, with a warning logged and its reason returned."""
     points: list[dict[str, Any]] = []
     teachers: dict[str, dict] = {}

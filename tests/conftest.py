@@ -56,6 +56,9 @@ TINY_PARAMS = {
                "temperature": 0.5, "seed": 0},
     "prune_experts": {"fraction": 0.34, "batch_size": 8, "checkpoint_every": 2, "lr": 0.0005, "ema_decay": 0.9,
                       "model_name": "tiny-experts", "seed": 0},
+    # two nets, two skip ratios: the pipeline's stack stage in seconds (tests/test_stack.py tries every net)
+    "stack": {"budget": 0.5, "nets": ["teacher", "diff-pruning"], "skip_ratios": [1.0, 0.5], "min_steps": 2,
+              "validation_samples": 8, "model_name": "tiny-stack"},
 }
 
 

@@ -25,19 +25,22 @@ def _dockerfile() -> list[list[str]]:
             not line.lstrip().startswith("#")]
 
 
-def test_both_deployments_run_the_pipeline_flow_with_parameters_it_takes():
+def test_the_deployments_run_their_flows_with_parameters_they_take():
     from prefect.flows import load_flow_from_entrypoint
 
     deps = _deployments()
-    assert set(deps) == {"nightly", "nightly-gpu"}
+    assert set(deps) == {"nightly", "nightly-gpu", "weekly-stack"}
+    flows = {"nightly": "prune-pipeline", "nightly-gpu": "prune-pipeline", "weekly-stack": "stack-pipeline"}
     for name, dep in deps.items():
         path, _, func = dep["entrypoint"].partition(":")
         assert (REPO / path).is_file(), f"{name}: {path} is missing"
         flow = load_flow_from_entrypoint(str(REPO / dep["entrypoint"]))
         accepted = inspect.signature(flow.fn).parameters
         assert set(dep["parameters"]) <= set(accepted), f"{name}: {set(dep['parameters']) - set(accepted)}"
-        assert flow.name == "prune-pipeline" and func == "prune_pipeline"
+        assert flow.name == flows[name] and func == flow.name.replace("-", "_")
     assert deps["nightly"]["work_pool"] == {"name": "diffprune-process", "work_queue_name": "default"}
+    assert deps["weekly-stack"]["parameters"] == deps["nightly"]["parameters"]
+    assert not any(s.get("active") for s in deps["weekly-stack"]["schedules"])  # the nightly run builds it too
     assert deps["nightly"]["parameters"] == deps["nightly-gpu"]["parameters"]
 
 

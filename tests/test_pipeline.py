@@ -75,7 +75,7 @@ def test_flow_runs_every_stage_then_skips_them(flow_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(first["report"]["png"]) == png.resolve()
     rows = [l for l in first["report"]["table"].splitlines()[2:] if l.startswith("| ")]
     names = [r.split(" | ")[0][2:].removesuffix(" (degenerate)") for r in rows]  # tiny models: degenerate
-    assert sorted(names) == ["dipgo", "experts", "finetune", "teacher"]
+    assert sorted(names) == ["dipgo", "experts", "finetune", "stack", "teacher"]
     assert Path(second["report"]["png"]) == png.resolve() and "mlflow_run_id" not in second["report"]  # ran nothing
 
 
@@ -92,7 +92,7 @@ def test_flow_records_every_stage_in_dvc_lock_and_saves_the_run(flow_run):
     doc = json.loads(plots.stdout)
     assert not doc.get("errors"), doc.get("errors")
     points = doc["data"]["fid_vs_macs"][0]["content"]["data"]["values"]
-    assert sorted(v["model"] for v in points) == ["dipgo", "experts", "finetune", "teacher"]
+    assert sorted(v["model"] for v in points) == ["dipgo", "experts", "finetune", "stack", "teacher"]
     assert {"models/dipgo/heatmap.png", "models/intervals/alignment.png", "models/report/pareto.png"} <= set(doc["data"])
     # metrics are kept by git (and so by the experiment commit), cached outputs by DVC
     assert subprocess.run(["git", "check-ignore", "-q", "models/eval/teacher/metrics.json"], cwd=root).returncode == 1
@@ -132,14 +132,14 @@ def test_flow_registers_the_teacher_in_mlflow(flow_run):
 
 
 def test_flow_gates_each_version_it_registered_and_only_then(flow_run):
-    """The first run registered four versions: each has the gate's decision in its tags (and the alias
+    """The first run registered five versions: each has the gate's decision in its tags (and the alias
     on it exactly when promoted); the second run registered nothing and decided nothing."""
     from diffprune import gate, registry, tracking
 
     root, first, second = flow_run
     tracking.configure(root=root)
     names = sorted(d["name"] for d in first["decisions"])
-    assert names == ["tiny-dipgo", "tiny-experts", "tiny-pruned", "tiny-teacher"] and second["decisions"] == []
+    assert names == ["tiny-dipgo", "tiny-experts", "tiny-pruned", "tiny-stack", "tiny-teacher"] and second["decisions"] == []
     for d in first["decisions"]:
         assert d["decision"] in gate.OUTCOMES and d["reasons"] and d["champion"] is None, d
         assert registry.get_version(d["name"], d["version"]).tags[gate.TAG_DECISION] == d["decision"]

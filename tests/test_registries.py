@@ -20,11 +20,12 @@ from safetensors.torch import load_file, save_file
 from diffprune.config import TaylorConfig
 from diffprune.models.blocks import ShortcutBlock, SkippedBlock
 from diffprune.models.checkpoint import save_model
-from diffprune.pruning.dipgo import SkipScheduleDenoiser, deepcache_schedule
+from diffprune.pruning.dipgo import Schedule, SkipScheduleDenoiser, deepcache_schedule
+from diffprune.pruning.dipgo.graph import block_graph
 from diffprune.pruning.experts import ExpertMixtureModel, elastic_space, prune_to_config, save_mixture
 from diffprune.pruning.taylor import prune_unet
 from diffprune.sampling import ModelDenoiser
-from diffprune.stages import core, dipgo, experts, taylor
+from diffprune.stages import core, dipgo, experts, stack, taylor
 
 from .conftest import REPO
 
@@ -86,12 +87,20 @@ def saved(tmp_path: Path, tiny_unet, tiny_scheduler) -> tuple[Path, dict]:
     assert any(isinstance(m, SkippedBlock) for m in expert.modules())
     mixture = ExpertMixtureModel([expert, tiny_unet], [500])
     schedule = deepcache_schedule(tiny_unet, STEPS, interval=2, branch=1, sample_shape=SHAPE)
+    # a stacked model: a mixture of one width under a skip schedule, with its own step count
+    twin = ExpertMixtureModel([pruned, prune_unet(tiny_unet, tiny_scheduler, images, TaylorConfig(
+        importance="magnitude", ratio=0.5, seed=1))[0]], [500])
+    stacked = Schedule(keep=[[True] * 7, [True, False, True, True, True, False, True], [True] * 7, [False] * 7],
+                       block_names=block_graph(twin).block_names)
 
     save_model(tiny_unet, tmp_path / "unet", scheduler_config=SCHED)
     save_model(pruned, tmp_path / "pruned", scheduler_config=SCHED)
     save_model(expert, tmp_path / "expert", scheduler_config=SCHED)
     save_mixture(mixture, tmp_path / "mixture", scheduler_config=SCHED)
     schedule.save(tmp_path / "schedule.json")
+    save_model(twin, tmp_path / "stack" / "model", scheduler_config=SCHED)
+    (tmp_path / "stack" / "stack.json").write_text(json.dumps({"chosen": {"steps": STEPS},
+                                                               "schedule": stacked.to_json()}))
     models = {
         "unet": ({"checkpoint": "unet"}, tiny_unet),
         "diff-pruned": ({"checkpoint": "pruned"}, pruned),
@@ -101,6 +110,8 @@ def saved(tmp_path: Path, tiny_unet, tiny_scheduler) -> tuple[Path, dict]:
         "target-dipgo": ({"kind": "dipgo", "paths": {"model": "unet", "schedule": "schedule.json"}},
                          SkipScheduleDenoiser(tiny_unet, schedule)),
         "target-experts": ({"kind": "experts", "paths": {"model": "mixture"}}, mixture.denoiser()),
+        "target-stack": ({"kind": "stack", "paths": {"model": "stack/model", "stack": "stack/stack.json"}},
+                         SkipScheduleDenoiser(twin, stacked)),
     }
     (tmp_path / "models.json").write_text(json.dumps({k: spec for k, (spec, _) in models.items()}))
     return tmp_path, models
@@ -126,7 +137,8 @@ def test_every_saved_model_loads_in_a_fresh_process_with_identical_outputs(saved
 
 
 def test_targets_are_declared_in_one_table_with_the_stage_outputs():
-    assert set(core.TARGETS) == {"teacher", "finetune", "dipgo", "experts"}
+    assert set(core.TARGETS) == {"teacher", "finetune", "dipgo", "experts", "stack"}
+    assert core.TARGETS["stack"].paths == {"model": f"{stack.STACK}/model", "stack": f"{stack.STACK}/stack.json"}
     assert core.TARGETS["finetune"].paths == {"model": taylor.FINETUNED}
     assert core.TARGETS["dipgo"].paths == {"model": core.TEACHER, "schedule": f"{dipgo.SCHEDULE_DIR}/schedule.json"}
     assert core.TARGETS["experts"].paths == {"model": experts.MIXTURE}

@@ -107,12 +107,12 @@ def test_missing_and_malformed_benchmark_results_are_skipped(tmp_path: Path, cap
     _bench(folder)
     with caplog.at_level(logging.WARNING, logger="diffprune.pareto"):
         points, teachers, skipped = pareto.benchmark_points(folder)
-    assert len(skipped) == 2 and any("taylor.json" in s for s in skipped) and any("experts.json" in s for s in skipped)
-    assert sum("skipped" in r.getMessage() for r in caplog.records) == 2
+    assert len(skipped) == 3 and all(any(f"{n}.json" in s for s in skipped) for n in ("taylor", "experts", "stack"))
+    assert sum("skipped" in r.getMessage() for r in caplog.records) == 3  # stack.json: missing
     assert list(teachers) == ["dipgo"] and points and all(p["model"].startswith("dipgo: ") for p in points)
     assert all(p["source"] == "benchmark" for p in points)
     (folder / "dipgo.json").unlink()
-    assert pareto.benchmark_points(folder)[0] == [] and len(pareto.benchmark_points(folder)[2]) == 3
+    assert pareto.benchmark_points(folder)[0] == [] and len(pareto.benchmark_points(folder)[2]) == 4
     assert pareto.benchmark_points(tmp_path / "nowhere")[0] == []
 
 
@@ -144,7 +144,7 @@ def test_the_stage_writes_its_outputs_atomically(tmp_path: Path, monkeypatch):
     out = get_stage("report")(load_params(REPO / "params.yaml"), root)
     folder = root / pareto.REPORT_DIR
     assert sorted(p.name for p in folder.iterdir()) == ["pareto.json", "pareto.md", "pareto.png"]  # no temp files
-    assert out["png"] == str(folder / "pareto.png") and out["skipped_benchmarks"] == 2
+    assert out["png"] == str(folder / "pareto.png") and out["skipped_benchmarks"] == 3  # stack.json: missing
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
 
     def broken(fig, *a, **kw):

@@ -48,9 +48,9 @@ from diffprune.flows.specs import missing_params, missing_sources, needed, stage
 # has no version of (diffprune.families.UNSUPPORTED). SPINE: what every dvc.yaml must declare.
 PIPELINE: list[str] = [
     "data", "latents", "features", "teacher", "taylor", "finetune", "dipgo",
-    "intervals", "experts", "router", "prune-experts",
-    "evaluate@teacher", "evaluate@finetune", "evaluate@dipgo", "evaluate@experts",
-    "register@teacher", "register@finetune", "register@dipgo", "register@experts", "report",
+    "intervals", "experts", "router", "prune-experts", "stack",
+    "evaluate@teacher", "evaluate@finetune", "evaluate@dipgo", "evaluate@experts", "evaluate@stack",
+    "register@teacher", "register@finetune", "register@dipgo", "register@experts", "register@stack", "report",
 ]
 SPINE = ("data", "features", "teacher", "evaluate@teacher", "register@teacher")
 

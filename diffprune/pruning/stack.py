@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from ..config import ConfigError
 from ..metrics.image import psnr
 from ..sampling import Denoiser, ModelDenoiser, sample
 from .dipgo import Schedule, SkipScheduleDenoiser
@@ -89,7 +90,7 @@ def candidate_splits(budget: float, nets: dict[str, float], skip_ratios: Sequenc
     ``[min_skip, 1]`` after the adjustment drops the split. Duplicates (same net and steps) are kept once.
     """
     if not 0.0 < budget <= 1.0:
-        raise ValueError(f"stack budget = {budget!r}: expected in (0, 1]")
+        raise ConfigError(f"stack.budget = {budget!r}: expected in (0, 1]")
     out: dict[tuple[str, int, bool], Split] = {}
     for net, r in nets.items():
         for s in sorted(set(skip_ratios), reverse=True):
@@ -142,7 +143,8 @@ def choose(scored: Sequence[tuple[Split, float, float]]) -> tuple[Split, list[di
     """The split with the highest validation PSNR among ``(split, achieved MACs ratio, PSNR)``, and
     every candidate's record, best first (the runner-ups)."""
     if not scored:
-        raise ValueError("no candidate split reaches the budget: widen stack.skip_ratios or lower stack.min_steps")
+        raise ConfigError("stack.budget: no candidate split reaches it within 2% (widen stack.skip_ratios, add "
+                          "stack.nets or lower stack.min_steps)")
     ranked = sorted(scored, key=lambda c: (-c[2] if math.isfinite(c[2]) else math.inf, c[0].name))
     rows = [{**s.to_json(), "macs_ratio": r, "validation_psnr": v} for s, r, v in ranked]
     return ranked[0][0], rows

@@ -293,17 +293,15 @@ def prune_unet(
         images: ``(N, C, H, W)`` real images in [-1, 1], from which the one scoring batch is drawn.
         cfg: importance, ratio, threshold ``T``, batch size, timestep cap and seed.
         device: where the scoring runs; the pruned model is returned there.
-        timesteps: ``[lo, hi)`` the gradients accumulate over (from ``lo``, stopping at the
-            threshold or ``hi``): one timestep expert's interval. None: from ``t = 0``.
+        timesteps: ``[lo, hi)``: the gradients accumulate from ``lo`` (a timestep expert's interval).
 
     Returns:
-        ``(pruned, report)``: ``importance``, ``ratio``, ``threshold`` (the one applied),
-        ``timesteps_used``, ``losses`` (``L_t`` per evaluated ``t``), ``params_before/after`` and
-        ``macs_before/after`` (one ``(1, C, H, W)`` call).
+        ``(pruned, report)``: ``importance``, ``ratio``, ``threshold`` (the one applied), ``timesteps_used``,
+        ``losses`` (``L_t`` per evaluated ``t``), ``params_before/after``, ``macs_before/after`` (one image).
 
     Raises:
-        PruningError: naming the layer, when torch-pruning cannot handle the network or the
-            pruned network is inconsistent.
+        PruningError: naming the layer, when torch-pruning cannot handle the network or the pruned
+            network is inconsistent.
     """
     if cfg.importance not in IMPORTANCES:
         raise ConfigError(f"taylor.importance = {cfg.importance!r}: expected one of {list(IMPORTANCES)}")
@@ -332,10 +330,8 @@ def prune_unet(
     return student, {
         "importance": cfg.importance, "ratio": cfg.ratio, "threshold": effective_threshold(cfg) if taylor else None,
         "timesteps_used": trace.timesteps_used, "losses": list(trace.losses), "params_before": params_before,
-        "timestep_range": list(timesteps) if timesteps is not None else None,
-        "params_after": num_parameters(student), "macs_before": macs_before,
-        "macs_after": unet_macs(student, sample_shape),
-    }
+        "timestep_range": timesteps and list(timesteps), "params_after": num_parameters(student),
+        "macs_before": macs_before, "macs_after": unet_macs(student, sample_shape)}
 
 
 @dataclass(frozen=True)

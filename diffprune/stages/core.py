@@ -49,7 +49,7 @@ class Target:
 
 # Every model the pipeline can evaluate and register, declared here and nowhere else. The paths are
 # outputs of the stage modules (stages/taylor.py FINETUNED, stages/dipgo.py SCHEDULE_DIR,
-# stages/experts.py MIXTURE; tests/test_registries.py checks they agree).
+# stages/experts.py MIXTURE, stages/stack.py STACK; tests/test_registries.py checks they agree).
 TARGETS: dict[str, Target] = {
     "teacher": Target("unet", {"model": TEACHER}, ("data", "teacher"), lambda p: p.register.model_name),
     "finetune": Target("unet", {"model": "models/finetune"}, ("taylor", "finetune"), lambda p: p.finetune.model_name),
@@ -57,6 +57,8 @@ TARGETS: dict[str, Target] = {
                     lambda p: p.dipgo.model_name),
     "experts": Target("experts", {"model": "models/experts/mixture"},
                       ("intervals", "experts", "router", "prune_experts"), lambda p: p.prune_experts.model_name),
+    "stack": Target("stack", {"model": "models/stack/model", "stack": "models/stack/stack.json"},
+                    ("taylor", "finetune", "intervals", "dipgo", "stack"), lambda p: p.stack.model_name),
 }
 
 

@@ -6,7 +6,7 @@ model is sampled through :func:`diffprune.sampling.sample` as a :class:`~diffpru
 (image i of a set is class ``i % num_classes``; the VAE decodes the final latents), so FID, the
 paired fidelity to the teacher, MACs (guidance doubling counted) and latency are the house's. Every
 model's checkpoint records its ``conditioning`` (class count, guidance scale), and loads back into
-diffusers' ``DiTPipeline`` (:func:`diffprune.models.dit.dit_pipeline`). The timestep-expert stages
+diffusers' ``DiTPipeline`` (:func:`diffprune.models.dit.dit_pipeline`). The timestep-expert and stack stages
 have no DiT version yet: a DiT workspace's ``dvc.yaml`` leaves them out (:data:`UNSUPPORTED`).
 """
 
@@ -37,7 +37,8 @@ FAMILY = "dit"
 FAMILY_KINDS[FAMILY] = {"unet": "dit", "dipgo": "dit-dipgo"}  # no expert mixture of DiTs yet
 FAMILY_PATHS[FAMILY] = {"vae": AUTOENCODER}
 # the stages a DiT workspace's dvc.yaml leaves out (and, with them, the outputs only they make)
-UNSUPPORTED = ("intervals", "experts", "router", "prune-experts", "evaluate@experts", "register@experts")
+UNSUPPORTED = ("intervals", "experts", "router", "prune-experts", "stack", "evaluate@experts", "register@experts",
+               "evaluate@stack", "register@stack")
 
 
 def train_scheduler(p: Params) -> DDPMScheduler:
@@ -185,5 +186,5 @@ def _unsupported(name: str):
     return run
 
 
-for _name in ("intervals", "experts", "router", "prune-experts"):
+for _name in ("intervals", "experts", "router", "prune-experts", "stack"):
     stage(_name, family=FAMILY)(_unsupported(_name))

@@ -39,15 +39,13 @@ from ..pruning.stack import (MACS_TOLERANCE, ORDERS, VALIDATION_SEED, Split, can
 from ..pruning.taylor import finetune_spec, prune_unet
 from ..sampling import ModelDenoiser, sample
 from . import safe_subpath, stage
-from .core import DATASET, TARGETS, TEACHER, Target, data_shape, train_or_resume, work_dir
+from .core import DATASET, TEACHER, ProgressFn, data_shape, train_or_resume, work_dir
 
 log = logging.getLogger(__name__)
 
 STACK = "models/stack"
 PRUNED, FINETUNED, INTERVALS = "models/taylor", "models/finetune", "models/intervals"
 
-TARGETS["stack"] = Target("stack", {"model": f"{STACK}/model", "stack": f"{STACK}/stack.json"}, ("taylor", "finetune", "intervals", "dipgo", "stack"),
-                          lambda p: p.stack.model_name)
 
 
 def _load(root: Path, rel: str, what: str, device) -> nn.Module:
@@ -73,24 +71,27 @@ def _train_experts(p: Params, root: Path, name: str, experts: list[nn.Module], b
     tuned = []
     for k, (expert, (lo, hi)) in enumerate(zip(experts, ranges)):
         ks = dataclasses.replace(per, t_min=lo, t_max=hi)
-        work = work_dir(root, f"stack-{name}-{k}", p.finetune, ks, read_config(safe_subpath(root, TEACHER))["sha256"],
-                        boundaries, to_dict(p.taylor))
+        work = work_dir(root, f"stack-{name}-{k}", p.finetune, ks, weights_key(expert))  # keyed by its start
         tuned.append(train_or_resume(expert.train(), images, scheduler, ks, work, device=device, progress=progress,
                                      desc=f"stack {name} expert {k} [{lo}, {hi})"))
     return mixture_of(tuned, boundaries)
 
 
 def make_mixture(p: Params, root: Path, order: str, teacher: nn.Module, pruned: nn.Module, boundaries: list[int],
-                 images: torch.Tensor, scheduler, device, progress: bool = True) -> nn.Module:
+                 images: torch.Tensor, scheduler, device, progress: bool = True, passes: Optional[int] = None) -> nn.Module:
     """The mixture of ``order`` (:data:`~diffprune.pruning.stack.ORDERS`), its experts fine-tuned:
     ``prune-experts`` copies ``pruned`` (one Diff-Pruning selection) per interval; ``experts-prune``
-    prunes ``teacher`` per interval at ``p.taylor``'s ratio, gradients from the interval's first timestep."""
+    prunes ``teacher`` per interval at ``p.taylor``'s ratio, the gradients accumulated from the
+    interval's first timestep over at most ``passes`` timesteps (Diff-Pruning's own count: its
+    ``timesteps_used``; the threshold rarely stops inside a noisy interval, whose every timestep
+    would otherwise cost a gradient pass)."""
     if order == "prune-experts":
         experts = [copy.deepcopy(pruned) for _ in range(len(boundaries) + 1)]
     elif order == "experts-prune":
         g = torch.Generator().manual_seed(p.taylor.seed)
         batch = images[torch.randperm(len(images), generator=g)[: p.taylor.batch_size]]
-        experts = [prune_unet(teacher, scheduler, batch, p.taylor, device=device, timesteps=r)[0]
+        cfg = p.taylor if not passes else dataclasses.replace(p.taylor, max_timesteps=min(p.taylor.max_timesteps, passes))
+        experts = [prune_unet(teacher, scheduler, batch, cfg, device=device, timesteps=r)[0]
                    for r in interval_ranges(boundaries, scheduler.config.num_train_timesteps)]
     else:
         raise ConfigError(f"stack order {order!r}: expected one of {', '.join(ORDERS)}")
@@ -109,11 +110,10 @@ def build_nets(p: Params, root: Path, device, progress: bool = True) -> dict[str
         elif name == "diff-pruning":
             nets[name] = _load(root, FINETUNED, "finetune", device)
         else:  # a mixture, pruned at the taylor stage's ratio (the one it found for a MACs target)
-            pruned = _load(root, PRUNED, "taylor", device)
-            pt = dataclasses.replace(p, taylor=dataclasses.replace(
-                p.taylor, ratio=read_config(safe_subpath(root, PRUNED))["meta"].get("ratio_found", p.taylor.ratio)))
+            pruned, meta = _load(root, PRUNED, "taylor", device), read_config(safe_subpath(root, PRUNED))["meta"]
+            pt = dataclasses.replace(p, taylor=dataclasses.replace(p.taylor, ratio=meta.get("ratio_found", p.taylor.ratio)))
             nets[name] = make_mixture(pt, root, name, teacher, pruned, _boundaries(root), images, scheduler, device,
-                                      progress)
+                                      progress, passes=meta.get("timesteps_used"))
     return nets
 
 
@@ -166,8 +166,10 @@ class Searched:
         return self.splits[rows[0]["name"]], self.schedules[rows[0]["name"]], rows
 
 
-def search(p: Params, root: Path, nets: dict[str, nn.Module], device, progress: bool = True) -> Searched:
-    """Every candidate split of ``stack.budget``, scored on the validation noises; the best one."""
+def search(p: Params, root: Path, nets: dict[str, nn.Module], device, progress: bool = True,
+           on_progress: Optional[ProgressFn] = None) -> Searched:
+    """Every candidate split of ``stack.budget``, scored on the validation noises (``on_progress``:
+    called ``(done, total)`` after each); the best one."""
     teacher = nets.get("teacher") or _load(root, TEACHER, "teacher", device)
     scheduler_config = load_scheduler_config(safe_subpath(root, TEACHER))
     shape, T = data_shape(p), p.evaluate.steps
@@ -177,8 +179,11 @@ def search(p: Params, root: Path, nets: dict[str, nn.Module], device, progress: 
     reference = sample(ModelDenoiser(teacher), sched, num_images=p.stack.validation_samples, sample_shape=shape,
                        steps=T, seed=VALIDATION_SEED, batch_size=p.evaluate.batch_size, device=device)
     scored, schedules = [], {}
-    for split in candidate_splits(p.stack.budget, ratios, p.stack.skip_ratios, T, min_steps=p.stack.min_steps,
-                                  tolerance=MACS_TOLERANCE):
+    splits = candidate_splits(p.stack.budget, ratios, p.stack.skip_ratios, T, min_steps=p.stack.min_steps,
+                              tolerance=MACS_TOLERANCE)
+    for done, split in enumerate(splits, 1):
+        if on_progress is not None:
+            on_progress(done - 1, len(splits))
         schedule = None
         if split.skip_ratio < 1.0:
             try:
@@ -197,12 +202,13 @@ def search(p: Params, root: Path, nets: dict[str, nn.Module], device, progress: 
 
 
 @stage("stack")
-def run_stack(p: Params, root: Path, progress: bool = True, **_: Any) -> dict:
+def run_stack(p: Params, root: Path, progress: bool = True, on_progress: Optional[ProgressFn] = None,
+              **_: Any) -> dict:
     """Build the base networks, search the split of ``stack.budget``, write ``models/stack``."""
     device = resolve_device(p.project.device)
     t0 = time.time()
     nets = build_nets(p, root, device, progress)
-    found = search(p, root, nets, device, progress)
+    found = search(p, root, nets, device, progress, on_progress)
     best, schedule, rows, ratios = found.best, found.schedule, found.rows, found.net_ratios
     scheduler_config = load_scheduler_config(safe_subpath(root, TEACHER))
     # stack.json is part of the registered model (its content hash): no timings in it

@@ -119,15 +119,8 @@ def train_pruner(
         pool_time = time.perf_counter() - t0
         # 2. resume the pruner, optimizer, LR schedule, generator and history, if checkpointed
         state = run.train_state(Path(work_dir)) if work_dir is not None else None
-        start, history = _resume(state, run.device)
         # 3. the few-step gradient optimisation
-        bar = tqdm(range(start, n_iter), initial=start, total=n_iter, desc="dipgo", disable=not progress, leave=False)
-        for it in bar:
-            history.append(run.iteration(it))
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", kept=f"{history[-1]['kept_ratio']:.3f}")
-            if state is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == n_iter):
-                state.save(it + 1, meta={"history": history})
-            (on_progress or _no_progress)(it + 1, n_iter)
+        history = _optimise(run, state, n_iter, progress, checkpoint_every, on_progress or _no_progress)
         run.runner.reset()
     timings = {"train_time_s": time.perf_counter() - t0, "pool_time_s": pool_time, "train_steps": n_iter}
     # 4. post-processing: threshold the keep scores to the target MACs ratio
@@ -138,6 +131,21 @@ def train_pruner(
 
 def _no_progress(done: int, total: int) -> None:
     pass
+
+
+def _optimise(run: "_PrunerRun", state: Optional[TrainState], n_iter: int, progress: bool, checkpoint_every: int,
+              on_progress: Callable[[int, int], None]) -> list[dict[str, float]]:
+    """The pruner's SGD steps from where ``state`` stopped (checkpointed every ``checkpoint_every``);
+    the loss history."""
+    start, history = _resume(state, run.device)
+    bar = tqdm(range(start, n_iter), initial=start, total=n_iter, desc="dipgo", disable=not progress, leave=False)
+    for it in bar:
+        history.append(run.iteration(it))
+        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", kept=f"{history[-1]['kept_ratio']:.3f}")
+        if state is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == n_iter):
+            state.save(it + 1, meta={"history": history})
+        on_progress(it + 1, n_iter)
+    return history
 
 
 def _forced_mask(forced_steps: Sequence[int], steps: int) -> torch.Tensor:
