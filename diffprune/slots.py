@@ -22,7 +22,7 @@ GPU_LIMIT = "gpu"
 # The stages that train or sample with torch on project.device, named here and nowhere else
 # (tests/test_slots.py checks every registered stage is in exactly one of the two sets).
 DEVICE_STAGES = frozenset({"latents", "teacher", "taylor", "finetune", "dipgo", "intervals", "experts", "router",
-                           "prune-experts", "evaluate"})
+                           "prune-experts", "stack", "evaluate"})
 # The rest: data (caches files), features (trains the small FID feature net on the CPU whatever the
 # device), register (logs files to MLflow), report (plots): no slot, whatever the device.
 HOST_STAGES = frozenset({"data", "features", "register", "report"})
