@@ -155,7 +155,7 @@ def test_the_stack_stage_chooses_a_split_its_model_costs_it_and_round_trips_the_
     root = make_project(tmp_path / "proj", {"evaluate": {"steps": 8},
                                             "dipgo": {"tolerance": 0.02},
                                             "stack": {"budget": 0.5, "min_steps": 2, "validation_samples": 8,
-                                                      "nets": list(STACK_NETS), "skip_ratios": [1.0, 0.7, 0.5]}},
+                                                      "nets": list(STACK_NETS), "skip_ratios": [1.0, 0.5]}},
                         stages=False)
     p = load_params(root / "params.yaml")
     with pytest.raises(ConfigError, match="run the teacher stage first"):
