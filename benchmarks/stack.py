@@ -36,6 +36,7 @@ import typer
 
 from diffprune.config import fingerprint, to_dict
 from diffprune.io import read_json
+from diffprune.models.checkpoint import load_model, read_config, save_model
 from diffprune.pruning.dipgo import SkipScheduleDenoiser, train_pruner
 from diffprune.pruning.stack import ORDERS, stacked_denoiser
 from diffprune.pruning.taylor import PruningError, finetune_spec, prune_unet, search_ratio
@@ -108,7 +109,12 @@ def dp_net(b: Bench, ratio: float, progress: bool) -> tuple[Any, dict]:
 
 def _dp_net(b: Bench, ratio: float, progress: bool) -> tuple[Any, dict]:
     cfg = with_values(b.p.taylor, importance="diff-pruning", ratio=ratio)
-    pruned, report = prune_unet(b.teacher, b.train_scheduler, b.images, cfg, device=b.device)
+    cache = core.work_dir(b.root, "bench-stack-pruned", b.key, cfg)  # the Taylor pass: minutes, once
+    if (cache / "config.json").exists():
+        pruned, report = load_model(cache, b.device), read_config(cache)["meta"]
+    else:
+        pruned, report = prune_unet(b.teacher, b.train_scheduler, b.images, cfg, device=b.device)
+        save_model(pruned, cache, scheduler_config=b.scheduler_config, meta=report)
     spec = finetune_spec(b.p.finetune, b.teacher_info["steps"])
     work = core.work_dir(b.root, "bench-stack-diffpruning", b.key, cfg, spec)
     net = core.train_or_resume(copy.deepcopy(pruned), b.images, b.train_scheduler, spec, work, device=b.device,
@@ -284,6 +290,7 @@ def main(
         runs["diff-pruning"] = diff_pruning_run(b, levels, bud, progress)
         grid[bud] = runs
         log.info("budget %s: stack %s, FID %.3f", bud, runs["stack"].extra["chosen"]["name"], runs["stack"].metrics["fid"])
+        publish(b, res, grid, {}, info, budgets[0], quick, complete=False)  # what is done so far, marked so
     head = HEADLINE if HEADLINE in grid else budgets[0]
     orders = {}
     for o in ORDERS:
@@ -291,14 +298,23 @@ def main(
             orders[o] = stack_run(b, proj, nets, info, head, progress, only=o, method=f"stack ({o})")
         except ValueError as e:  # no split of this order reached the budget within 2%
             log.warning("order %s at budget %s: %s", o, head, e)
+    publish(b, res, grid, orders, info, head, quick, complete=True)
+
+
+def publish(b: Bench, res: Path, grid: dict, orders: dict, info: dict, head: float, quick: bool, complete: bool) -> None:
+    """stack.{json,md,png} from the budgets run so far (``complete``: all of them and the orders)."""
     tg = targets(b, grid)
-    doc = {"quick": quick, "teacher": b.reference()[0], "teacher_training": b.teacher_info, "targets": tg,
+    doc = {"quick": quick, "complete": complete, "teacher": b.reference()[0], "teacher_training": b.teacher_info,
+           "targets": tg,
            "nets": info, "params": {s: to_dict(b.p.section(s)) for s in ("data", "teacher", "evaluate", "taylor",
                                                                           "finetune", "dipgo", "intervals", "stack")},
            "budgets": [{"budget": bud, "runs": {m: r.to_json() for m, r in runs.items()},
                         "stack_vs": _verdicts(runs["stack"], runs)} for bud, runs in grid.items()],
            "orders": {o: r.to_json() for o, r in orders.items()}}
-    write_results(res, "stack", doc, to_markdown(b, grid, orders, info, tg, head, quick))
+    md = to_markdown(b, grid, orders, info, tg, head, quick)
+    if not complete:
+        md = md.replace("\n", f"\n\n**PARTIAL: budgets {list(grid)} of {list(BUDGETS)} done; the run goes on.**\n", 1)
+    write_results(res, "stack", doc, md)
     series = {m: [runs[m] for runs in grid.values() if m in runs] for m in ("stack", *SINGLES)}
     series["experts (experts.json)"] = expert_points(b, res)
     plot_pareto(series, res / "stack.png", "Stacked vs single methods", b.reference()[0]["fid"])

@@ -131,7 +131,8 @@ def weights_key(net: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _schedule(p: Params, root: Path, net: nn.Module, split, scheduler_config: dict, device, progress: bool):
+def split_schedule(p: Params, root: Path, net: nn.Module, split: Split, scheduler_config: dict, device,
+                   progress: bool = True) -> Schedule:
     """The DiP-GO schedule of ``split`` over ``net`` (its switch steps forced whole for a mixture)."""
     sched = sampling_scheduler(scheduler_config, p.evaluate.sampler)
     sched.set_timesteps(split.steps)
@@ -187,7 +188,7 @@ def search(p: Params, root: Path, nets: dict[str, nn.Module], device, progress: 
         schedule = None
         if split.skip_ratio < 1.0:
             try:
-                schedule = _schedule(p, root, nets[split.net], split, scheduler_config, device, progress)
+                schedule = split_schedule(p, root, nets[split.net], split, scheduler_config, device, progress)
             except ValueError as e:  # the schedule cannot reach this skip ratio (coarse blocks, forced steps)
                 log.warning("stack: %s dropped: %s", split.name, e)
                 continue
