@@ -28,7 +28,7 @@ from torch import nn
 
 from ..config import ConfigError, Params, resolve_device, to_dict
 from ..data import load_split
-from ..io import atomic_path, read_json, write_json
+from ..io import atomic_path, write_json
 from ..metrics.cost import unet_macs
 from ..models.checkpoint import load_model, load_scheduler_config, read_config, save_model
 from ..models.unet import sampling_scheduler
@@ -39,12 +39,13 @@ from ..pruning.stack import (MACS_TOLERANCE, ORDERS, VALIDATION_SEED, Split, can
 from ..pruning.taylor import finetune_spec, prune_unet
 from ..sampling import ModelDenoiser, sample
 from . import safe_subpath, stage
+from .experts import _read_intervals as read_intervals  # one reader of models/intervals
 from .core import DATASET, TEACHER, ProgressFn, data_shape, train_or_resume, work_dir
 
 log = logging.getLogger(__name__)
 
 STACK = "models/stack"
-PRUNED, FINETUNED, INTERVALS = "models/taylor", "models/finetune", "models/intervals"
+PRUNED, FINETUNED = "models/taylor", "models/finetune"
 
 
 
@@ -53,13 +54,6 @@ def _load(root: Path, rel: str, what: str, device) -> nn.Module:
     if not (path / "config.json").exists():
         raise ConfigError(f"{path}: missing (run the {what} stage first)")
     return load_model(path, device).eval()
-
-
-def _boundaries(root: Path) -> list[int]:
-    path = safe_subpath(root, INTERVALS) / "intervals.json"
-    if not path.exists():
-        raise ConfigError(f"{path}: missing (run the intervals stage first: the mixtures' experts need intervals)")
-    return [int(b) for b in read_json(path)["boundaries"]]
 
 
 def _train_experts(p: Params, root: Path, name: str, experts: list[nn.Module], boundaries: list[int],
@@ -112,8 +106,9 @@ def build_nets(p: Params, root: Path, device, progress: bool = True) -> dict[str
         else:  # a mixture, pruned at the taylor stage's ratio (the one it found for a MACs target)
             pruned, meta = _load(root, PRUNED, "taylor", device), read_config(safe_subpath(root, PRUNED))["meta"]
             pt = dataclasses.replace(p, taylor=dataclasses.replace(p.taylor, ratio=meta.get("ratio_found", p.taylor.ratio)))
-            nets[name] = make_mixture(pt, root, name, teacher, pruned, _boundaries(root), images, scheduler, device,
-                                      progress, passes=meta.get("timesteps_used"))
+            bounds = [int(b) for b in read_intervals(root)["boundaries"]]
+            nets[name] = make_mixture(pt, root, name, teacher, pruned, bounds, images, scheduler, device, progress,
+                                      passes=meta.get("timesteps_used"))
     return nets
 
 
