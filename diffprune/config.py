@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, Field, Strict, TypeAdapter, model_validator
 
+from .config_families import AutoencoderConfig, DitConfig, SdConfig  # noqa: F401  (sections of params.yaml)
 from .config_base import (ALIAS, BATCH, DEVICE, MAX_EVAL_BYTES, MAX_PARAMS_BYTES, MAX_REPR, MAX_YAML_NODES,  # noqa: F401
                           NAME, PATH_LEN, SECTION_CLASSES, STEPS, TIMESTEPS, WIDTH, Batch, Channels, ConfigError,
                           Decay, Float, Fraction, Int, Name, Positive, Precision, Seed, Steps, Str, Weight01,
@@ -45,9 +46,10 @@ class DataConfig:
 
 @_section("teacher")
 class TeacherConfig:
-    # the model family (diffprune/families/): "unet" an unconditional pixel UNet2DModel; "dit" a
-    # class-conditional DiTTransformer2DModel on the latents of the `latents` stage's VAE (section dit)
-    family: Literal["unet", "dit"] = "unet"
+    # the model family (diffprune/families.py): "unet" an unconditional pixel UNet2DModel; "dit" a
+    # class-conditional DiTTransformer2DModel on the latents of the `latents` stage's VAE (section dit);
+    # "sd" a text-to-image UNet2DConditionModel on those latents, prompted by captions (section sd)
+    family: Literal["unet", "dit", "sd"] = "unet"
     pretrained: Optional[Str] = Field(None, max_length=PATH_LEN)  # Hub id or diffusers folder; None = train
     block_out_channels: list[Channels] = Field([32, 64, 64], min_length=1, max_length=8)  # <= 8 levels
     attention: list[Annotated[bool, Strict()]] = Field([False, True, False], min_length=1, max_length=8)
@@ -72,31 +74,6 @@ class TeacherConfig:
             raise ConfigError(f"teacher.block_out_channels = {_r(self.block_out_channels)}: each must be a "
                               f"positive multiple of norm_num_groups={self.norm_num_groups}")
         return self
-
-
-@_section("dit")
-class DitConfig:
-    """The class-conditional DiT of ``teacher.family: dit`` (trained with teacher's steps, lr, batch)."""
-
-    num_layers: Int = Field(4, ge=1, le=64)
-    num_heads: Int = Field(2, ge=1, le=64)
-    head_dim: Int = Field(16, ge=1, le=WIDTH)
-    patch_size: Int = Field(1, ge=1, le=16)     # must divide the latent side
-    guidance_scale: Float = Field(1.0, ge=0.0, le=50.0)  # > 1: classifier-free guidance (doubles the batch)
-
-
-@_section("autoencoder")
-class AutoencoderConfig:
-    """The VAE of a latent family, trained on the dataset by the ``latents`` stage (unless pretrained)."""
-
-    pretrained: Optional[Str] = Field(None, max_length=PATH_LEN)  # AutoencoderKL folder / Hub id; None = train
-    latent_channels: Int = Field(4, ge=1, le=64)
-    block_out_channels: list[Channels] = Field([32, 32], min_length=1, max_length=4)  # levels - 1 downsamplings
-    steps: Steps = 1500
-    batch_size: Batch = 128
-    lr: Positive = 2e-3
-    kl_weight: Float = Field(1e-6, ge=0.0, le=1.0)
-    seed: Seed = 0
 
 
 @_section("evaluate")
@@ -290,6 +267,7 @@ class Params:
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     dit: DitConfig = Field(default_factory=DitConfig)
+    sd: SdConfig = Field(default_factory=SdConfig)
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)

@@ -22,14 +22,16 @@ PRESETS_DIR = "presets"
 LATENT_OUTS = ("data/latents", "models/autoencoder")
 # family -> the stages of the project's dvc.yaml it has no version of (stages/dit.py raises for them),
 # as NAME or NAME@ITEM of a foreach stage
-UNSUPPORTED: dict[str, tuple[str, ...]] = {
-    "unet": (),
-    "dit": ("intervals", "experts", "router", "prune-experts", "stack", "evaluate@experts", "register@experts",
-            "evaluate@stack", "register@stack"),
-}
+_NO_EXPERTS = ("intervals", "experts", "router", "prune-experts", "stack", "evaluate@experts", "register@experts",
+               "evaluate@stack", "register@stack")
+UNSUPPORTED: dict[str, tuple[str, ...]] = {"unet": (), "dit": _NO_EXPERTS, "sd": _NO_EXPERTS}
 # family -> its stage modules, a dep of every stage it overrides or that reads the latents
-FAMILY_CODE = {"dit": ["diffprune/stages/dit.py", "diffprune/stages/latent.py", "diffprune/stages/taylor.py",
-                       "diffprune/stages/dipgo.py"]}
+_LATENT_CODE = ["diffprune/stages/conditional.py", "diffprune/stages/latent.py", "diffprune/stages/taylor.py",
+                "diffprune/stages/dipgo.py"]
+FAMILY_CODE = {"dit": ["diffprune/stages/dit.py", *_LATENT_CODE],
+               "sd": ["diffprune/stages/sd.py", "diffprune/stages/dit.py", *_LATENT_CODE]}
+# family -> the frozen parts its latents stage writes beside the VAE (stages/sd.py TEXT_ENCODER)
+FROZEN_OUTS = {"dit": (), "sd": ("models/text-encoder",)}
 READS_LATENTS = ("teacher", "taylor", "finetune", "dipgo", "evaluate", "register")
 
 
@@ -91,11 +93,13 @@ def _refers(path: str, outs: set[str]) -> bool:
 
 
 def latents_stage(data_stage: dict[str, Any], family: str) -> dict[str, Any]:
-    """The ``latents`` stage: the ``data`` stage's code deps, the dataset, the VAE's params."""
+    """The ``latents`` stage: the ``data`` stage's code deps, the dataset, the VAE's params (and the
+    frozen parts the family writes beside the VAE: sd's text encoder)."""
     return {"cmd": "diffprune stage latents",
             "deps": ["data/dataset", *data_stage.get("deps", []), *FAMILY_CODE[family]],
-            "params": ["data", "autoencoder", "teacher.family", "teacher.pretrained"],
-            "outs": list(LATENT_OUTS)}
+            "params": ["data", "autoencoder", "teacher.family", "teacher.pretrained",
+                       *(["sd"] if FROZEN_OUTS[family] else [])],
+            "outs": [*LATENT_OUTS, *FROZEN_OUTS[family]]}
 
 
 def family_dvc(doc: dict[str, Any], family: str) -> dict[str, Any]:
@@ -116,9 +120,9 @@ def family_dvc(doc: dict[str, Any], family: str) -> dict[str, Any]:
         body = st["do"] if "foreach" in st else st
         body["deps"] = [d for d in body.get("deps") or [] if not _refers(next(iter(d)) if isinstance(d, dict) else d, gone)]
         if name in READS_LATENTS:
-            body["deps"] = [*LATENT_OUTS, *body["deps"], *FAMILY_CODE[family]]
+            body["deps"] = [*LATENT_OUTS, *FROZEN_OUTS[family], *body["deps"], *FAMILY_CODE[family]]
             if name == "teacher":
-                body["params"] = [*body.get("params", []), "dit"]
+                body["params"] = [*body.get("params", []), family]
         out[name] = st
         if name == "data":
             out["latents"] = latents_stage(st, family)

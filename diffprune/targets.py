@@ -111,9 +111,45 @@ def _dit(paths: dict[str, Path], device, schedule: bool = False) -> Loaded:
     return Loaded(denoiser, [model], load_scheduler_config(paths["model"]), _shape(model))
 
 
+def captions_of(model_dir: Path) -> list[str]:
+    """The class captions a text-to-image checkpoint records (``meta.conditioning.captions``)."""
+    from .io import ArtifactError
+
+    caps = conditioning(model_dir).get("captions")
+    if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and len(c) <= 1000 for c in caps):
+        raise ArtifactError(f"{model_dir}: a text-to-image checkpoint must record meta.conditioning.captions "
+                            f"(a list of strings; rerun its teacher stage)")
+    return caps
+
+
+def _sd(paths: dict[str, Path], device, schedule: bool = False) -> Loaded:
+    """A text-to-image UNet (plain, or running a DiP-GO skip schedule) prompting image i with caption
+    ``i % n`` of its checkpoint's ``conditioning.captions``, through its frozen text encoder (``text``)."""
+    import torch
+
+    from .models.sd import CaptionTable, GuidedSD, PromptCycle, load_text_encoder, sd_pipeline
+
+    model = load_model(paths["model"], device)
+    cond = conditioning(paths["model"])
+    encoder, tokenizer = load_text_encoder(paths["text"], device)
+    table = CaptionTable(sd_pipeline(None, None, encoder, tokenizer), captions_of(paths["model"]))
+    g = float(cond["guidance_scale"])
+    text = table.text(torch.arange(len(table.captions)), g > 1)
+    if schedule:
+        from .pruning.dipgo import Schedule
+        from .pruning.dipgo.sd import SkipScheduleSD
+
+        guided: GuidedSD = SkipScheduleSD(model, Schedule.load(paths["schedule"]), text, g)
+    else:
+        guided = GuidedSD(model, text, g)
+    return Loaded(PromptCycle(guided, table, load_vae(paths["vae"], device)), [model],
+                  load_scheduler_config(paths["model"]), _shape(model))
+
+
 KINDS: dict[str, Callable[[dict[str, Path], object], Loaded]] = {
     "unet": _unet, "dipgo": _dipgo, "experts": _experts, "stack": _stack,
     "dit": _dit, "dit-dipgo": lambda paths, device: _dit(paths, device, schedule=True),
+    "sd": _sd, "sd-dipgo": lambda paths, device: _sd(paths, device, schedule=True),
 }
 
 

@@ -150,8 +150,8 @@ def _lookup(params, dotted: str):
     return obj
 
 
-def _dit_specs() -> dict:
-    """The stages of a DiT workspace's dvc.yaml (before the workspace folds the code into `code`)."""
+def _family_specs(family: str) -> dict:
+    """The stages of a latent family's workspace dvc.yaml (before the workspace folds the code into `code`)."""
     import json
 
     import yaml
@@ -159,29 +159,33 @@ def _dit_specs() -> dict:
     from diffprune.families import family_dvc
     from diffprune.flows import specs as specs_mod
 
-    doc = family_dvc(yaml.safe_load((REPO / "dvc.yaml").read_text()), "dit")
-    tmp = REPO / ".work" / "dit-dvc-test"
+    doc = family_dvc(yaml.safe_load((REPO / "dvc.yaml").read_text()), family)
+    tmp = REPO / ".work" / f"{family}-dvc-test"
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "dvc.yaml").write_text(json.dumps(doc))
     return specs_mod.stage_specs(tmp)
 
 
-DIT_SPECS = _dit_specs()
+LATENT_SPECS = {family: _family_specs(family) for family in ("dit", "sd")}
 
 
-@pytest.mark.parametrize("name", list(DIT_SPECS))
-def test_a_dit_workspace_stage_deps_cover_the_dit_code(name: str) -> None:
+@pytest.mark.parametrize("family,name", [(f, n) for f, specs in LATENT_SPECS.items() for n in specs])
+def test_a_latent_family_workspace_stage_deps_cover_the_family_code(family: str, name: str) -> None:
     from diffprune.stages import stage_function
 
-    spec = DIT_SPECS[name]
-    fn = stage_function(spec["cmd"].split()[2], "dit")
+    spec = LATENT_SPECS[family][name]
+    fn = stage_function(spec["cmd"].split()[2], family)
     missing = sorted(f.relative_to(REPO).as_posix() for f in stage_modules(fn) if not _covered(f, spec["deps"]))
-    assert not missing, f"the DiT workspace's stage {name} runs code it does not list in deps: {missing}"
+    assert not missing, f"the {family} workspace's stage {name} runs code it does not list in deps: {missing}"
 
 
-def test_a_dit_workspace_has_latents_and_no_expert_stages() -> None:
-    assert "latents" in DIT_SPECS and list(DIT_SPECS).index("latents") == 1
-    assert not {"intervals", "experts", "router", "prune-experts", "evaluate@experts", "register@experts"} & set(DIT_SPECS)
-    assert not any("experts" in d or "intervals" in d for s in DIT_SPECS.values() for d in s["deps"])
+@pytest.mark.parametrize("family", list(LATENT_SPECS))
+def test_a_latent_family_workspace_has_latents_and_no_expert_stages(family: str) -> None:
+    specs = LATENT_SPECS[family]
+    frozen = {"sd": {"models/text-encoder"}}.get(family, set())
+    assert "latents" in specs and list(specs).index("latents") == 1
+    assert frozen <= set(specs["latents"]["outs"])
+    assert not {"intervals", "experts", "router", "prune-experts", "evaluate@experts", "register@experts"} & set(specs)
+    assert not any("experts" in d or "intervals" in d for s in specs.values() for d in s["deps"])
     for name in ("teacher", "taylor", "finetune", "dipgo", "evaluate@dipgo"):
-        assert {"data/latents", "models/autoencoder"} <= set(DIT_SPECS[name]["deps"]), name
+        assert {"data/latents", "models/autoencoder"} | frozen <= set(specs[name]["deps"]), name

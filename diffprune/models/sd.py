@@ -230,5 +230,146 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
 
 
-__all__ = ["HUB_SD", "SD15_UNET", "SD_SCHEDULER", "TINY_SD_UNET", "TINY_TEXT", "GuidedSD", "build_sd_pipeline",
+# ----------------------------------------------------------------------------- the pipeline's family
+
+def build_sd_unet(block_out_channels: Sequence[int], layers_per_block: int, attention_head_dim: int,
+                  norm_num_groups: int, cross_attention_dim: int, latent_shape: Sequence[int],
+                  seed: int = 0) -> UNet2DConditionModel:
+    """A fresh ``UNet2DConditionModel`` laid out as SD-1.5's (cross-attention in every level but the
+    deepest, :data:`SD15_UNET`) for latents ``(C, h, w)``; seeded, the global RNG untouched."""
+    c, h, w = (int(v) for v in latent_shape)
+    levels = len(block_out_channels)
+    if h != w or h % 2 ** (levels - 1):
+        raise ConfigError(f"sd.block_out_channels = {list(block_out_channels)}: {levels - 1} downsamplings do "
+                          f"not divide the square latent side ({h} x {w})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(
+            sample_size=h, in_channels=c, out_channels=c, layers_per_block=layers_per_block,
+            block_out_channels=tuple(block_out_channels), norm_num_groups=norm_num_groups,
+            down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+            cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim)
+
+
+def build_text_encoder(width: int, layers: int, heads: int, seed: int = 0):
+    """``(CLIPTextModel, tokenizer)``: a CLIP text transformer of ``width`` initialised here (seeded,
+    frozen in eval mode: the family's methods never train it) and :func:`tiny_tokenizer`."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer()
+    cfg = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                         num_attention_heads=heads, max_position_embeddings=TOKENS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPTextModel(cfg).eval(), tokenizer
+
+
+def save_text_encoder(encoder, tokenizer, path: str | Path) -> Path:
+    """``path/text_encoder`` (safetensors) and ``path/tokenizer`` (JSON vocabulary), the layout of a
+    ``StableDiffusionPipeline`` folder's two sub-folders; written atomically."""
+    path = Path(path)
+    with atomic_path(path, is_dir=True) as tmp:
+        encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "tokenizer")
+    return path
+
+
+def load_text_encoder(path: str | Path, device: str | torch.device = "cpu"):
+    """``(CLIPTextModel, CLIPTokenizer)`` of :func:`save_text_encoder`'s folder (or a pipeline folder);
+    safetensors only: pickled ``.bin`` weights are refused, never unpickled."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ..io import ArtifactError
+
+    try:
+        encoder = CLIPTextModel.from_pretrained(str(Path(path) / "text_encoder"), use_safetensors=True)
+        tokenizer = CLIPTokenizer.from_pretrained(str(Path(path) / "tokenizer"))
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ArtifactError(f"{path}: not a text encoder folder (text_encoder/ safetensors, tokenizer/) "
+                            f"({str(e).splitlines()[0]})") from e
+    return encoder.to(device).eval(), tokenizer
+
+
+def sd_pipeline(unet: Optional[UNet2DConditionModel], vae: Optional[AutoencoderKL], text_encoder, tokenizer,
+                scheduler_config: Optional[dict] = None) -> StableDiffusionPipeline:
+    """diffusers' own ``StableDiffusionPipeline`` around a (possibly pruned) UNet: what users sample with
+    (DDIM on ``scheduler_config``'s betas; no safety checker). ``unet``/``vae`` may be ``None`` for a
+    pipeline that only encodes prompts."""
+    from diffusers import StableDiffusionPipeline
+
+    sched = DDIMScheduler.from_config(scheduler_config) if scheduler_config else DDIMScheduler(**SD_SCHEDULER)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def class_captions(template: str, num_classes: int) -> list[str]:
+    """One caption per class: ``template`` with ``{label}`` replaced by the class id ("a handwritten 7")."""
+    return [template.replace("{label}", str(k)) for k in range(num_classes)]
+
+
+class CaptionTable:
+    """The text embeddings of a family's class captions, computed once by the pipeline's own
+    ``encode_prompt``: ``cond`` ``(n, L, D)`` (row k: caption k) and ``negative`` ``(1, L, D)`` (the empty
+    prompt, the pipeline's negative and the caption dropped in training)."""
+
+    def __init__(self, pipe: StableDiffusionPipeline, captions: Sequence[str]) -> None:
+        both = encode_prompts(pipe, list(captions), guided=True)
+        self.captions = list(captions)
+        self.negative, self.cond = both[:1].clone(), both[len(captions):].clone()
+
+    def text(self, labels: torch.Tensor, guided: bool) -> torch.Tensor:
+        """The model call's text for ``labels`` ``(B,)``: ``(B, L, D)``, or ``(2B, L, D)`` ``[negative, caption]``."""
+        cond = self.cond[labels.cpu()]
+        return torch.cat([self.negative.expand(len(labels), -1, -1), cond]) if guided else cond
+
+
+class CaptionCall:
+    """The training call (:data:`diffprune.training.ConditionalCall`) of a text-to-image UNet: labels
+    ``(B,)`` -> their captions' embeddings; in training mode each caption is dropped to the empty
+    prompt with probability ``dropout`` (the global RNG, as DiT's label dropout), which is what
+    classifier-free guidance needs. A teacher (eval mode) always sees the captions."""
+
+    def __init__(self, table: CaptionTable, dropout: float = 0.0) -> None:
+        self.table, self.dropout = table, float(dropout)
+
+    def __call__(self, model: UNet2DConditionModel, x: torch.Tensor, t: torch.Tensor,
+                 labels: torch.Tensor) -> torch.Tensor:
+        text = self.table.cond.to(x.device)[labels]
+        if model.training and self.dropout > 0:
+            drop = torch.rand(len(labels), device=x.device) < self.dropout
+            text = torch.where(drop[:, None, None], self.table.negative.to(x.device), text)
+        return model(x, t, encoder_hidden_states=text).sample
+
+
+class PromptCycle:
+    """A guided text-to-image denoiser for :func:`diffprune.sampling.sample`: image ``i`` is prompted
+    with caption ``i % n`` (the same prompts for every model at the same seed); the final latents
+    are decoded by ``vae``. ``guided``: a :class:`GuidedSD` (or a skip-schedule runner) whose text
+    is set here per batch."""
+
+    def __init__(self, guided: GuidedSD, table: CaptionTable, vae: AutoencoderKL) -> None:
+        self.guided, self.table, self.vae = guided, table, vae
+        self.num_classes = len(table.captions)
+
+    def condition(self, indices: range) -> None:
+        labels = torch.arange(indices.start, indices.stop) % self.num_classes
+        self.guided.text, self.guided.batch = self.table.text(labels, self.guided.guided), len(labels)
+
+    def start(self, num_steps: int) -> None:
+        if hasattr(self.guided, "start"):
+            self.guided.start(num_steps)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+        return self.guided(x, t, step)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode(self.vae, latents)
+
+
+__all__ = ["CaptionCall", "CaptionTable", "PromptCycle", "build_sd_unet", "build_text_encoder", "class_captions",
+           "load_text_encoder", "save_text_encoder", "sd_pipeline", "HUB_SD", "SD15_UNET", "SD_SCHEDULER", "TINY_SD_UNET", "TINY_TEXT", "GuidedSD", "build_sd_pipeline",
            "decode", "encode_prompts", "load_sd", "sample_latents", "save_sd", "tiny_tokenizer", "to_unit"]

@@ -1,0 +1,197 @@
+"""The text-to-image latent UNet family through the pipeline's stages (teacher.family = sd), on a tiny
+preset: captioned digits, a tiny VAE fitted here, a tiny CLIP text encoder initialised here."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+from tests.conftest import TINY_PARAMS
+
+# the shared tiny config (240 digits, a 2-epoch feature net, 4 DDIM steps) with a 2-level UNet2DConditionModel
+TINY = {**TINY_PARAMS,
+        "teacher": {**TINY_PARAMS["teacher"], "family": "sd", "steps": 20, "checkpoint_every": 10},
+        "sd": {"block_out_channels": [8, 16], "attention_head_dim": 2, "norm_num_groups": 4, "text_width": 16,
+               "text_layers": 1, "text_heads": 2, "caption_dropout": 0.5},
+        "autoencoder": {"steps": 10, "batch_size": 32, "block_out_channels": [8, 8]},
+        "evaluate": {**TINY_PARAMS["evaluate"], "num_samples": 20, "batch_size": 20}}
+
+
+def _run(p, root, name, **kw):
+    from diffprune.stages import get_stage
+
+    return get_stage(name)(p, root, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    from diffprune.config import load_params
+
+    root = tmp_path_factory.mktemp("sd-ws")
+    p = load_params(None, TINY)
+    out = {}
+    for name, kw in [("data", {}), ("latents", {}), ("features", {}), ("teacher", {}),
+                     ("evaluate", {"target": "teacher"}), ("dipgo", {}), ("evaluate", {"target": "dipgo"}),
+                     ("taylor", {}), ("finetune", {}), ("evaluate", {"target": "finetune"})]:
+        out[name + (f"@{kw['target']}" if kw else "")] = _run(p, root, name, **kw)
+    return p, root, out
+
+
+def test_the_latents_stage_writes_a_frozen_safetensors_text_encoder(ws):
+    p, root, out = ws
+    files = {f.relative_to(root / "models/text-encoder").as_posix() for f in (root / "models/text-encoder").rglob("*")}
+    assert "text_encoder/model.safetensors" in files and {"tokenizer/vocab.json", "tokenizer/tokenizer.json"} & files
+    assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    assert out["latents"]["text_encoder_source"] == "initialised"
+    meta = json.loads((root / "models/teacher/config.json").read_text())["meta"]
+    assert meta["family"] == "sd" and meta["conditioning"]["captions"][7] == "a handwritten 7"
+    assert len(meta["conditioning"]["captions"]) == 10 and (root / "models/teacher-samples.png").exists()
+
+
+def test_the_teacher_is_prompted_its_captions_change_the_prediction_and_drop_out_in_training(ws):
+    from diffprune.models.checkpoint import load_model
+    from diffprune.models.sd import CaptionCall
+    from diffprune.stages.sd import caption_table
+
+    p, root, _ = ws
+    table = caption_table(root, [f"a handwritten {k}" for k in range(10)])
+    model = load_model(root / "models/teacher")
+    x, t = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 500])
+    call = CaptionCall(table, dropout=1.0)
+    with torch.no_grad():
+        a, b = call(model, x, t, torch.tensor([3, 3])), call(model, x, t, torch.tensor([3, 8]))
+        assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])  # row 1's caption moved it
+        model.train()
+        dropped = call(model, x, t, torch.tensor([3, 8]))
+        model.eval()
+        empty = model(x, t, encoder_hidden_states=table.negative.expand(2, -1, -1)).sample
+    assert torch.allclose(dropped, empty, atol=1e-6)  # dropout 1: every caption is the empty prompt
+
+
+def test_dipgo_on_sd_counted_macs_equal_the_schedule_and_fall(ws):
+    from diffprune.pruning.dipgo import Schedule
+
+    _, root, out = ws
+    schedule = Schedule.load(root / "models/dipgo/schedule.json")
+    m = out["evaluate@dipgo"]["metrics"]
+    assert m["macs_ratio_vs_teacher"] == pytest.approx(schedule.macs_ratio, rel=1e-9)
+    assert m["macs_ratio_vs_teacher"] < 1.0
+
+
+def test_an_all_compute_schedule_samples_the_plain_unet_bit_for_bit(ws, tmp_path):
+    from diffprune.models.unet import sampling_scheduler
+    from diffprune.pruning.dipgo import Schedule
+    from diffprune.sampling import sample
+    from diffprune.targets import load_target
+
+    p, root, _ = ws
+    sched = Schedule.load(root / "models/dipgo/schedule.json")
+    full = Schedule(block_names=sched.block_names, keep=[[True] * sched.num_blocks for _ in range(sched.num_steps)])
+    full.save(tmp_path / "all.json")
+    paths = {"model": root / "models/teacher", "vae": root / "models/autoencoder", "text": root / "models/text-encoder"}
+    plain = load_target("sd", paths)
+    gated = load_target("sd-dipgo", {**paths, "schedule": tmp_path / "all.json"})
+    s = sampling_scheduler(plain.scheduler_config, "ddim")
+    kw = dict(num_images=13, sample_shape=plain.sample_shape, steps=p.evaluate.steps, seed=4, batch_size=5)
+    a, b = sample(plain.denoiser, s, **kw), sample(gated.denoiser, s, **kw)
+    assert a.shape == (13, 1, 8, 8) and torch.equal(a, b)
+
+
+def test_diff_pruning_on_sd_drops_params_and_macs_and_leaves_the_text_encoder(ws):
+    _, root, out = ws
+    report = json.loads((root / "models/taylor-report.json").read_text())
+    assert report["params_after"] < report["params_before"] and report["macs_after"] < report["macs_before"]
+    assert out["evaluate@finetune"]["metrics"]["macs_ratio_vs_teacher"] < 1.0
+    assert set(report["heads"].values()) <= {1, 2}
+
+
+def test_the_pruned_unet_registers_and_loads_from_mlflow_and_into_stable_diffusion_pipeline_in_a_fresh_process(
+        ws, monkeypatch, tmp_path):
+    """What users do with the result, in one fresh process: the registered MLflow model samples the
+    library's images, and diffusers' StableDiffusionPipeline around the fine-tuned (pruned) UNet, the
+    workspace's VAE and text encoder draws the house sampler's images for the same prompts and seed."""
+    import os
+
+    import mlflow
+    import numpy as np
+
+    from diffprune.models.unet import sampling_scheduler
+    from diffprune.sampling import sample
+    from diffprune.stages.core import target_paths
+    from diffprune.targets import load_target
+
+    p, root, _ = ws
+    for var in ("MLFLOW_TRACKING_URI", "DIFFPRUNE_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    info = _run(p, root, "register", target="finetune")
+    assert _run(p, root, "register", target="finetune")["version"] == info["version"]  # idempotent
+    code = f"""
+import sys, numpy, torch, mlflow.pyfunc
+from diffprune.targets import load_target
+from diffprune.models.checkpoint import load_scheduler_config
+from diffprune.models.sd import load_text_encoder, sd_pipeline
+from diffprune.models.unet import sampling_scheduler
+from diffprune.sampling import sample
+numpy.save(sys.argv[2], mlflow.pyfunc.load_model(sys.argv[1], model_config={{'device': 'cpu'}}).predict(
+    {{'num_images': 3, 'seed': 5}}))
+root = {str(root)!r}
+m = load_target("sd", {{"model": root + "/models/finetune", "vae": root + "/models/autoencoder",
+                        "text": root + "/models/text-encoder"}})
+enc, tok = load_text_encoder(root + "/models/text-encoder")
+cfg = load_scheduler_config(root + "/models/finetune")
+pipe = sd_pipeline(m.modules[0], m.denoiser.vae, enc, tok, dict(sampling_scheduler(cfg, "ddim").config))
+img = pipe(prompt=["a handwritten 0", "a handwritten 1", "a handwritten 2"], num_inference_steps=6,
+           guidance_scale=1.0, generator=torch.Generator().manual_seed(3), output_type="np").images
+ours = sample(m.denoiser, sampling_scheduler(cfg, "ddim"), num_images=3, sample_shape=(4, 4, 4), steps=6, seed=3,
+              batch_size=3)
+ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+print("MAXDIFF", float(abs(img - ours).max()), img.shape)
+"""
+    env = os.environ | {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code, info["model_uri"], str(tmp_path / "images.npy")], env=env,
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(line for line in r.stdout.splitlines() if line.startswith("MAXDIFF"))
+    assert float(line.split()[1]) < 1e-5 and "(3, 8, 8, 1)" in line
+    loaded = load_target("sd", target_paths(root, "finetune", "sd"))
+    x = sample(loaded.denoiser, sampling_scheduler(loaded.scheduler_config, "ddim"), num_images=3,
+               sample_shape=loaded.sample_shape, steps=p.evaluate.steps, seed=5)
+    want = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), want)
+
+
+def test_the_expert_stages_refuse_the_sd_family_by_name(ws):
+    from diffprune.config import ConfigError
+
+    p, root, _ = ws
+    with pytest.raises(ConfigError, match="stage stack: not available for teacher.family = 'sd'"):
+        _run(p, root, "stack")
+
+
+def test_a_caption_without_its_label_is_refused_by_name():
+    from diffprune.config import ConfigError, load_params
+
+    with pytest.raises(ConfigError, match="sd.caption = 'a digit'"):
+        load_params(None, {"sd": {"caption": "a digit"}})
+
+
+def test_init_with_the_sd_preset_writes_an_sd_workspace(tmp_path):
+    import yaml
+
+    from diffprune.config import load_params
+
+    bin_ = Path(sys.executable).parent / "diffprune"
+    r = subprocess.run([str(bin_), "init", str(tmp_path / "ws"), "--data", "digits", "--preset", "sd-digits"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    p = load_params(tmp_path / "ws/params.yaml")
+    assert p.teacher.family == "sd" and p.sd.block_out_channels == [32, 64]
+    stages = yaml.safe_load((tmp_path / "ws/dvc.yaml").read_text())["stages"]
+    assert "models/text-encoder" in stages["latents"]["outs"] and "stack" not in stages
+    assert "models/text-encoder" in stages["finetune"]["deps"]
+
