@@ -42,6 +42,9 @@ class SdConfig:
     caption_dropout: Float = Field(0.1, ge=0.0, le=1.0)  # captions dropped to "" in training (for guidance)
     guidance_scale: Float = Field(1.0, ge=0.0, le=50.0)  # > 1: classifier-free guidance (doubles the batch)
     seed: Seed = 0  # the text encoder's initialisation
+    # a CLIP folder (CLIPModel + CLIPProcessor) or Hub id for the evaluation's CLIP score of the samples
+    # against their captions (openai/clip-vit-large-patch14: the DiP-GO paper's); None = not measured, said so
+    clip_weights: Optional[Str] = Field(None, max_length=PATH_LEN)
 
     @model_validator(mode="after")
     def _widths_agree(self) -> "SdConfig":

@@ -1,6 +1,7 @@
 """The text-to-image latent UNet family through the pipeline's stages (teacher.family = sd), on a tiny
 preset: captioned digits, a tiny VAE fitted here, a tiny CLIP text encoder initialised here."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -71,6 +72,42 @@ def test_the_teacher_is_prompted_its_captions_change_the_prediction_and_drop_out
         model.eval()
         empty = model(x, t, encoder_hidden_states=table.negative.expand(2, -1, -1)).sample
     assert torch.allclose(dropped, empty, atol=1e-6)  # dropout 1: every caption is the empty prompt
+
+
+def test_the_evaluation_says_the_clip_score_is_not_measured_without_clip_weights(ws):
+    m = ws[2]["evaluate@teacher"]["metrics"]
+    assert m["clip_score"] is None and "sd.clip_weights" in m["clip_label"]
+
+
+def test_the_clip_score_of_the_samples_is_measured_against_their_captions(ws, tmp_path):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from diffprune.metrics.clip import clip_score
+    from diffprune.models.sd import tiny_tokenizer
+    from diffprune.targets import load_target
+
+    p, root, _ = ws
+    tok = tiny_tokenizer()
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=24, bos_token_id=tok.bos_token_id,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+                     vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=8, patch_size=4), projection_dim=8)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}),
+                  tokenizer=tok).save_pretrained(tmp_path / "clip")
+    with_clip = dataclasses.replace(p, sd=dataclasses.replace(p.sd, clip_weights=str(tmp_path / "clip")))
+    m = _run(with_clip, root, "evaluate", target="finetune")
+    got = m["metrics"]
+    den = load_target("sd", {"model": root / "models/finetune", "vae": root / "models/autoencoder",
+                             "text": root / "models/text-encoder"}).denoiser
+    from safetensors.torch import load_file
+
+    samples = load_file(str(root / "models/eval/finetune/samples.safetensors"))["samples"]
+    want = clip_score(samples, den.prompts(len(samples)), tmp_path / "clip")
+    assert den.prompts(12)[11] == "a handwritten 1" and got["clip_score"] == want.score is not None
+    assert str(tmp_path / "clip") in got["clip_label"]
 
 
 def test_dipgo_on_sd_counted_macs_equal_the_schedule_and_fall(ws):

@@ -38,21 +38,26 @@ def _load(weights: str):
     return model, CLIPProcessor.from_pretrained(weights)
 
 
-def clip_score(images: torch.Tensor, prompts: Sequence[str], weights: str | Path | None) -> ClipResult:
-    """Mean CLIP score of ``images (N, 3, H, W)`` in [-1, 1] against their ``prompts`` (N strings).
+def clip_score(images: torch.Tensor, prompts: Sequence[str], weights: str | Path | None,
+               setting: str = "sd.clip_weights") -> ClipResult:
+    """Mean CLIP score of ``images (N, 3, H, W)`` in [-1, 1] (grey ``(N, 1, H, W)`` repeated to RGB)
+    against their ``prompts`` (N strings).
 
-    ``weights``: a folder holding a CLIP model and processor, or a Hub id; ``None``, a missing folder
-    or an unreachable Hub gives ``ClipResult(None, "not measured: ...")``.
+    ``weights``: a folder holding a CLIP model and processor, or a Hub id (``setting``: the params
+    key it came from, named in the label); ``None``, a missing folder or an unreachable Hub gives
+    ``ClipResult(None, "not measured: ...")``.
     """
+    if images.ndim == 4 and images.shape[1] == 1:
+        images = images.repeat(1, 3, 1, 1)
     if images.ndim != 4 or images.shape[1] != 3 or len(prompts) != images.shape[0]:
         raise ValueError(f"images {tuple(images.shape)} and {len(prompts)} prompts: need (N, 3, H, W) and N prompts")
     from ..config import ConfigError
     from ..models.unet import check_pretrained_source
 
     if weights is None:
-        return ClipResult(None, "CLIP score not measured: no CLIP weights given (evaluate.clip_weights)")
+        return ClipResult(None, f"CLIP score not measured: no CLIP weights given ({setting})")
     try:
-        check_pretrained_source(str(weights), "evaluate.clip_weights")
+        check_pretrained_source(str(weights), setting)
     except ConfigError as e:
         return ClipResult(None, f"CLIP score not measured: {e}")
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # what CLIP's processor expects

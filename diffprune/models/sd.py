@@ -355,6 +355,10 @@ class PromptCycle:
         self.guided, self.table, self.vae = guided, table, vae
         self.num_classes = len(table.captions)
 
+    def prompts(self, n: int) -> list[str]:
+        """The prompts of images ``0 .. n-1`` (what their CLIP score is measured against)."""
+        return [self.table.captions[i % self.num_classes] for i in range(n)]
+
     def condition(self, indices: range) -> None:
         labels = torch.arange(indices.start, indices.stop) % self.num_classes
         self.guided.text, self.guided.batch = self.table.text(labels, self.guided.guided), len(labels)

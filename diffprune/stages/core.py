@@ -18,6 +18,7 @@ from ..distributed import follower_result, is_main_process
 from ..io import atomic_path, read_json, write_json
 from ..metrics.evaluate import (compare_to_teacher, evaluate, latency_probe, machine_info, paired_latency,
                                 quality_verdict, save_grid)
+from ..metrics.clip import clip_score
 from ..metrics.calibration import calibrate, calibration_failures, calibration_table, check_calibration
 from ..metrics.fid import CORRUPTIONS, get_extractor, objective_name, save_feature_net, train_feature_net
 from ..models.checkpoint import save_model
@@ -227,6 +228,9 @@ def run_evaluate(p: Params, root: Path, target: str = "teacher", progress: bool 
     metrics, samples = evaluate(loaded.denoiser, sched, loaded.modules, protocol, ext, train_feats,
                                 sample_shape=loaded.sample_shape, reference=reference, device=device,
                                 progress=progress)
+    if hasattr(loaded.denoiser, "prompts"):  # a text-to-image model: its samples against their prompts
+        clip = clip_score(samples, loaded.denoiser.prompts(len(samples)), p.sd.clip_weights)
+        metrics |= {"clip_score": clip.score, "clip_label": clip.label}
     floor = read_json(feats_dir / "floor.json")
     metrics["fid_floor"] = floor["fid_floor"]  # the scale beside every FID: floor ... noise (the best bad set)
     if (floor.get("calibration") or {}).get("bad"):
