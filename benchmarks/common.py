@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -217,6 +217,12 @@ class Bench:
     train_feats: np.ndarray              # (N, D) FID reference features
     key: str                             # teacher weights + protocol: part of every cache key
     teacher_runs: dict[int, tuple[dict, torch.Tensor]] = field(default_factory=dict)
+    # how the teacher samples (a conditional latent teacher: its class cycle and VAE); None: ModelDenoiser
+    teacher_denoiser: Optional[Denoiser] = None
+
+    def teacher_sampler(self) -> Denoiser:
+        """The teacher as a denoiser: the reference of every run and of its latency."""
+        return self.teacher_denoiser if self.teacher_denoiser is not None else ModelDenoiser(self.teacher)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -241,7 +247,7 @@ class Bench:
                 self.teacher_runs[steps] = (read_json(cache / "metrics.json"),
                                             load_file(str(cache / "samples.safetensors"))["samples"])
             else:
-                m, x = evaluate(ModelDenoiser(self.teacher), self.sampler(), [self.teacher], self.protocol(),
+                m, x = evaluate(self.teacher_sampler(), self.sampler(), [self.teacher], self.protocol(),
                                 self.extractor, self.train_feats, sample_shape=self.sample_shape,
                                 device=self.device, progress=False)
                 with atomic_path(cache / "samples.safetensors") as tmp:
@@ -266,7 +272,7 @@ class Bench:
         metrics |= compare_to_teacher(metrics, t_metrics)
         metrics |= paired_latency(latency_probe(denoiser, self.sampler(), self.protocol(steps), self.sample_shape,
                                                 self.device),
-                                  latency_probe(ModelDenoiser(self.teacher), self.sampler(), self.protocol(),
+                                  latency_probe(self.teacher_sampler(), self.sampler(), self.protocol(),
                                                 self.sample_shape, self.device),
                                   repeats=self.p.evaluate.latency_repeats)
         per = psnr(x, t_samples, reduce=False)
