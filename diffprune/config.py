@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, Field, Strict, TypeAdapter, model_validator
 
-from .config_families import AutoencoderConfig, DitConfig, SdConfig  # noqa: F401  (sections of params.yaml)
+from .config_families import AutoencoderConfig, DitConfig, LdmConfig, SdConfig  # noqa: F401  (sections of params.yaml)
 from .config_base import (ALIAS, BATCH, DEVICE, MAX_EVAL_BYTES, MAX_PARAMS_BYTES, MAX_REPR, MAX_YAML_NODES,  # noqa: F401
                           NAME, PATH_LEN, SECTION_CLASSES, STEPS, TIMESTEPS, WIDTH, Batch, Channels, ConfigError,
                           Decay, Float, Fraction, Int, Name, Positive, Precision, Seed, Steps, Str, Weight01,
@@ -48,8 +48,9 @@ class DataConfig:
 class TeacherConfig:
     # the model family (diffprune/families.py): "unet" an unconditional pixel UNet2DModel; "dit" a
     # class-conditional DiTTransformer2DModel on the latents of the `latents` stage's VAE (section dit);
-    # "sd" a text-to-image UNet2DConditionModel on those latents, prompted by captions (section sd)
-    family: Literal["unet", "dit", "sd"] = "unet"
+    # "sd" a text-to-image UNet2DConditionModel on those latents, prompted by captions (section sd);
+    # "ldm" a UNet2DModel of this section's layout on those latents, class-conditional or not (section ldm)
+    family: Literal["unet", "dit", "sd", "ldm"] = "unet"
     pretrained: Optional[Str] = Field(None, max_length=PATH_LEN)  # Hub id or diffusers folder; None = train
     block_out_channels: list[Channels] = Field([32, 64, 64], min_length=1, max_length=8)  # <= 8 levels
     attention: list[Annotated[bool, Strict()]] = Field([False, True, False], min_length=1, max_length=8)
@@ -268,6 +269,7 @@ class Params:
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     dit: DitConfig = Field(default_factory=DitConfig)
     sd: SdConfig = Field(default_factory=SdConfig)
+    ldm: LdmConfig = Field(default_factory=LdmConfig)
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)

@@ -1,4 +1,4 @@
-"""The params sections of the latent model families (``teacher.family: dit | sd``) and their VAE.
+"""The params sections of the latent model families (``teacher.family: dit | sd | ldm``) and their VAE.
 
 Part of :mod:`diffprune.config`, which imports them from here (kept apart so that each module stays
 under 400 lines).
@@ -6,9 +6,9 @@ under 400 lines).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, Strict, model_validator
 
 from .config_base import (PATH_LEN, WIDTH, Batch, Channels, ConfigError, Float, Int, Positive, Seed, Steps, Str,
                           _r, _section)
@@ -57,6 +57,16 @@ class SdConfig:
         if self.caption.count("{label}") != 1:
             raise ConfigError(f"sd.caption = {self.caption!r}: needs exactly one '{{label}}' (the class id)")
         return self
+
+
+@_section("ldm")
+class LdmConfig:
+    """The latent UNet of ``teacher.family: ldm`` (a ``UNet2DModel`` of the teacher's layout on the
+    ``latents`` stage's latents, trained with the teacher's recipe)."""
+
+    class_conditional: Annotated[bool, Strict()] = True  # a class embedding (n classes + the null class)
+    label_dropout: Float = Field(0.1, ge=0.0, le=1.0)  # labels dropped to the null class in training
+    guidance_scale: Float = Field(1.0, ge=0.0, le=50.0)  # > 1: classifier-free guidance (doubles the batch)
 
 
 @_section("autoencoder")

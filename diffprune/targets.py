@@ -146,10 +146,31 @@ def _sd(paths: dict[str, Path], device, schedule: bool = False) -> Loaded:
                   load_scheduler_config(paths["model"]), _shape(model))
 
 
+def _ldm(paths: dict[str, Path], device, schedule: bool = False) -> Loaded:
+    """A latent UNet (plain, or running a DiP-GO skip schedule) sampling a balanced class cycle."""
+    from .models.dit import ClassCycle
+    from .models.ldm import GuidedUNet
+
+    model = load_model(paths["model"], device)
+    cond = conditioning(paths["model"])
+    labels = list(range(int(cond["num_classes"])))
+    if schedule:
+        from .pruning.dipgo import Schedule
+        from .pruning.dipgo.ldm import SkipScheduleGuidedUNet
+
+        guided: GuidedUNet = SkipScheduleGuidedUNet(model, Schedule.load(paths["schedule"]), labels,
+                                                    cond["guidance_scale"])
+    else:
+        guided = GuidedUNet(model, labels, cond["guidance_scale"])
+    return Loaded(ClassCycle(guided, len(labels), load_vae(paths["vae"], device)), [model],
+                  load_scheduler_config(paths["model"]), _shape(model))
+
+
 KINDS: dict[str, Callable[[dict[str, Path], object], Loaded]] = {
     "unet": _unet, "dipgo": _dipgo, "experts": _experts, "stack": _stack,
     "dit": _dit, "dit-dipgo": lambda paths, device: _dit(paths, device, schedule=True),
     "sd": _sd, "sd-dipgo": lambda paths, device: _sd(paths, device, schedule=True),
+    "ldm": _ldm, "ldm-dipgo": lambda paths, device: _ldm(paths, device, schedule=True),
 }
 
 

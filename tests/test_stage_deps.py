@@ -166,7 +166,7 @@ def _family_specs(family: str) -> dict:
     return specs_mod.stage_specs(tmp)
 
 
-LATENT_SPECS = {family: _family_specs(family) for family in ("dit", "sd")}
+LATENT_SPECS = {family: _family_specs(family) for family in ("dit", "sd", "ldm")}
 
 
 @pytest.mark.parametrize("family,name", [(f, n) for f, specs in LATENT_SPECS.items() for n in specs])

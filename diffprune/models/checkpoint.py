@@ -80,6 +80,8 @@ def _structure(model: nn.Module) -> dict[str, dict[str, Any]]:
         if isinstance(m, nn.LayerNorm):  # the transformer blocks of text-to-image UNets and DiTs
             rec.update(normalized_shape=list(m.normalized_shape), eps=m.eps, affine=m.elementwise_affine,
                        bias=m.bias is not None)
+        if isinstance(m, nn.Embedding):  # a latent UNet's class embedding follows its pruned time embedding
+            rec.update(num_embeddings=m.num_embeddings, embedding_dim=m.embedding_dim)
         if hasattr(m, "structure_init"):
             rec["init"] = m.structure_init()
         out[name] = rec
@@ -98,6 +100,8 @@ def _rebuild(rec: dict[str, Any], old: nn.Module) -> nn.Module:
     if t == "LayerNorm":
         return nn.LayerNorm(tuple(rec["normalized_shape"]), eps=rec["eps"], elementwise_affine=rec["affine"],
                             bias=rec["bias"])
+    if t == "Embedding":
+        return nn.Embedding(rec["num_embeddings"], rec["embedding_dim"])
     if t in REPLACEMENTS:
         return REPLACEMENTS[t](**rec.get("init", {}))
     raise ArtifactError(f"checkpoint records a module of type {t!r} that cannot be rebuilt (was {type(old).__name__})")
@@ -125,9 +129,11 @@ def apply_structure(model: nn.Module, structure: dict[str, dict[str, Any]]) -> n
             mod = model.get_submodule(name) if name else model
         except AttributeError:
             continue
-        # a LayerNorm recorded before its shape was (older checkpoints) is never pruned: kept as built
+        # a LayerNorm or an Embedding recorded before its shape was (older checkpoints) was never
+        # pruned: kept as built
         resized = rec["type"] in ("Conv2d", "Linear", "GroupNorm") or (rec["type"] == "LayerNorm"
-                                                                        and "normalized_shape" in rec)
+                                                                        and "normalized_shape" in rec) or (
+            rec["type"] == "Embedding" and "embedding_dim" in rec)
         if cur != rec and resized or rec["type"] != cur["type"]:
             set_module(model, name, _rebuild(rec, mod))
             continue

@@ -14,7 +14,7 @@ by the very same :func:`load_dit`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
@@ -22,6 +22,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 from ..config import ConfigError
 from ..io import atomic_path
 from ..sampling import initial_noise, trajectory
+from .guidance import LabelGuided, ModelCall
 from .unet import check_pretrained_source
 
 HUB_DIT = "facebook/DiT-XL-2-256"
@@ -97,18 +98,12 @@ def load_dit(name_or_path: str | Path, device: str | torch.device = "cpu") -> Di
     return pipe.to(device)
 
 
-ModelCall = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
-"""``call(x (B', C, h, w), t (B',), class_labels (B',), step) -> raw transformer output (B', C_out, h, w)``."""
-
-
-class GuidedDiT:
+class GuidedDiT(LabelGuided):
     """A DiT as a house denoiser ``(x_t (B, C, h, w), t (B,), step) -> eps (B, C, h, w)``, ``DiTPipeline``'s way.
 
-    With ``guidance_scale > 1`` (DiTPipeline's switch) each call runs ONE transformer call on the
-    doubled batch ``[x, x]`` with labels ``[y, null]`` and returns
-    ``eps_uncond + g * (eps_cond - eps_uncond)`` on the first ``C = in_channels`` output channels; a
-    learned-sigma model's other ``C`` channels (the variance) are dropped, as DiTPipeline drops them
-    (its DDIM step uses eps alone). Deviation: DiTPipeline keeps the doubled latents through its
+    Guidance as :class:`~diffprune.models.guidance.LabelGuided` (DiTPipeline's switch and formula; a
+    learned-sigma model's other ``C`` channels, the variance, are dropped, as DiTPipeline drops them:
+    its DDIM step uses eps alone). Deviation: DiTPipeline keeps the doubled latents through its
     loop and steps the scheduler on both (identical) halves; here the loop carries the B latents
     and doubles them per call, which gives the same numbers (every scheduler op is elementwise).
 
@@ -123,56 +118,21 @@ class GuidedDiT:
     def __init__(self, transformer: DiTTransformer2DModel, class_labels: Sequence[int] | torch.Tensor,
                  guidance_scale: float = 1.0, *, call: Optional[ModelCall] = None) -> None:
         cfg = transformer.config
-        self.class_labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1).cpu()
-        self.num_classes = int(cfg.num_embeds_ada_norm)
-        bad = [int(y) for y in self.class_labels if not 0 <= int(y) < self.num_classes]
-        if bad or not len(self.class_labels):
-            raise ValueError(f"class_labels = {self.class_labels.tolist()}: need >= 1 ids in [0, {self.num_classes})")
         if transformer.training:
             raise ValueError("transformer is in training mode (its label embedding drops labels at random): call .eval()")
-        self.latent_channels = int(cfg.in_channels)
-        if transformer.out_channels not in (self.latent_channels, 2 * self.latent_channels):
-            raise ValueError(f"out_channels = {transformer.out_channels}: expected {self.latent_channels} "
-                             f"(eps) or {2 * self.latent_channels} (eps + learned sigma)")
+        c = int(cfg.in_channels)
+        if transformer.out_channels not in (c, 2 * c):
+            raise ValueError(f"out_channels = {transformer.out_channels}: expected {c} (eps) or {2 * c} "
+                             "(eps + learned sigma)")
         self.transformer = transformer
-        self.guidance_scale = float(guidance_scale)
         # DiTPipeline hard-codes the null class 1000 (DiT-XL's class count); the model's own count is
         # the same id there and the only valid one for other class counts
-        self.null_class = self.num_classes
-        self.latent_shape = (self.latent_channels, int(cfg.sample_size), int(cfg.sample_size))
-        self._call = call if call is not None else self._plain
-
-    @property
-    def guided(self) -> bool:
-        """Whether each call doubles the batch with the null class (``guidance_scale > 1``, as DiTPipeline)."""
-        return self.guidance_scale > 1
+        n = int(cfg.num_embeds_ada_norm)
+        super().__init__(class_labels, n, n, (c, int(cfg.sample_size), int(cfg.sample_size)), guidance_scale,
+                         call=call)
 
     def _plain(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         return self.transformer(x, timestep=t, class_labels=y).sample
-
-    def model_inputs(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x, t, labels)`` of the transformer call: batch B, or 2B ``[cond, uncond]`` when guided."""
-        if x.shape[0] != len(self.class_labels):
-            raise ValueError(f"batch of {x.shape[0]} latents, but {len(self.class_labels)} class labels")
-        y = self.class_labels.to(x.device)
-        if not self.guided:
-            return x, t, y
-        null = torch.full_like(y, self.null_class)
-        return torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])
-
-    def guide(self, out: torch.Tensor) -> torch.Tensor:
-        """Raw output ``(B', C_out, h, w)`` -> guided eps ``(B, C, h, w)``."""
-        eps = out[:, : self.latent_channels]  # learned sigma: the variance channels are dropped
-        if not self.guided:
-            return eps
-        cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
-        return uncond + self.guidance_scale * (cond - uncond)  # DiTPipeline's formula, term for term
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
-        # 1. the model input: doubled with the null class when guided
-        x_in, t_in, y_in = self.model_inputs(x, t)
-        # 2. one transformer call, then guidance on eps
-        return self.guide(self._call(x_in, t_in, y_in, step))
 
 
 def sample_latents(denoiser: GuidedDiT, scheduler, *, steps: int, seed: int = 0,

@@ -17,12 +17,19 @@ from ..config import ConfigError, DataConfig, TeacherConfig
 
 def build_unet(cfg: TeacherConfig, data: DataConfig) -> UNet2DModel:
     """A fresh UNet2DModel: one resolution level per entry of ``cfg.block_out_channels``."""
+    return unet_of(cfg, data.channels, data.image_size)
+
+
+def unet_of(cfg: TeacherConfig, channels: int, size: int, num_class_embeds: int | None = None) -> UNet2DModel:
+    """A fresh UNet2DModel of ``cfg``'s layout for ``channels`` x ``size`` x ``size`` inputs (pixels or
+    latents); ``num_class_embeds``: a class embedding table of that many rows."""
     down = ["AttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention]
     up = ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention)]
     return UNet2DModel(
-        sample_size=data.image_size,
-        in_channels=data.channels,
-        out_channels=data.channels,
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        num_class_embeds=num_class_embeds,
         block_out_channels=tuple(cfg.block_out_channels),
         layers_per_block=cfg.layers_per_block,
         down_block_types=tuple(down),

@@ -14,7 +14,7 @@ from ..config import ConfigError
 
 # name -> (function(params, root, **kwargs) -> dict). Filled by the stage modules below.
 STAGES: dict[str, Callable[..., dict]] = {}
-# (teacher.family, name) -> the family's own function for that stage (stages/dit.py, sd.py), where it differs
+# (teacher.family, name) -> the family's own function for that stage (stages/dit.py, sd.py, ldm.py), where it differs
 FAMILY_STAGES: dict[tuple[str, str], Callable[..., dict]] = {}
 
 
@@ -59,7 +59,7 @@ def get_stage(name: str) -> Callable[..., dict]:
 
 def _load_all() -> None:
     # importing a stage module registers its stages (and its models in core.TARGETS)
-    from . import core, dipgo, dit, experts, latent, report, router, sd, stack, taylor  # noqa: F401
+    from . import core, dipgo, dit, experts, latent, ldm, report, router, sd, stack, taylor  # noqa: F401
 
 
 def safe_subpath(root: Path, rel: str | Path) -> Path:

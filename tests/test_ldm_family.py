@@ -1,0 +1,156 @@
+"""The latent UNet family (LDM) through the pipeline's stages (teacher.family = ldm), on a tiny preset:
+a class-conditional UNet2DModel on the latents of a tiny VAE fitted here."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import TINY_PARAMS
+
+REPO = Path(__file__).resolve().parents[1]
+
+# the shared tiny config (240 digits, a 2-epoch feature net, 4 DDIM steps) with a 2-level latent UNet
+TINY = {**TINY_PARAMS,
+        "teacher": {**TINY_PARAMS["teacher"], "family": "ldm", "block_out_channels": [8, 16],
+                    "attention": [False, True], "norm_num_groups": 4, "steps": 20, "checkpoint_every": 10},
+        "ldm": {"label_dropout": 0.5, "guidance_scale": 2.0},
+        "autoencoder": {"steps": 10, "batch_size": 32, "block_out_channels": [8, 8]},
+        "evaluate": {**TINY_PARAMS["evaluate"], "num_samples": 20, "batch_size": 20}}
+
+
+def _run(p, root, name, **kw):
+    from diffprune.stages import get_stage
+
+    return get_stage(name)(p, root, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    from diffprune.config import load_params
+
+    root = tmp_path_factory.mktemp("ldm-ws")
+    p = load_params(None, TINY)
+    out = {}
+    for name, kw in [("data", {}), ("latents", {}), ("features", {}), ("teacher", {}),
+                     ("evaluate", {"target": "teacher"}), ("dipgo", {}), ("evaluate", {"target": "dipgo"}),
+                     ("taylor", {}), ("finetune", {}), ("evaluate", {"target": "finetune"})]:
+        out[name + (f"@{kw['target']}" if kw else "")] = _run(p, root, name, **kw)
+    return p, root, out
+
+
+def test_the_teacher_is_class_conditional_with_a_null_class_and_guidance_doubles_its_macs(ws):
+    from diffprune.metrics.cost import MacCounter
+    from diffprune.models.checkpoint import load_model, read_config
+
+    p, root, out = ws
+    meta = read_config(root / "models/teacher")["meta"]
+    assert meta["family"] == "ldm" and meta["conditioning"] == {"num_classes": 10, "guidance_scale": 2.0}
+    model = load_model(root / "models/teacher")
+    assert model.config.num_class_embeds == 11 and model.config.in_channels == 4  # 10 classes + null, on latents
+    with MacCounter(model) as c:
+        model(torch.zeros(1, 4, 4, 4), torch.tensor([5]), class_labels=torch.tensor([3]))
+    assert out["evaluate@teacher"]["metrics"]["trajectory_macs"] == 2 * c.total * p.evaluate.steps  # guided: 2 rows
+
+
+def test_labels_change_the_prediction_and_drop_to_the_null_class_in_training(ws):
+    from diffprune.models.checkpoint import load_model
+    from diffprune.models.ldm import ldm_call
+
+    _, root, _ = ws
+    model = load_model(root / "models/teacher")
+    x, t = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 500])
+    call = ldm_call(1.0)
+    with torch.no_grad():
+        a, b = call(model, x, t, torch.tensor([3, 3])), call(model, x, t, torch.tensor([3, 8]))
+        assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
+        model.train()
+        dropped = call(model, x, t, torch.tensor([3, 8]))
+        model.eval()
+        null = model(x, t, class_labels=torch.tensor([10, 10])).sample
+    assert torch.allclose(dropped, null, atol=1e-6)
+
+
+def test_dipgo_on_the_latent_unet_counted_macs_equal_the_schedule(ws):
+    from diffprune.pruning.dipgo import Schedule
+
+    _, root, out = ws
+    schedule = Schedule.load(root / "models/dipgo/schedule.json")
+    m = out["evaluate@dipgo"]["metrics"]
+    assert m["macs_ratio_vs_teacher"] == pytest.approx(schedule.macs_ratio, rel=1e-9) and m["macs_ratio_vs_teacher"] < 1
+
+
+def test_an_all_compute_schedule_samples_the_plain_guided_unet_bit_for_bit(ws, tmp_path):
+    from diffprune.models.unet import sampling_scheduler
+    from diffprune.pruning.dipgo import Schedule
+    from diffprune.sampling import sample
+    from diffprune.targets import load_target
+
+    p, root, _ = ws
+    sched = Schedule.load(root / "models/dipgo/schedule.json")
+    full = Schedule(block_names=sched.block_names, keep=[[True] * sched.num_blocks for _ in range(sched.num_steps)])
+    full.save(tmp_path / "all.json")
+    paths = {"model": root / "models/teacher", "vae": root / "models/autoencoder"}
+    plain = load_target("ldm", paths)
+    gated = load_target("ldm-dipgo", {**paths, "schedule": tmp_path / "all.json"})
+    s = sampling_scheduler(plain.scheduler_config, "ddim")
+    kw = dict(num_images=13, sample_shape=plain.sample_shape, steps=p.evaluate.steps, seed=4, batch_size=5)
+    a, b = sample(plain.denoiser, s, **kw), sample(gated.denoiser, s, **kw)
+    assert a.shape == (13, 1, 8, 8) and torch.equal(a, b)
+
+
+def test_diff_pruning_drops_params_and_macs_and_the_pruned_model_loads_in_a_fresh_process(ws):
+    p, root, out = ws
+    report = json.loads((root / "models/taylor-report.json").read_text())
+    assert report["params_after"] < report["params_before"] and report["macs_after"] < report["macs_before"]
+    assert out["evaluate@finetune"]["metrics"]["macs_ratio_vs_teacher"] < 1.0
+    code = f"""
+import sys, torch
+from diffprune.targets import load_target
+from diffprune.models.unet import sampling_scheduler
+from diffprune.sampling import sample
+assert "diffprune.stages" not in sys.modules
+m = load_target("ldm", {{"model": {str(root / "models/finetune")!r}, "vae": {str(root / "models/autoencoder")!r}}})
+x = sample(m.denoiser, sampling_scheduler(m.scheduler_config, "ddim"), num_images=3, sample_shape=m.sample_shape,
+           steps=4, seed=5)
+print("SUM", repr(float(x.double().sum())))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from diffprune.models.unet import sampling_scheduler
+    from diffprune.sampling import sample
+    from diffprune.targets import load_target
+
+    m = load_target("ldm", {"model": root / "models/finetune", "vae": root / "models/autoencoder"})
+    x = sample(m.denoiser, sampling_scheduler(m.scheduler_config, "ddim"), num_images=3, sample_shape=m.sample_shape,
+               steps=4, seed=5)
+    assert next(line for line in r.stdout.splitlines() if line.startswith("SUM")) == f"SUM {float(x.double().sum())!r}"
+
+
+def test_an_unconditional_latent_unet_takes_no_labels_and_refuses_guidance():
+    from diffprune.config import load_params
+    from diffprune.models.ldm import GuidedUNet, build_ldm_unet
+
+    p = load_params(None, {"teacher": {"block_out_channels": [8, 16], "attention": [False, True], "norm_num_groups": 4}})
+    unet = build_ldm_unet(p.teacher, (4, 4, 4), None).eval()
+    x, t = torch.randn(2, 4, 4, 4), torch.tensor([7, 7])
+    with torch.no_grad():
+        assert torch.equal(GuidedUNet(unet, [0, 0])(x, t, 0), unet(x, t).sample)
+    with pytest.raises(ValueError, match="guidance_scale = 2.0: an unconditional UNet"):
+        GuidedUNet(unet, [0, 0], 2.0)
+
+
+def test_the_expert_stages_refuse_the_ldm_family_and_a_pretrained_ldm_is_refused_by_name(ws, tmp_path):
+    import dataclasses
+
+    from diffprune.config import ConfigError
+
+    p, root, _ = ws
+    with pytest.raises(ConfigError, match="stage experts: not available for teacher.family = 'ldm'"):
+        _run(p, root, "experts")
+    bad = dataclasses.replace(p, teacher=dataclasses.replace(p.teacher, pretrained=str(tmp_path / "some-unet")))
+    with pytest.raises(ConfigError, match="a pretrained latent UNet is not supported"):
+        _run(bad, root, "teacher")
