@@ -137,6 +137,11 @@ def test_the_expert_stages_refuse_the_dit_family_by_name(ws):
     p, root, _ = ws
     with pytest.raises(ConfigError, match="stage experts: not available for teacher.family = 'dit'"):
         _run(p, root, "experts")
+    import dataclasses
+
+    searched = dataclasses.replace(p, taylor=dataclasses.replace(p.taylor, target_macs_ratio=0.5))
+    with pytest.raises(ConfigError, match="ratio search is not implemented for teacher.family = 'dit'"):
+        _run(searched, root, "taylor")
 
 
 def test_a_pixel_family_has_no_latents_stage(tmp_path):

@@ -154,3 +154,25 @@ def test_the_expert_stages_refuse_the_ldm_family_and_a_pretrained_ldm_is_refused
     bad = dataclasses.replace(p, teacher=dataclasses.replace(p.teacher, pretrained=str(tmp_path / "some-unet")))
     with pytest.raises(ConfigError, match="a pretrained latent UNet is not supported"):
         _run(bad, root, "teacher")
+
+
+
+def test_a_macs_target_is_met_by_the_ratio_search_on_the_labelled_model(ws, tmp_path):
+    """taylor.target_macs_ratio on the latent UNet: the channel ratio is bisected on the teacher with
+    its labels bound, and the pruned model lands within 2% of the target."""
+    import dataclasses
+    import shutil
+
+    p, root, _ = ws
+    shutil.copytree(root, tmp_path / "ws")
+
+    def searched(target: float) -> dict:
+        _run(dataclasses.replace(p, taylor=dataclasses.replace(p.taylor, target_macs_ratio=target)), tmp_path / "ws",
+             "taylor")
+        return json.loads((tmp_path / "ws/models/taylor-report.json").read_text())
+
+    # the tiny UNet's MACs move in coarse levels (8 / 16 channels in groups of 4: about 1.0, 0.73, 0.26)
+    met = searched(0.72)
+    assert met["target_met"] and abs(met["macs_ratio"] - 0.72) <= 0.02 * 0.72 and 0 < met["ratio_found"] < 1
+    missed = searched(0.5)  # between two levels: the nearest one, and said so
+    assert not missed["target_met"] and abs(missed["macs_ratio"] - 0.5) > 0.02 * 0.5

@@ -232,3 +232,20 @@ def test_init_with_the_sd_preset_writes_an_sd_workspace(tmp_path):
     assert "models/text-encoder" in stages["latents"]["outs"] and "stack" not in stages
     assert "models/text-encoder" in stages["finetune"]["deps"]
 
+
+
+def test_a_macs_target_is_met_by_the_ratio_search_on_the_captioned_model(ws, tmp_path):
+    """taylor.target_macs_ratio on the text-to-image UNet: the channel ratio is bisected on the teacher
+    with its captions bound, and the pruned model lands within 2% of the target."""
+    import shutil
+
+    p, root, _ = ws
+    shutil.copytree(root, tmp_path / "ws")
+    # the tiny UNet's MACs move in coarse steps (magnitude probes: 0.73, 0.71, 0.68, then 0.28); with
+    # Diff-Pruning's scores its heads go elsewhere than the probe's, so the MACs land near the probe's,
+    # and target_met is the pruned model's own
+    p = dataclasses.replace(p, taylor=dataclasses.replace(p.taylor, target_macs_ratio=0.7))
+    _run(p, tmp_path / "ws", "taylor")
+    r = json.loads((tmp_path / "ws/models/taylor-report.json").read_text())
+    assert abs(r["probe_macs_ratio"] - 0.7) <= 0.02 * 0.7 and 0 < r["ratio_found"] < 1
+    assert abs(r["macs_ratio"] - 0.7) <= 0.05 * 0.7 and r["target_met"] == (abs(r["macs_ratio"] - 0.7) <= 0.02 * 0.7)

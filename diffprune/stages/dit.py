@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, Params, resolve_device
+from ..config import Params, resolve_device
 from ..distributed import follower_result
 from ..models.dit import ClassCycle, GuidedDiT, build_dit, dit_call
 from ..targets import load_vae
@@ -80,10 +80,7 @@ def run_taylor(p: Params, root: Path, **_: Any) -> dict:
     block's attention heads and MLP hidden channels; writes models/taylor."""
     from ..pruning.dit_taylor import prune_dit
 
-    if p.taylor.target_macs_ratio is not None:
-        raise ConfigError(f"taylor.target_macs_ratio = {p.taylor.target_macs_ratio!r}: the ratio search is not "
-                          f"implemented for teacher.family = 'dit' yet; set taylor.ratio instead")
-    return conditional.prune(p, root, FAMILY, lambda m, s, x, y: prune_dit(m, s, x, y, p.taylor))
+    return conditional.prune(p, root, FAMILY, prune_dit)  # no ratio search (taylor.target_macs_ratio) yet
 
 
 @stage("finetune", family=FAMILY)

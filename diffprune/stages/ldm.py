@@ -75,21 +75,18 @@ def run_teacher(p: Params, root: Path, progress: bool = True, on_progress: Progr
 @stage("taylor", family=FAMILY)
 def run_taylor(p: Params, root: Path, **_: Any) -> dict:
     """Diff-Pruning of the latent UNet (the pixel UNet's :func:`~diffprune.pruning.taylor.prune_unet`,
-    each scored latent with its own label); writes models/taylor."""
+    each scored latent with its own label) at ``taylor.ratio`` or the ratio meeting
+    ``taylor.target_macs_ratio``; writes models/taylor."""
     from ..pruning.taylor import prune_unet, scoring_indices
 
-    if p.taylor.target_macs_ratio is not None:
-        raise ConfigError(f"taylor.target_macs_ratio = {p.taylor.target_macs_ratio!r}: the ratio search is not "
-                          f"implemented for teacher.family = 'ldm' yet; set taylor.ratio instead")
     device = resolve_device(p.project.device)
 
-    def prune(model, scheduler, latents, labels):
-        rows = scoring_indices(latents.shape[0], p.taylor)  # the rows prune_unet scores: their labels go with them
-        wrapped, report = prune_unet(LabelConditioned(model, labels[rows]), scheduler, latents, p.taylor,
-                                     device=device)
+    def prune(model, scheduler, latents, labels, cfg):
+        rows = scoring_indices(latents.shape[0], cfg)  # the rows prune_unet scores: their labels go with them
+        wrapped, report = prune_unet(LabelConditioned(model, labels[rows]), scheduler, latents, cfg, device=device)
         return wrapped.unet, report
 
-    return conditional.prune(p, root, FAMILY, prune)
+    return conditional.prune(p, root, FAMILY, prune, probe=LabelConditioned)
 
 
 @stage("finetune", family=FAMILY)

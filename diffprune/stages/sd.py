@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, Params, resolve_device
+from ..config import Params, resolve_device
 from ..distributed import follower_result
 from ..models.sd import (CaptionCall, CaptionTable, PromptCycle, GuidedSD, build_sd_unet, build_text_encoder,
                          class_captions, load_text_encoder, save_text_encoder, sd_pipeline)
@@ -119,17 +119,16 @@ def _teacher_captions(root: Path) -> list[str]:
 @stage("taylor", family=FAMILY)
 def run_taylor(p: Params, root: Path, **_: Any) -> dict:
     """Diff-Pruning of the UNet (:func:`diffprune.pruning.sd_taylor.prune_sd_unet`): ``taylor.ratio``
-    of its conv channels, attention heads (self and cross, pruned whole) and MLP widths, gradients
-    taken with each latent's own caption; the text encoder and VAE untouched. Writes models/taylor."""
-    from ..pruning.sd_taylor import prune_sd_unet
+    (or the ratio meeting ``taylor.target_macs_ratio``) of its conv channels, attention heads (self and
+    cross, pruned whole) and MLP widths, gradients taken with each latent's own caption; the text
+    encoder and VAE untouched. Writes models/taylor."""
+    from ..pruning.sd_taylor import TextConditioned, prune_sd_unet
 
-    if p.taylor.target_macs_ratio is not None:
-        raise ConfigError(f"taylor.target_macs_ratio = {p.taylor.target_macs_ratio!r}: the ratio search is not "
-                          f"implemented for teacher.family = 'sd' yet; set taylor.ratio instead")
     device = resolve_device(p.project.device)
     table = caption_table(root, _teacher_captions(root), device)
-    return conditional.prune(p, root, FAMILY, lambda m, s, x, y: prune_sd_unet(
-        m, s, x, table.cond.to(device)[y], p.taylor, device=device))
+    return conditional.prune(
+        p, root, FAMILY, lambda m, s, x, y, cfg: prune_sd_unet(m, s, x, table.cond.to(device)[y], cfg, device=device),
+        probe=lambda m, y: TextConditioned(m, table.cond.to(device)[y]))
 
 
 @stage("finetune", family=FAMILY)
