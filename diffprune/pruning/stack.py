@@ -43,6 +43,7 @@ from ..metrics.image import psnr
 from ..sampling import Denoiser, ModelDenoiser, sample
 from .dipgo import Schedule, SkipScheduleDenoiser
 from .experts.prune import ExpertMixtureModel
+from .experts.intervals import interval_ranges  # noqa: F401  (the mixtures' intervals; stages/stack.py imports it from here)
 
 ORDERS = ("prune-experts", "experts-prune")
 """How a mixture's experts are made (see the module docstring); ``single`` is one Diff-Pruning model."""
@@ -115,12 +116,6 @@ def mixture_of(experts: Sequence[nn.Module], boundaries: Sequence[int]) -> Exper
     if any(s != shapes[0] for s in shapes[1:]):
         raise ValueError("the experts have different widths: stack them pruned at one ratio")
     return ExpertMixtureModel(list(experts), boundaries).eval()
-
-
-def interval_ranges(boundaries: Sequence[int], num_train_timesteps: int) -> list[tuple[int, int]]:
-    """``[lo, hi)`` timestep interval of each expert from the ``K - 1`` boundaries."""
-    edges = [0, *[int(b) for b in boundaries], int(num_train_timesteps)]
-    return [(edges[k], edges[k + 1]) for k in range(len(edges) - 1)]
 
 
 def stacked_denoiser(net: nn.Module, schedule: Optional[Schedule]) -> Denoiser:

@@ -124,8 +124,9 @@ def _read_intervals(root: Path) -> dict:
 
 
 def _interval_ranges(doc: dict) -> list[tuple[int, int]]:
-    edges = [0, *doc["boundaries"], int(doc["num_train_timesteps"])]
-    return [(edges[k], edges[k + 1]) for k in range(len(edges) - 1)]
+    from ..pruning.experts.intervals import interval_ranges
+
+    return interval_ranges(doc["boundaries"], doc["num_train_timesteps"])
 
 
 def _which(expert: Optional[int], k: int) -> list[int]:

@@ -361,3 +361,9 @@ def _draw_k_curve(ax, k_curve: Sequence[dict]) -> None:
     ax.set_xlabel("number of intervals K")
     ax.set_ylabel("best J(K)")
     ax.set_title("objective per K (labels: sampling steps per interval)", fontsize=8)
+
+
+def interval_ranges(boundaries: Sequence[int], num_train_timesteps: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` timestep interval of each expert from the ``K - 1`` boundaries."""
+    edges = [0, *[int(b) for b in boundaries], int(num_train_timesteps)]
+    return [(edges[k], edges[k + 1]) for k in range(len(edges) - 1)]
