@@ -32,7 +32,7 @@ demo: setup
 	cd $(DEMO) && time $(CURDIR)/$(BIN)/python -m diffprune.env $(CURDIR)/$(BIN)/diffprune run
 
 test: setup
-	$(QUIET) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(QUIET) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-all: setup
 	$(QUIET) $(BIN)/python -m pytest -q -m ''

@@ -22,6 +22,20 @@ torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "2")))
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The longest test files (measured on 2 cores, whole-file seconds, longest first). `make test` hands
+# whole files to the xdist workers in collection order (--dist loadfile --no-loadscope-reorder): the
+# long ones go first, so that no worker is left idle while the other runs a long file at the end
+# (by default xdist orders files by test count, which put test_workspace.py last: 633 s -> see README).
+LONGEST_FIRST = ("test_pipeline.py", "test_workspace.py", "test_reliability.py", "test_dask.py", "test_freshness.py",
+                 "test_stack.py", "test_sd_family.py", "test_ldm_family.py", "test_tracking.py", "test_hostile.py",
+                 "test_experts_budget.py", "test_experts.py", "test_dit_family.py", "test_graph.py",
+                 "test_registries.py", "test_versioning.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
+
 TINY_TEACHER = {
     "block_out_channels": [8, 16, 16],
     "attention": [False, True, False],
