@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, Field, Strict, TypeAdapter, model_validator
 
-from .config_families import AutoencoderConfig, DitConfig, LdmConfig, SdConfig  # noqa: F401  (sections of params.yaml)
+from .config_families import AutoencoderConfig, ClipConfig, DitConfig, LdmConfig, SdConfig  # noqa: F401  (sections of params.yaml)
 from .config_base import (ALIAS, BATCH, DEVICE, MAX_EVAL_BYTES, MAX_PARAMS_BYTES, MAX_REPR, MAX_YAML_NODES,  # noqa: F401
                           NAME, PATH_LEN, SECTION_CLASSES, STEPS, TIMESTEPS, WIDTH, Batch, Channels, ConfigError,
                           Decay, Float, Fraction, Int, Name, Positive, Precision, Seed, Steps, Str, Weight01,
@@ -273,6 +273,7 @@ class Params:
     dit: DitConfig = Field(default_factory=DitConfig)
     sd: SdConfig = Field(default_factory=SdConfig)
     ldm: LdmConfig = Field(default_factory=LdmConfig)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     register: RegisterConfig = Field(default_factory=RegisterConfig)

@@ -42,9 +42,6 @@ class SdConfig:
     caption_dropout: Float = Field(0.1, ge=0.0, le=1.0)  # captions dropped to "" in training (for guidance)
     guidance_scale: Float = Field(1.0, ge=0.0, le=50.0)  # > 1: classifier-free guidance (doubles the batch)
     seed: Seed = 0  # the text encoder's initialisation
-    # a CLIP folder (CLIPModel + CLIPProcessor) or Hub id for the evaluation's CLIP score of the samples
-    # against their captions (openai/clip-vit-large-patch14: the DiP-GO paper's); None = not measured, said so
-    clip_weights: Optional[Str] = Field(None, max_length=PATH_LEN)
 
     @model_validator(mode="after")
     def _widths_agree(self) -> "SdConfig":
@@ -57,6 +54,16 @@ class SdConfig:
         if self.caption.count("{label}") != 1:
             raise ConfigError(f"sd.caption = {self.caption!r}: needs exactly one '{{label}}' (the class id)")
         return self
+
+
+@_section("clip")
+class ClipConfig:
+    """The CLIP score of a text-to-image model's samples against their prompts (the ``evaluate`` stage
+    of ``teacher.family: sd``). Its own section: changing it re-evaluates, never retrains."""
+
+    # a CLIP folder (CLIPModel + CLIPProcessor) or Hub id (openai/clip-vit-large-patch14: the DiP-GO
+    # paper's); None = not measured, and the metrics say so
+    weights: Optional[Str] = Field(None, max_length=PATH_LEN)
 
 
 @_section("ldm")

@@ -124,6 +124,8 @@ def family_dvc(doc: dict[str, Any], family: str) -> dict[str, Any]:
             body["deps"] = [*LATENT_OUTS, *FROZEN_OUTS[family], *body["deps"], *FAMILY_CODE[family]]
             if name == "teacher":
                 body["params"] = [*body.get("params", []), family]
+            if name == "evaluate" and FROZEN_OUTS[family]:  # a text-to-image family's CLIP score
+                body["params"] = [*body.get("params", []), "clip"]
         out[name] = st
         if name == "data":
             out["latents"] = latents_stage(st, family)

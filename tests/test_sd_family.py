@@ -76,7 +76,7 @@ def test_the_teacher_is_prompted_its_captions_change_the_prediction_and_drop_out
 
 def test_the_evaluation_says_the_clip_score_is_not_measured_without_clip_weights(ws):
     m = ws[2]["evaluate@teacher"]["metrics"]
-    assert m["clip_score"] is None and "sd.clip_weights" in m["clip_label"]
+    assert m["clip_score"] is None and "clip.weights" in m["clip_label"]
 
 
 def test_the_clip_score_of_the_samples_is_measured_against_their_captions(ws, tmp_path):
@@ -97,7 +97,7 @@ def test_the_clip_score_of_the_samples_is_measured_against_their_captions(ws, tm
     CLIPModel(cfg).save_pretrained(tmp_path / "clip")
     CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}),
                   tokenizer=tok).save_pretrained(tmp_path / "clip")
-    with_clip = dataclasses.replace(p, sd=dataclasses.replace(p.sd, clip_weights=str(tmp_path / "clip")))
+    with_clip = dataclasses.replace(p, clip=dataclasses.replace(p.clip, weights=str(tmp_path / "clip")))
     m = _run(with_clip, root, "evaluate", target="finetune")
     got = m["metrics"]
     den = load_target("sd", {"model": root / "models/finetune", "vae": root / "models/autoencoder",

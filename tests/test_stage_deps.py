@@ -189,3 +189,6 @@ def test_a_latent_family_workspace_has_latents_and_no_expert_stages(family: str)
     assert not any("experts" in d or "intervals" in d for s in specs.values() for d in s["deps"])
     for name in ("teacher", "taylor", "finetune", "dipgo", "evaluate@dipgo"):
         assert {"data/latents", "models/autoencoder"} | frozen <= set(specs[name]["deps"]), name
+    # the CLIP score is the text-to-image evaluation's: its weights re-evaluate, never retrain
+    assert ("clip" in specs["evaluate@teacher"]["params"]) == (family == "sd")
+    assert "clip" not in specs["teacher"]["params"]

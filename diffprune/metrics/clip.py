@@ -39,7 +39,7 @@ def _load(weights: str):
 
 
 def clip_score(images: torch.Tensor, prompts: Sequence[str], weights: str | Path | None,
-               setting: str = "sd.clip_weights") -> ClipResult:
+               setting: str = "clip.weights") -> ClipResult:
     """Mean CLIP score of ``images (N, 3, H, W)`` in [-1, 1] (grey ``(N, 1, H, W)`` repeated to RGB)
     against their ``prompts`` (N strings).
 

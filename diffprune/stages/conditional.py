@@ -1,4 +1,4 @@
-"""The stage bodies every conditional latent family shares (``stages/dit.py``, ``stages/sd.py``).
+"""The stage bodies every conditional latent family shares (``stages/dit.py``, ``sd.py``, ``ldm.py``).
 
 A family module supplies what differs (its model, its training call, its pruning function, its
 DiP-GO graph and its denoiser); these functions do the rest the same way for every family: the

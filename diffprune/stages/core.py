@@ -229,7 +229,7 @@ def run_evaluate(p: Params, root: Path, target: str = "teacher", progress: bool 
                                 sample_shape=loaded.sample_shape, reference=reference, device=device,
                                 progress=progress)
     if hasattr(loaded.denoiser, "prompts"):  # a text-to-image model: its samples against their prompts
-        clip = clip_score(samples, loaded.denoiser.prompts(len(samples)), p.sd.clip_weights)
+        clip = clip_score(samples, loaded.denoiser.prompts(len(samples)), p.clip.weights)
         metrics |= {"clip_score": clip.score, "clip_label": clip.label}
     floor = read_json(feats_dir / "floor.json")
     metrics["fid_floor"] = floor["fid_floor"]  # the scale beside every FID: floor ... noise (the best bad set)
