@@ -176,3 +176,27 @@ def test_a_macs_target_is_met_by_the_ratio_search_on_the_labelled_model(ws, tmp_
     assert met["target_met"] and abs(met["macs_ratio"] - 0.72) <= 0.02 * 0.72 and 0 < met["ratio_found"] < 1
     missed = searched(0.5)  # between two levels: the nearest one, and said so
     assert not missed["target_met"] and abs(missed["macs_ratio"] - 0.5) > 0.02 * 0.5
+
+
+def test_an_unconditional_latent_unet_trains_on_unlabelled_images_a_conditional_family_refuses_them(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from diffprune.config import ConfigError, load_params
+    from diffprune.models.checkpoint import load_model
+
+    folder = tmp_path / "flat"  # no class sub-folders: unlabelled
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(folder / f"{i}.png")
+    over = {**TINY, "data": {**TINY["data"], "source": str(folder), "max_images": 0},
+            "ldm": {"class_conditional": False}, "teacher": {**TINY["teacher"], "steps": 2, "checkpoint_every": 1},
+            "evaluate": {**TINY["evaluate"], "num_samples": 8, "batch_size": 8}}
+    p = load_params(None, over)
+    for name in ("data", "latents", "teacher"):
+        _run(p, tmp_path / "ws", name)
+    teacher = load_model(tmp_path / "ws/models/teacher")
+    assert teacher.config.num_class_embeds is None and teacher.config.in_channels == 4
+    with pytest.raises(ConfigError, match="unlabelled images, but teacher.family = 'sd' is class-conditional"):
+        _run(load_params(None, {**over, "teacher": {**over["teacher"], "family": "sd"}}), tmp_path / "ws", "latents")

@@ -34,6 +34,8 @@ AUTOENCODER = "models/autoencoder"
 # beside the VAE (the text encoder of sd), as ``fn(params, root, device) -> info``
 PRETRAINED_VAE: dict[str, Callable[[str, Any], Any]] = {}
 FROZEN_PARTS: dict[str, Callable[[Params, Path, Any], dict]] = {}
+# latent family -> whether its params need no labels (an unconditional latent UNet): its data may be unlabelled
+LABEL_FREE: dict[str, Callable[[Params], bool]] = {}
 
 
 def _vae(p: Params, images: torch.Tensor, device, progress: bool) -> tuple[Any, dict]:
@@ -61,7 +63,7 @@ def run_latents(p: Params, root: Path, progress: bool = True, **_: Any) -> dict:
                           f"(latent families: {', '.join(PRETRAINED_VAE)})")
     device = resolve_device(p.project.device)
     images, labels = load_split(safe_subpath(root, DATASET), "train")
-    if bool((labels < 0).any()):
+    if bool((labels < 0).any()) and not LABEL_FREE.get(p.teacher.family, lambda _: False)(p):
         raise ConfigError(f"data.source = {p.data.source!r}: unlabelled images, but teacher.family = "
                           f"{p.teacher.family!r} is class-conditional (give a folder with one sub-folder per class)")
     t0 = time.time()

@@ -23,7 +23,7 @@ from ..models.ldm import GuidedUNet, LabelConditioned, build_ldm_unet, ldm_call
 from ..targets import load_vae
 from . import conditional, safe_subpath, stage
 from .core import FAMILY_KINDS, FAMILY_PATHS, ProgressFn
-from .latent import AUTOENCODER, PRETRAINED_VAE, load_latents
+from .latent import AUTOENCODER, LABEL_FREE, PRETRAINED_VAE, load_latents
 
 FAMILY = "ldm"
 FAMILY_KINDS[FAMILY] = {"unet": "ldm", "dipgo": "ldm-dipgo"}  # no expert mixture of latent UNets yet
@@ -37,6 +37,7 @@ def _no_pretrained(name: str, device):
 
 
 PRETRAINED_VAE[FAMILY] = _no_pretrained
+LABEL_FREE[FAMILY] = lambda p: not p.ldm.class_conditional  # an unconditional latent DDPM needs no labels
 
 
 def _class_cycle(model, cond: dict, root: Path, device) -> ClassCycle:
