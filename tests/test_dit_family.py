@@ -167,3 +167,34 @@ def test_init_with_the_dit_preset_writes_a_dit_workspace(tmp_path):
     bad = subprocess.run([str(bin_), "init", str(tmp_path / "ws2"), "--data", "digits", "--preset", "../x"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--preset '../x'" in bad.stderr and not (tmp_path / "ws2").exists()
+
+
+def test_a_pretrained_dit_folder_runs_through_the_same_stages_and_samples_as_its_pipeline(tmp_path):
+    """teacher.pretrained (facebook/DiT-XL-2-256 online; here a tiny DiTPipeline of the same classes
+    saved locally, through the same loading code): the latents stage takes its VAE, the teacher stage
+    its transformer and scheduler, and the pipeline model samples DiTPipeline's images."""
+    from diffprune.config import load_params
+    from diffprune.models.dit import build_dit_pipeline, save_dit
+    from diffprune.models.unet import sampling_scheduler
+    from diffprune.sampling import sample
+    from diffprune.stages.core import target_paths
+    from diffprune.targets import load_target
+    from tests.rgb_folder import make_rgb_folder
+
+    pipe = build_dit_pipeline(seed=3)
+    folder = save_dit(pipe, tmp_path / "tiny-dit")
+    images = make_rgb_folder(tmp_path / "shapes", per_class=8, size=16)
+    p = load_params(None, {**TINY, "data": {"source": str(images), "channels": 3, "image_size": 16, "max_images": 0,
+                                            "ref_fraction": 0.25},
+                           "teacher": {**TINY["teacher"], "pretrained": str(folder)}})
+    for name in ("data", "latents", "teacher"):
+        _run(p, tmp_path / "ws", name)
+    assert "tiny-dit" in json.loads((tmp_path / "ws/data/latents/autoencoder.json").read_text())["source"]
+    m = load_target("dit", target_paths(tmp_path / "ws", "teacher", "dit"))
+    ours = sample(m.denoiser, sampling_scheduler(m.scheduler_config, "ddim"), num_images=3,
+                  sample_shape=m.sample_shape, steps=5, seed=2, batch_size=3)
+    pipe.scheduler = pipe.scheduler.from_config(sampling_scheduler(m.scheduler_config, "ddim").config)
+    img = pipe(class_labels=[0, 1, 2], num_inference_steps=5, guidance_scale=1.0,
+               generator=torch.Generator().manual_seed(2), output_type="np").images
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert ours.shape == (3, 16, 16, 3) and float(abs(img - ours).max()) < 1e-5

@@ -248,3 +248,35 @@ def test_a_macs_target_is_met_by_the_ratio_search_on_the_captioned_model(ws, tmp
     r = json.loads((tmp_path / "ws/models/taylor-report.json").read_text())
     assert abs(r["probe_macs_ratio"] - 0.7) <= 0.02 * 0.7 and 0 < r["ratio_found"] < 1
     assert abs(r["macs_ratio"] - 0.7) <= 0.05 * 0.7 and r["target_met"] == (abs(r["macs_ratio"] - 0.7) <= 0.02 * 0.7)
+
+
+def test_a_pretrained_stable_diffusion_folder_runs_through_the_same_stages_and_samples_as_its_pipeline(tmp_path):
+    """teacher.pretrained (a Hub id online; here a tiny StableDiffusionPipeline of the same classes
+    saved locally, through the same loading code): the latents stage takes its VAE and text encoder,
+    the teacher stage its UNet and scheduler, and the pipeline model samples the pipeline's images."""
+    from diffprune.config import load_params
+    from diffprune.models.sd import build_sd_pipeline, save_sd
+    from diffprune.models.unet import sampling_scheduler
+    from diffprune.sampling import sample
+    from diffprune.stages.core import target_paths
+    from diffprune.targets import load_target
+    from tests.rgb_folder import make_rgb_folder
+
+    pipe = build_sd_pipeline(seed=3)
+    folder = save_sd(pipe, tmp_path / "tiny-sd")
+    images = make_rgb_folder(tmp_path / "shapes", per_class=8, size=16)
+    p = load_params(None, {**TINY, "data": {"source": str(images), "channels": 3, "image_size": 16, "max_images": 0,
+                                            "ref_fraction": 0.25},
+                           "teacher": {**TINY["teacher"], "pretrained": str(folder)}})
+    for name in ("data", "latents", "teacher"):
+        out = _run(p, tmp_path / "ws", name)
+    assert "tiny-sd" in json.loads((tmp_path / "ws/data/latents/autoencoder.json").read_text())["source"]
+    m = load_target("sd", target_paths(tmp_path / "ws", "teacher", "sd"))
+    assert torch.equal(m.modules[0].conv_in.weight, pipe.unet.conv_in.weight) and out["teacher"]
+    captions = m.denoiser.prompts(3)  # the shapes' 3 classes: "a handwritten 0" .. "a handwritten 2"
+    ours = sample(m.denoiser, sampling_scheduler(m.scheduler_config, "ddim"), num_images=3,
+                  sample_shape=m.sample_shape, steps=5, seed=2, batch_size=3)
+    pipe.scheduler = pipe.scheduler.from_config(sampling_scheduler(m.scheduler_config, "ddim").config)
+    img = pipe(prompt=captions, num_inference_steps=5, guidance_scale=1.0, generator=torch.Generator().manual_seed(2),
+               output_type="pt").images
+    assert ours.shape == (3, 3, 16, 16) and float((img - (ours / 2 + 0.5).clamp(0, 1)).abs().max()) < 1e-5
