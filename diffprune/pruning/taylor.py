@@ -356,15 +356,27 @@ def search_ratio(model: UNet2DModel, images: torch.Tensor, cfg: TaylorConfig, ta
         images: ``(N, C, H, W)`` in [-1, 1]; one image suffices (it only traces the graph).
         target: kept MACs fraction in (0, 1).
     """
+    probe_cfg = dataclasses.replace(cfg, importance="magnitude", batch_size=1)
+
+    def macs_at(ratio: float) -> float:
+        rep = prune_unet(model, None, images[:1], dataclasses.replace(probe_cfg, ratio=ratio), device=device)[1]
+        return rep["macs_after"] / rep["macs_before"]
+
+    return bisect_ratio(macs_at, target, tolerance=tolerance, iters=iters)
+
+
+def bisect_ratio(macs_at: Callable[[float], float], target: float, *, tolerance: float = 0.02,
+                 iters: int = 14) -> RatioSearch:
+    """Bisect the channel ratio in (0, 0.99) until ``macs_at(ratio)`` (pruned / teacher MACs, a
+    :class:`PruningError` for a ratio that leaves nothing consistent) is within ``tolerance``
+    (relative) of ``target``; the closest probe, ``within`` saying whether it met the tolerance."""
     if not 0.0 < target < 1.0:
         raise ConfigError(f"taylor.target_macs_ratio = {target!r}: must be in (0, 1)")
-    probe_cfg = dataclasses.replace(cfg, importance="magnitude", batch_size=1)
     lo, hi, best = 0.0, 0.99, None
     for _ in range(iters):
         mid = round(0.5 * (lo + hi), 6)
         try:
-            rep = prune_unet(model, None, images[:1], dataclasses.replace(probe_cfg, ratio=mid), device=device)[1]
-            got = rep["macs_after"] / rep["macs_before"]
+            got = macs_at(mid)
         except PruningError:  # nothing consistent left at this ratio: prune less
             got = 0.0
         if best is None or abs(got - target) < abs(best[1] - target):

@@ -32,9 +32,23 @@ MACS_TOLERANCE = 0.02  # taylor.target_macs_ratio is met within 2% (relative), a
 
 PruneFn = Callable[[Any, Any, torch.Tensor, torch.Tensor, Any], tuple[Any, dict]]
 """``prune(teacher, train_scheduler, latents, labels, taylor_cfg) -> (pruned, report)`` (a family's Diff-Pruning)."""
-Probe = Callable[[Any, torch.Tensor], Any]
-"""``probe(teacher, labels) -> net``: what :func:`~diffprune.pruning.taylor.search_ratio` prunes to
-find the channel ratio of ``taylor.target_macs_ratio`` (the teacher with its conditions bound)."""
+MacsAt = Callable[[Any, torch.Tensor, torch.Tensor, float], float]
+"""``macs_at(teacher, latents (1, ...), labels (1,), ratio) -> pruned / teacher MACs`` of a magnitude
+probe at ``ratio``: what the search for ``taylor.target_macs_ratio`` bisects (a family's own pruning)."""
+
+
+def unet_macs_at(bind: Callable[[Any, torch.Tensor], Any]) -> MacsAt:
+    """:data:`MacsAt` of a UNet family pruned by :func:`~diffprune.pruning.taylor.prune_unet` on
+    ``bind(teacher, labels)`` (the teacher with its conditions bound: captions, labels)."""
+    def macs_at(teacher, latents: torch.Tensor, labels: torch.Tensor, ratio: float) -> float:
+        from ..config import TaylorConfig
+        from ..pruning.taylor import prune_unet
+
+        cfg = TaylorConfig(importance="magnitude", batch_size=1, ratio=ratio)
+        rep = prune_unet(bind(teacher, labels), None, latents, cfg, device=latents.device)[1]
+        return rep["macs_after"] / rep["macs_before"]
+
+    return macs_at
 
 
 def latent_shape(model) -> tuple[int, int, int]:
@@ -57,18 +71,18 @@ def save_teacher(p: Params, root: Path, family: str, model, scheduler_config: di
     return {"teacher": str(out), "seconds": meta.get("train_seconds")}
 
 
-def prune(p: Params, root: Path, family: str, fn: PruneFn, probe: Probe | None = None) -> dict:
+def prune(p: Params, root: Path, family: str, fn: PruneFn, macs_at: MacsAt | None = None) -> dict:
     """Diff-Pruning of the family's teacher on its latents (``fn``), at ``taylor.ratio`` or at the
-    ratio whose MACs meet ``taylor.target_macs_ratio`` (searched on ``probe``, recorded as
+    ratio whose MACs meet ``taylor.target_macs_ratio`` (bisected on ``macs_at``, recorded as
     ``ratio_found``); writes models/taylor and models/taylor-report.json."""
     import dataclasses
 
     from diffusers import DDPMScheduler
 
-    from ..pruning.taylor import search_ratio
+    from ..pruning.taylor import bisect_ratio
 
     cfg, search = p.taylor, {}
-    if cfg.target_macs_ratio is not None and probe is None:
+    if cfg.target_macs_ratio is not None and macs_at is None:
         raise ConfigError(f"taylor.target_macs_ratio = {cfg.target_macs_ratio!r}: the ratio search is not "
                           f"implemented for teacher.family = {family!r} yet; set taylor.ratio instead")
     device = resolve_device(p.project.device)
@@ -76,8 +90,8 @@ def prune(p: Params, root: Path, family: str, fn: PruneFn, probe: Probe | None =
     teacher = load_model(teacher_dir, device)
     latents, labels = (v.to(device) for v in load_latents(root))
     scheduler = DDPMScheduler.from_config(load_scheduler_config(teacher_dir))
-    if probe is not None and cfg.target_macs_ratio is not None:  # bisect the ratio to the MACs target (2%)
-        found = search_ratio(probe(teacher, labels[:1]), latents[:1], cfg, cfg.target_macs_ratio, device=device)
+    if macs_at is not None and cfg.target_macs_ratio is not None:  # bisect the ratio to the MACs target (2%)
+        found = bisect_ratio(lambda r: macs_at(teacher, latents[:1], labels[:1], r), cfg.target_macs_ratio)
         cfg = dataclasses.replace(cfg, ratio=found.ratio)
         search = {"target_macs_ratio": found.target, "ratio_found": found.ratio, "target_met": found.within}
     pruned, report = fn(teacher, scheduler, latents, labels, cfg)

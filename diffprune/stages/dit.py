@@ -12,6 +12,7 @@ have no DiT version yet: a DiT workspace's ``dvc.yaml`` leaves them out (:data:`
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -76,11 +77,17 @@ def run_teacher(p: Params, root: Path, progress: bool = True, on_progress: Progr
 
 @stage("taylor", family=FAMILY)
 def run_taylor(p: Params, root: Path, **_: Any) -> dict:
-    """Diff-Pruning of the DiT (:func:`diffprune.pruning.dit_taylor.prune_dit`): ``taylor.ratio`` of every
-    block's attention heads and MLP hidden channels; writes models/taylor."""
+    """Diff-Pruning of the DiT (:func:`diffprune.pruning.dit_taylor.prune_dit`): ``taylor.ratio`` (or the
+    ratio meeting ``taylor.target_macs_ratio``) of every block's attention heads and MLP hidden
+    channels; writes models/taylor."""
     from ..pruning.dit_taylor import prune_dit
 
-    return conditional.prune(p, root, FAMILY, prune_dit)  # no ratio search (taylor.target_macs_ratio) yet
+    def macs_at(teacher, latents, labels, ratio: float) -> float:  # every block cut alike: the ratio alone decides
+        cfg = dataclasses.replace(p.taylor, importance="magnitude", batch_size=1, ratio=ratio, target_macs_ratio=None)
+        rep = prune_dit(teacher, None, latents, labels, cfg)[1]
+        return rep["macs_after"] / rep["macs_before"]
+
+    return conditional.prune(p, root, FAMILY, prune_dit, macs_at=macs_at)
 
 
 @stage("finetune", family=FAMILY)

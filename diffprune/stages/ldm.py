@@ -87,7 +87,7 @@ def run_taylor(p: Params, root: Path, **_: Any) -> dict:
         wrapped, report = prune_unet(LabelConditioned(model, labels[rows]), scheduler, latents, cfg, device=device)
         return wrapped.unet, report
 
-    return conditional.prune(p, root, FAMILY, prune, probe=LabelConditioned)
+    return conditional.prune(p, root, FAMILY, prune, macs_at=conditional.unet_macs_at(LabelConditioned))
 
 
 @stage("finetune", family=FAMILY)

@@ -128,7 +128,7 @@ def run_taylor(p: Params, root: Path, **_: Any) -> dict:
     table = caption_table(root, _teacher_captions(root), device)
     return conditional.prune(
         p, root, FAMILY, lambda m, s, x, y, cfg: prune_sd_unet(m, s, x, table.cond.to(device)[y], cfg, device=device),
-        probe=lambda m, y: TextConditioned(m, table.cond.to(device)[y]))
+        macs_at=conditional.unet_macs_at(lambda m, y: TextConditioned(m, table.cond.to(device)[y])))
 
 
 @stage("finetune", family=FAMILY)
