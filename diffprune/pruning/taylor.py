@@ -39,6 +39,7 @@ from ..metrics.cost import num_parameters, unet_macs
 from ..sampling import predict
 from ..training import TrainSpec, denoising_loss
 from .groupnorm import GroupwisePruner, ReferenceTaylorImportance, head_plan
+from .ratio import RatioSearch, bisect_ratio  # noqa: F401  (part of this module's API)
 from .surgery import PruningError, check_pruned, repair_attributes
 
 __all__ = ["IMPORTANCES", "PruningError", "GradientTrace", "accumulate_timestep_gradients", "timestep_loss",
@@ -334,16 +335,6 @@ def prune_unet(
         "macs_before": macs_before, "macs_after": unet_macs(student, sample_shape)}
 
 
-@dataclass(frozen=True)
-class RatioSearch:
-    """What :func:`search_ratio` found: the channel ``ratio``, its ``macs_ratio``, ``within`` tolerance."""
-
-    ratio: float
-    macs_ratio: float
-    target: float
-    within: bool
-
-
 def search_ratio(model: UNet2DModel, images: torch.Tensor, cfg: TaylorConfig, target: float, *,
                  tolerance: float = 0.02, iters: int = 14, device: str | torch.device = "cpu") -> RatioSearch:
     """Bisect the channel ratio until pruned / teacher MACs is within ``tolerance`` (relative) of ``target``.
@@ -363,29 +354,6 @@ def search_ratio(model: UNet2DModel, images: torch.Tensor, cfg: TaylorConfig, ta
         return rep["macs_after"] / rep["macs_before"]
 
     return bisect_ratio(macs_at, target, tolerance=tolerance, iters=iters)
-
-
-def bisect_ratio(macs_at: Callable[[float], float], target: float, *, tolerance: float = 0.02,
-                 iters: int = 14) -> RatioSearch:
-    """Bisect the channel ratio in (0, 0.99) until ``macs_at(ratio)`` (pruned / teacher MACs, a
-    :class:`PruningError` for a ratio that leaves nothing consistent) is within ``tolerance``
-    (relative) of ``target``; the closest probe, ``within`` saying whether it met the tolerance."""
-    if not 0.0 < target < 1.0:
-        raise ConfigError(f"taylor.target_macs_ratio = {target!r}: must be in (0, 1)")
-    lo, hi, best = 0.0, 0.99, None
-    for _ in range(iters):
-        mid = round(0.5 * (lo + hi), 6)
-        try:
-            got = macs_at(mid)
-        except PruningError:  # nothing consistent left at this ratio: prune less
-            got = 0.0
-        if best is None or abs(got - target) < abs(best[1] - target):
-            best = (mid, got)
-        if abs(got - target) <= tolerance * target:
-            break
-        lo, hi = (mid, hi) if got > target else (lo, mid)
-    assert best is not None
-    return RatioSearch(best[0], best[1], target, abs(best[1] - target) <= tolerance * target)
 
 
 def finetune_spec(cfg: FinetuneConfig, teacher_steps: int) -> TrainSpec:
