@@ -29,7 +29,7 @@ from torch import nn
 from ...models.dit import GuidedDiT
 from .graph import OUTPUT, BlockGraph, BlockOutputs, RunBlock
 from .schedule import Schedule, schedule_macs
-from .supernet import SkipScheduleDenoiser
+from .supernet import ScheduledCall
 
 
 class DiTGraph(BlockGraph):
@@ -98,7 +98,7 @@ class _ResidualHook(ModelHook):
         return h + result[0]  # reused (or mixed by soft gates): the update on the current stream
 
 
-class SkipScheduleDiT(GuidedDiT):
+class SkipScheduleDiT(ScheduledCall, GuidedDiT):
     """:class:`GuidedDiT` running a skip :class:`Schedule` over the transformer blocks with real savings.
 
     Args:
@@ -110,18 +110,7 @@ class SkipScheduleDiT(GuidedDiT):
     def __init__(self, transformer: DiTTransformer2DModel, schedule: Schedule,
                  class_labels: Sequence[int] | torch.Tensor, guidance_scale: float = 1.0) -> None:
         super().__init__(transformer, class_labels, guidance_scale, call=self._gated)
-        self.graph = DiTGraph(transformer)
-        self.skip = SkipScheduleDenoiser(self.graph, schedule)  # the schedule check, length check and cache
-        self.schedule = schedule
-
-    def start(self, num_steps: int) -> None:
-        """Called by the trajectory loop: check the length, drop the backups."""
-        self.skip.start(num_steps)
-
-    @torch.no_grad()
-    def _gated(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-        with self.graph.conditioned(y):
-            return self.skip.runner.step_hard(x, t, self.schedule.keep[step])
+        self._schedule_over(DiTGraph(transformer), schedule)
 
 
 def guided_schedule_macs(transformer: DiTTransformer2DModel, schedule: Schedule, guidance_scale: float,

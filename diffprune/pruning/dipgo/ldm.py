@@ -19,10 +19,10 @@ from ...models.ldm import GuidedUNet
 from .conditioned import ConditionedGraph
 from .graph import UNet2DGraph
 from .schedule import Schedule
-from .supernet import SkipScheduleDenoiser
+from .supernet import ScheduledCall
 
 
-class SkipScheduleGuidedUNet(GuidedUNet):
+class SkipScheduleGuidedUNet(ScheduledCall, GuidedUNet):
     """:class:`GuidedUNet` running a skip :class:`Schedule` over the UNet's blocks with real savings.
 
     Args:
@@ -34,18 +34,7 @@ class SkipScheduleGuidedUNet(GuidedUNet):
     def __init__(self, unet: UNet2DModel, schedule: Schedule, class_labels: Sequence[int] | torch.Tensor,
                  guidance_scale: float = 1.0) -> None:
         super().__init__(unet, class_labels, guidance_scale, call=self._gated)
-        self.graph = UNet2DGraph(unet)
-        self.skip = SkipScheduleDenoiser(self.graph, schedule)  # the schedule check, length check and cache
-        self.schedule = schedule
-
-    def start(self, num_steps: int) -> None:
-        """Called by the trajectory loop: check the length, drop the backups."""
-        self.skip.start(num_steps)
-
-    @torch.no_grad()
-    def _gated(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-        with self.graph.conditioned(y):
-            return self.skip.runner.step_hard(x, t, self.schedule.keep[step])
+        self._schedule_over(UNet2DGraph(unet), schedule)
 
 
 def ldm_conditioned(unet: UNet2DModel, num_classes: int, guidance_scale: float,

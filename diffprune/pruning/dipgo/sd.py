@@ -22,7 +22,7 @@ from diffusers import UNet2DConditionModel
 from ...models.sd import TOKENS, GuidedSD
 from .graph import UNet2DGraph
 from .schedule import Schedule, schedule_macs
-from .supernet import SkipScheduleDenoiser
+from .supernet import ScheduledCall
 
 
 class SDUNetGraph(UNet2DGraph):
@@ -51,7 +51,7 @@ class SDUNetGraph(UNet2DGraph):
         return self.model(x, t, encoder_hidden_states=text, return_dict=False)[0]
 
 
-class SkipScheduleSD(GuidedSD):
+class SkipScheduleSD(ScheduledCall, GuidedSD):
     """:class:`GuidedSD` running a skip :class:`Schedule` over the UNet's blocks with real savings.
 
     Args:
@@ -63,18 +63,7 @@ class SkipScheduleSD(GuidedSD):
     def __init__(self, unet: UNet2DConditionModel, schedule: Schedule, text: torch.Tensor,
                  guidance_scale: float = 1.0) -> None:
         super().__init__(unet, text, guidance_scale, call=self._gated)
-        self.graph = SDUNetGraph(unet, tokens=text.shape[1])
-        self.skip = SkipScheduleDenoiser(self.graph, schedule)  # the schedule check, length check and cache
-        self.schedule = schedule
-
-    def start(self, num_steps: int) -> None:
-        """Called by the trajectory loop: check the length, drop the backups."""
-        self.skip.start(num_steps)
-
-    @torch.no_grad()
-    def _gated(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, step: int) -> torch.Tensor:
-        with self.graph.conditioned(text):
-            return self.skip.runner.step_hard(x, t, self.schedule.keep[step])
+        self._schedule_over(SDUNetGraph(unet, tokens=text.shape[1]), schedule)
 
 
 def guided_sd_schedule_macs(unet: UNet2DConditionModel, schedule: Schedule, guidance_scale: float,

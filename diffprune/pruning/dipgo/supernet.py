@@ -165,3 +165,24 @@ class SkipScheduleDenoiser:
         if step == 0:
             self.reset()
         return self.runner.step_hard(x, t, self.schedule.keep[step])
+
+
+class ScheduledCall:
+    """The model call of a guided conditional denoiser (``GuidedDiT``, ``GuidedSD``, ``GuidedUNet``)
+    replaced by a skip :class:`Schedule`'s gated step over ``graph``, each row's condition (labels,
+    text) passed through the cache. A subclass passes ``call=self._gated`` to its guided base and
+    then calls :meth:`_schedule_over`."""
+
+    def _schedule_over(self, graph: BlockGraph, schedule: Schedule) -> None:
+        self.graph = graph
+        self.skip = SkipScheduleDenoiser(graph, schedule)  # the schedule check, length check and cache
+        self.schedule = schedule
+
+    def start(self, num_steps: int) -> None:
+        """Called by the trajectory loop: check the length, drop the backups."""
+        self.skip.start(num_steps)
+
+    @torch.no_grad()
+    def _gated(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, step: int) -> torch.Tensor:
+        with self.graph.conditioned(cond):
+            return self.skip.runner.step_hard(x, t, self.schedule.keep[step])
