@@ -136,3 +136,26 @@ def make_project(root: Path, overrides: dict | None = None, stages: bool = True,
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return make_project(tmp_path / "proj")
+
+
+# ----------------------------------------------------------------------------- the latent families
+
+# the stages a latent family's test workspace runs (tests/test_{dit,sd,ldm}_family.py), in order
+LATENT_STAGES = ("data", "latents", "features", "teacher", "evaluate@teacher", "dipgo", "evaluate@dipgo", "taylor",
+                 "finetune", "evaluate@finetune")
+
+
+def run_stage(p, root: Path, name: str, **kwargs) -> dict:
+    """Stage ``name`` (or ``evaluate@TARGET``) of ``p.teacher.family``, quietly."""
+    from diffprune.stages import get_stage
+
+    base, _, target = name.partition("@")
+    return get_stage(base)(p, root, progress=False, **({"target": target} if target else {}), **kwargs)
+
+
+def latent_workspace(root: Path, overrides: dict) -> tuple:
+    """``(params, root, {stage: result})`` after :data:`LATENT_STAGES` under ``root``."""
+    from diffprune.config import load_params
+
+    p = load_params(None, overrides)
+    return p, root, {name: run_stage(p, root, name) for name in LATENT_STAGES}

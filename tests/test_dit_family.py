@@ -10,7 +10,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-from tests.conftest import TINY_PARAMS
+from tests.conftest import TINY_PARAMS, latent_workspace, run_stage
 
 # the shared tiny config (240 digits, a 2-epoch feature net, 4 DDIM steps) with a 4-block DiT on its VAE
 TINY = {**TINY_PARAMS,
@@ -20,24 +20,12 @@ TINY = {**TINY_PARAMS,
         "evaluate": {**TINY_PARAMS["evaluate"], "num_samples": 20, "batch_size": 20}}
 
 
-def _run(p, root, name, **kw):
-    from diffprune.stages import get_stage
-
-    return get_stage(name)(p, root, progress=False, **kw)
+_run = run_stage
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from diffprune.config import load_params
-
-    root = tmp_path_factory.mktemp("dit-ws")
-    p = load_params(None, TINY)
-    out = {}
-    for name, kw in [("data", {}), ("latents", {}), ("features", {}), ("teacher", {}),
-                     ("evaluate", {"target": "teacher"}), ("dipgo", {}), ("evaluate", {"target": "dipgo"}),
-                     ("taylor", {}), ("finetune", {}), ("evaluate", {"target": "finetune"})]:
-        out[name + (f"@{kw['target']}" if kw else "")] = _run(p, root, name, **kw)
-    return p, root, out
+    return latent_workspace(tmp_path_factory.mktemp("dit-ws"), TINY)
 
 
 def test_latents_are_encoded_once_with_labels_and_a_safetensors_vae(ws):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_PARAMS
+from tests.conftest import TINY_PARAMS, latent_workspace, run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,24 +22,12 @@ TINY = {**TINY_PARAMS,
         "evaluate": {**TINY_PARAMS["evaluate"], "num_samples": 20, "batch_size": 20}}
 
 
-def _run(p, root, name, **kw):
-    from diffprune.stages import get_stage
-
-    return get_stage(name)(p, root, progress=False, **kw)
+_run = run_stage
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from diffprune.config import load_params
-
-    root = tmp_path_factory.mktemp("ldm-ws")
-    p = load_params(None, TINY)
-    out = {}
-    for name, kw in [("data", {}), ("latents", {}), ("features", {}), ("teacher", {}),
-                     ("evaluate", {"target": "teacher"}), ("dipgo", {}), ("evaluate", {"target": "dipgo"}),
-                     ("taylor", {}), ("finetune", {}), ("evaluate", {"target": "finetune"})]:
-        out[name + (f"@{kw['target']}" if kw else "")] = _run(p, root, name, **kw)
-    return p, root, out
+    return latent_workspace(tmp_path_factory.mktemp("ldm-ws"), TINY)
 
 
 def test_the_teacher_is_class_conditional_with_a_null_class_and_guidance_doubles_its_macs(ws):
