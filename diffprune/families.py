@@ -24,16 +24,23 @@ LATENT_OUTS = ("data/latents", "models/autoencoder")
 # as NAME or NAME@ITEM of a foreach stage
 _NO_EXPERTS = ("intervals", "experts", "router", "prune-experts", "stack", "evaluate@experts", "register@experts",
                "evaluate@stack", "register@stack")
-UNSUPPORTED: dict[str, tuple[str, ...]] = {"unet": (), "dit": _NO_EXPERTS, "sd": _NO_EXPERTS, "ldm": _NO_EXPERTS}
+_NO_STACK = ("stack", "evaluate@stack", "register@stack")
+UNSUPPORTED: dict[str, tuple[str, ...]] = {"unet": (), "dit": _NO_EXPERTS, "sd": _NO_EXPERTS, "ldm": _NO_STACK}
 # family -> its stage modules, a dep of every stage it overrides or that reads the latents
 _LATENT_CODE = ["diffprune/stages/conditional.py", "diffprune/stages/latent.py", "diffprune/stages/taylor.py",
                 "diffprune/stages/dipgo.py"]
 FAMILY_CODE = {"dit": ["diffprune/stages/dit.py", *_LATENT_CODE],
                "sd": ["diffprune/stages/sd.py", "diffprune/stages/dit.py", *_LATENT_CODE],
                "ldm": ["diffprune/stages/ldm.py", *_LATENT_CODE]}
+# family -> the module that gives the timestep-expert stages its data (a dep of those stages only)
+EXPERT_CODE = {"ldm": ["diffprune/stages/ldm_experts.py"]}
 # family -> the frozen parts its latents stage writes beside the VAE (stages/sd.py TEXT_ENCODER)
 FROZEN_OUTS = {"dit": (), "sd": ("models/text-encoder",), "ldm": ()}
 READS_LATENTS = ("teacher", "taylor", "finetune", "dipgo", "evaluate", "register")
+# the timestep-expert stages: they read the latents too where a family has them (ldm); the two that
+# train take the family's section (its label dropout)
+EXPERT_STAGES = ("intervals", "experts", "router", "prune-experts")
+TRAINS_ON_LATENTS = ("teacher", "experts", "prune-experts")
 
 
 def preset_path(name: str, top: Path) -> Path:
@@ -120,9 +127,10 @@ def family_dvc(doc: dict[str, Any], family: str) -> dict[str, Any]:
             st["foreach"] = {k: v for k, v in st["foreach"].items() if f"{name}@{k}" not in drop}
         body = st["do"] if "foreach" in st else st
         body["deps"] = [d for d in body.get("deps") or [] if not _refers(next(iter(d)) if isinstance(d, dict) else d, gone)]
-        if name in READS_LATENTS:
-            body["deps"] = [*LATENT_OUTS, *FROZEN_OUTS[family], *body["deps"], *FAMILY_CODE[family]]
-            if name == "teacher":
+        if name in READS_LATENTS or name in EXPERT_STAGES:
+            body["deps"] = [*LATENT_OUTS, *FROZEN_OUTS[family], *body["deps"], *FAMILY_CODE[family],
+                            *(EXPERT_CODE.get(family, []) if name in EXPERT_STAGES else [])]
+            if name in TRAINS_ON_LATENTS:
                 body["params"] = [*body.get("params", []), family]
             if name == "evaluate" and FROZEN_OUTS[family]:  # a text-to-image family's CLIP score
                 body["params"] = [*body.get("params", []), "clip"]

@@ -146,14 +146,27 @@ def _sd(paths: dict[str, Path], device, schedule: bool = False) -> Loaded:
                   load_scheduler_config(paths["model"]), _shape(model))
 
 
-def _ldm(paths: dict[str, Path], device, schedule: bool = False) -> Loaded:
-    """A latent UNet (plain, or running a DiP-GO skip schedule) sampling a balanced class cycle."""
+def _ldm(paths: dict[str, Path], device, schedule: bool = False, experts: bool = False) -> Loaded:
+    """A latent UNet (plain, running a DiP-GO skip schedule, or a mixture of timestep experts, each
+    step's call routed to the expert of its interval) sampling a balanced class cycle."""
     from .models.dit import ClassCycle
-    from .models.ldm import GuidedUNet
+    from .models.ldm import GuidedUNet, unet_forward
 
     model = load_model(paths["model"], device)
     cond = conditioning(paths["model"])
     labels = list(range(int(cond["num_classes"])))
+    if experts:
+        from .pruning.experts import ExpertMixtureModel
+
+        if not isinstance(model, ExpertMixtureModel):
+            from .io import ArtifactError
+
+            raise ArtifactError(f"{paths['model']}: holds a {type(model).__name__}, not an ExpertMixtureModel")
+        nets = list(model.experts)
+        guided = GuidedUNet(nets[0], labels, cond["guidance_scale"],
+                            call=lambda x, t, y, step: unet_forward(model.expert_for(t), x, t, y))
+        return Loaded(ClassCycle(guided, len(labels), load_vae(paths["vae"], device)), nets,
+                      load_scheduler_config(paths["model"]), _shape(nets[0]))
     if schedule:
         from .pruning.dipgo import Schedule
         from .pruning.dipgo.ldm import SkipScheduleGuidedUNet
@@ -171,6 +184,7 @@ KINDS: dict[str, Callable[[dict[str, Path], object], Loaded]] = {
     "dit": _dit, "dit-dipgo": lambda paths, device: _dit(paths, device, schedule=True),
     "sd": _sd, "sd-dipgo": lambda paths, device: _sd(paths, device, schedule=True),
     "ldm": _ldm, "ldm-dipgo": lambda paths, device: _ldm(paths, device, schedule=True),
+    "ldm-experts": lambda paths, device: _ldm(paths, device, experts=True),
 }
 
 

@@ -261,15 +261,40 @@ def _bind(call: ConditionalCall, model: nn.Module, c: torch.Tensor) -> Predictor
     return lambda x, t: call(model, x, t, c)
 
 
-def random_batch(images: torch.Tensor, batch_size: int, t_min: int, t_max: int, gen: torch.Generator,
-                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``batch_size`` images drawn with replacement from ``images (N, C, H, W)``, their noise and
-    timesteps ``t ~ U[t_min, t_max)``, all from ``gen``: ``(x0 (B, C, H, W), noise (B, C, H, W), t (B,))``."""
+@dataclass(frozen=True)
+class Conditions:
+    """One condition per training image (class labels, text embeddings) and the call that feeds a
+    batch of them to a model: what a conditional family's data adds to its images, for the code that
+    draws its own batches (the timestep-expert stages)."""
+
+    values: torch.Tensor
+    call: ConditionalCall
+
+    def bind(self, model: nn.Module, idx: torch.Tensor) -> Predictor:
+        """``(x_t, t) -> prediction`` of ``model`` with rows ``idx`` of the conditions."""
+        return _bind(self.call, model, self.values[idx.to(self.values.device)])
+
+
+def conditioned(model: nn.Module, conditions: Optional[Conditions], idx: torch.Tensor) -> Predictor:
+    """``model`` itself without conditions, else the model with rows ``idx`` of them bound."""
+    return model if conditions is None else conditions.bind(model, idx)
+
+
+def random_rows(images: torch.Tensor, batch_size: int, t_min: int, t_max: int, gen: torch.Generator,
+                device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`random_batch` and the rows it drew ``idx (B,)`` (their conditions go with them)."""
     idx = torch.randint(0, images.shape[0], (batch_size,), generator=gen)
     x0 = images[idx].to(device)
     noise = torch.randn(x0.shape, generator=gen).to(device)
     t = torch.randint(t_min, t_max, (batch_size,), generator=gen).to(device)
-    return x0, noise, t
+    return x0, noise, t, idx
+
+
+def random_batch(images: torch.Tensor, batch_size: int, t_min: int, t_max: int, gen: torch.Generator,
+                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``batch_size`` images drawn with replacement from ``images (N, C, H, W)``, their noise and
+    timesteps ``t ~ U[t_min, t_max)``, all from ``gen``: ``(x0 (B, C, H, W), noise (B, C, H, W), t (B,))``."""
+    return random_rows(images, batch_size, t_min, t_max, gen, device)[:3]
 
 
 class _Batches:

@@ -131,18 +131,67 @@ def test_an_unconditional_latent_unet_takes_no_labels_and_refuses_guidance():
         GuidedUNet(unet, [0, 0], 2.0)
 
 
-def test_the_expert_stages_refuse_the_ldm_family_and_a_pretrained_ldm_is_refused_by_name(ws, tmp_path):
+def test_a_pretrained_ldm_is_refused_by_name(ws, tmp_path):
     import dataclasses
 
     from diffprune.config import ConfigError
 
     p, root, _ = ws
-    with pytest.raises(ConfigError, match="stage experts: not available for teacher.family = 'ldm'"):
-        _run(p, root, "experts")
     bad = dataclasses.replace(p, teacher=dataclasses.replace(p.teacher, pretrained=str(tmp_path / "some-unet")))
     with pytest.raises(ConfigError, match="a pretrained latent UNet is not supported"):
         _run(bad, root, "teacher")
 
+
+def test_timestep_experts_on_the_labelled_latents_counted_macs_equal_the_router_and_the_mixture_registers(
+        ws, monkeypatch, tmp_path):
+    """intervals -> experts -> router -> prune-experts on the latents, each row with its label; the
+    mixture's counted MACs are the router's, and its registered MLflow model samples the library's
+    images in a fresh process."""
+    import os
+
+    import mlflow
+    import numpy as np
+
+    from diffprune.models.unet import sampling_scheduler
+    from diffprune.sampling import sample
+    from diffprune.targets import load_target
+
+    p, root, _ = ws
+    for name in ("intervals", "experts", "router", "prune-experts"):
+        _run(p, root, name)
+    router = json.loads((root / "models/experts/router/router.json").read_text())
+    summary = json.loads((root / "models/experts/summary.json").read_text())
+    assert summary["macs_per_expert"] == router["macs_per_expert"] and summary["trajectory_macs_ratio"] < 1.0
+    paths = {"model": root / "models/experts/mixture", "vae": root / "models/autoencoder"}
+    m = load_target("ldm-experts", paths)
+    sched = sampling_scheduler(m.scheduler_config, "ddim")
+    # the evaluation counts every step's call at its expert's MACs, as the router budgeted them (x2: guided)
+    out = _run(p, root, "evaluate@experts")
+    traj = sum(mc * n for mc, n in zip(router["macs_per_expert"], router["steps_per_expert"]))
+    assert out["metrics"]["trajectory_macs"] == 2 * traj and out["metrics"]["macs_ratio_vs_teacher"] < 1.0
+    # the labels reach the experts: another class, another prediction
+    g = m.denoiser.guided
+    x, t = torch.randn(2, *m.sample_shape), torch.tensor([900, 900])
+    with torch.no_grad():
+        a, b = g._call(x, t, torch.tensor([0, 0]), 0), g._call(x, t, torch.tensor([1, 1]), 0)
+    assert not torch.allclose(a, b)
+    # registered in MLflow, the mixture samples the library's images in a fresh process
+    for var in ("MLFLOW_TRACKING_URI", "DIFFPRUNE_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    info = _run(p, root, "register", target="experts")
+    code = """
+import sys, numpy, mlflow.pyfunc
+numpy.save(sys.argv[2], mlflow.pyfunc.load_model(sys.argv[1], model_config={'device': 'cpu'}).predict(
+    {'num_images': 3, 'seed': 5}))
+assert "diffprune.stages" not in sys.modules
+"""
+    env = os.environ | {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code, info["model_uri"], str(tmp_path / "images.npy")], env=env,
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    x = sample(m.denoiser, sched, num_images=3, sample_shape=m.sample_shape, steps=p.evaluate.steps, seed=5)
+    want = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), want)
 
 
 def test_a_macs_target_is_met_by_the_ratio_search_on_the_labelled_model(ws, tmp_path):

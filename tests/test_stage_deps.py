@@ -179,14 +179,26 @@ def test_a_latent_family_workspace_stage_deps_cover_the_family_code(family: str,
     assert not missing, f"the {family} workspace's stage {name} runs code it does not list in deps: {missing}"
 
 
+EXPERT_SPECS = ("intervals", "experts", "router", "prune-experts", "evaluate@experts", "register@experts")
+
+
 @pytest.mark.parametrize("family", list(LATENT_SPECS))
-def test_a_latent_family_workspace_has_latents_and_no_expert_stages(family: str) -> None:
+def test_a_latent_family_workspace_has_latents_and_expert_stages_where_the_family_has_them(family: str) -> None:
     specs = LATENT_SPECS[family]
     frozen = {"sd": {"models/text-encoder"}}.get(family, set())
     assert "latents" in specs and list(specs).index("latents") == 1
     assert frozen <= set(specs["latents"]["outs"])
-    assert not {"intervals", "experts", "router", "prune-experts", "evaluate@experts", "register@experts"} & set(specs)
-    assert not any("experts" in d or "intervals" in d for s in specs.values() for d in s["deps"])
+    assert "stack" not in specs
+    if family != "ldm":
+        assert not set(EXPERT_SPECS) & set(specs)
+        assert not any("experts" in d or "intervals" in d for s in specs.values() for d in s["deps"])
+    else:  # the expert stages train on the latents with the family's labels (stages/ldm_experts.py)
+        assert set(EXPERT_SPECS) <= set(specs)
+        for name in EXPERT_SPECS[:4]:
+            assert {"data/latents", "diffprune/stages/ldm.py", "diffprune/stages/ldm_experts.py"} <= set(
+                specs[name]["deps"]), name
+        assert "ldm" in specs["experts"]["params"] and "ldm" in specs["prune-experts"]["params"]
+        assert not any("ldm_experts" in d for n in ("teacher", "taylor", "dipgo") for d in specs[n]["deps"])
     for name in ("teacher", "taylor", "finetune", "dipgo", "evaluate@dipgo"):
         assert {"data/latents", "models/autoencoder"} | frozen <= set(specs[name]["deps"]), name
     # the CLIP score is the text-to-image evaluation's: its weights re-evaluate, never retrain

@@ -10,7 +10,8 @@ class with no embedding table: it takes the labels and ignores them (one class, 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 import torch
 from diffusers import UNet2DModel
@@ -50,6 +51,34 @@ def _forward(model: UNet2DModel, x: torch.Tensor, t: torch.Tensor, labels: torch
     if model.config.num_class_embeds is None:
         return model(x, t).sample
     return model(x, t, class_labels=labels).sample
+
+
+def unet_forward(model: UNet2DModel, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """eps of a latent UNet for labels ``(B,)`` (ignored by an unconditional one)."""
+    return _forward(model, x, t, labels)
+
+
+@contextmanager
+def null_class_by_default(unet: nn.Module) -> Iterator[None]:
+    """Within it, a bare call ``unet(x, t)`` of a class-conditional latent UNet runs the null class
+    (the code that counts MACs or checks shapes calls networks so; the label changes neither). A
+    no-op for an unconditional one; the hook is removed on exit."""
+    if getattr(unet.config, "num_class_embeds", None) is None:
+        yield
+        return
+    null = null_class(unet)
+
+    def pre(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if len(args) < 3 and kwargs.get("class_labels") is None:
+            x = args[0] if args else kwargs["sample"]
+            kwargs = kwargs | {"class_labels": torch.full((x.shape[0],), null, dtype=torch.long, device=x.device)}
+        return args, kwargs
+
+    handle = unet.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def ldm_call(label_dropout: float = 0.0) -> LabelDropout:
@@ -95,4 +124,5 @@ class LabelConditioned(nn.Module):
         return _forward(self.unet, x, t, self.labels[: x.shape[0]])
 
 
-__all__ = ["GuidedUNet", "LabelConditioned", "build_ldm_unet", "classes_of", "ldm_call", "null_class"]
+__all__ = ["GuidedUNet", "LabelConditioned", "build_ldm_unet", "classes_of", "ldm_call", "null_class",
+           "null_class_by_default", "unet_forward"]

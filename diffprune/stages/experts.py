@@ -19,8 +19,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 from diffusers import DDPMScheduler
@@ -39,7 +41,8 @@ from ..pruning.experts.intervals import (alignment_matrix, auto_k, candidates, c
                                          timestep_grid, uniform_boundaries, uniform_cuts)
 from ..pruning.experts.prune import ExpertMixtureModel, prune_to_config, save_mixture
 from ..pruning.experts.selection import mixture_macs, steps_per_expert
-from ..training import TrainSpec, spec_json
+from ..pruning.surgery import check_pruned
+from ..training import Conditions, TrainSpec, spec_json
 from . import core, safe_subpath, stage
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,44 @@ ROUTER = "models/experts/router"
 PRUNED = "models/experts/pruned"
 MIXTURE = "models/experts/mixture"
 SUMMARY = "models/experts/summary.json"
+
+# ----------------------------------------------------------------------------- the families
+
+
+@dataclass(frozen=True)
+class ExpertData:
+    """What the timestep-expert stages take from a model family: ``load(p, root) -> (images,
+    conditions)`` (its training images or latents, and their :class:`~diffprune.training.Conditions`
+    or ``None``); ``bare_calls(net)``, the context in which its network takes the bare call
+    ``net(x, t)`` that MACs counting and shape checks make; ``key(p)``, what else defines its
+    training (a conditional family's label dropout)."""
+
+    load: Callable[[Params, Path], tuple[torch.Tensor, Optional[Conditions]]]
+    bare_calls: Callable[[torch.nn.Module], ContextManager[None]] = lambda net: nullcontext()
+    key: Callable[[Params], Any] = lambda p: None
+
+
+def _pixels(p: Params, root: Path) -> tuple[torch.Tensor, None]:
+    return load_split(safe_subpath(root, core.DATASET), "train")[0], None
+
+
+# teacher.family -> its ExpertData; a latent family adds itself (stages/ldm.py). A family not here has
+# its own refusing versions of these stages.
+EXPERT_FAMILIES: dict[str, ExpertData] = {"unet": ExpertData(_pixels)}
+
+
+def expert_family(p: Params) -> ExpertData:
+    fam = EXPERT_FAMILIES.get(p.teacher.family)
+    if fam is None:
+        raise ConfigError(f"teacher.family = {p.teacher.family!r}: no timestep experts for this family yet "
+                          f"(they run on: {', '.join(sorted(EXPERT_FAMILIES))})")
+    return fam
+
+
+def _train_conditions(cond: Optional[Conditions]) -> dict:
+    """``train_or_resume``'s ``conditions=`` and ``call=`` for a family's conditions (none without)."""
+    return {} if cond is None else {"conditions": cond.values, "call": cond.call}
+
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -162,18 +203,19 @@ def run_intervals(p: Params, root: Path, progress: bool = True, **_: Any) -> dic
     T = int(sched.config.num_train_timesteps)
     if cfg.grid > T:
         raise ConfigError(f"intervals.grid = {cfg.grid!r}: more grid points than the {T} training timesteps")
-    images, _ = load_split(safe_subpath(root, core.DATASET), "train")
+    images, cond = expert_family(p).load(p, root)
     ts = timestep_grid(T, cfg.grid)
     # 1. per-timestep gradients (G, P) and their cosine alignment (G, G)
     grads = timestep_gradients(teacher, sched, images, ts, batches=cfg.batches, batch_size=cfg.batch_size,
-                               seed=cfg.seed, device=device)
+                               seed=cfg.seed, device=device, conditions=cond)
     a = alignment_matrix(grads).numpy()  # (G, G) float64
     # 2. the exact best contiguous segmentation of every K, the chosen K, and the uniform one
     sampling = sampling_timesteps(sched_cfg, p)
     doc = _intervals_doc(a, cfg, T, sampling)
     # 3. optionally, the same search with other gradient seeds: is the cut stable?
     if cfg.stability_seeds:
-        seeds = _seed_boundaries(teacher, sched, images, T, cfg, doc["k"], range(cfg.stability_seeds), device=device)
+        seeds = _seed_boundaries(teacher, sched, images, T, cfg, doc["k"], range(cfg.stability_seeds), device=device,
+                                 conditions=cond)
         doc |= {"seed_boundaries": {str(s): r["boundaries"] for s, r in seeds.items()},
                 "seed_outlier_rows": {str(s): r["outlier_row"] for s, r in seeds.items()},
                 "stable": len({tuple(r["boundaries"]) for r in seeds.values()}) == 1}
@@ -224,9 +266,9 @@ def _intervals_doc(a, cfg, T: int, sampling: list[int]) -> dict:
     }
 
 
-def _seed_boundaries(teacher, sched, images, T: int, cfg, k: int, seeds, device) -> dict[int, dict]:
+def _seed_boundaries(teacher, sched, images, T: int, cfg, k: int, seeds, device, conditions) -> dict[int, dict]:
     return seed_boundaries(teacher, sched, images, T, cfg.grid, k=k, min_size=cfg.min_size, batches=cfg.batches,
-                           batch_size=cfg.batch_size, seeds=list(seeds), device=device)
+                           batch_size=cfg.batch_size, seeds=list(seeds), device=device, conditions=conditions)
 
 
 def sampling_timesteps(scheduler_config: dict, p: Params) -> list[int]:
@@ -248,20 +290,23 @@ def train_expert(p: Params, root: Path, k: int, *, progress: bool = True,
     served = (steps_per_expert(sampling_timesteps(load_scheduler_config(teacher_dir), p), doc["boundaries"])
               if p.experts.split == "served" else [])
     train_steps = expert_steps("experts", p.experts, p.teacher.steps, served, k)
+    fam = expert_family(p)
     key = fingerprint(read_config(teacher_dir)["sha256"], [lo, hi], p.data, p.experts, {"expert": k},
-                      *([{"steps": train_steps}] if p.experts.split == "served" else []))
+                      *([{"steps": train_steps}] if p.experts.split == "served" else []),
+                      *([fam.key(p)] if fam.key(p) is not None else []))
     out = _expert_dir(root, ELASTIC, k)
     if _up_to_date(out, key):
         log.info("expert %d is up to date", k)
         return out
     model, sched, sched_cfg = _teacher(root, device)
     teacher = copy.deepcopy(model) if p.experts.distill else None  # frozen, before any reordering
-    images, _ = load_split(safe_subpath(root, core.DATASET), "train")
+    images, cond = fam.load(p, root)
     cfg = p.experts
     # 1. the elastic space, and the channels of every unit put in importance order on this interval
-    space = elastic_space(model, _shape(model), cfg.min_width)
+    with fam.bare_calls(model):
+        space = elastic_space(model, _shape(model), cfg.min_width)
     orders = importance_orders(unit_importance(model, space, sched, images, t_min=lo, t_max=hi,
-                                               batch_size=cfg.batch_size, seed=cfg.seed + k))
+                                               batch_size=cfg.batch_size, seed=cfg.seed + k, conditions=cond))
     reorder_units(model, space, orders)
     # 2. fine-tune on [lo, hi), a random sub-network every step (drawn from the training generator)
     spec = TrainSpec(steps=train_steps, batch_size=cfg.batch_size, lr=cfg.lr, ema_decay=cfg.ema_decay,
@@ -271,7 +316,8 @@ def train_expert(p: Params, root: Path, k: int, *, progress: bool = True,
         model = core.train_or_resume(model, images, sched, spec, core.work_dir(root, f"experts-{k}", key),
                                      device=device, progress=progress, desc=f"expert {k} [{lo}, {hi})",
                                      before_step=elastic_hook(ctrl, cfg.depth_drop_prob), on_progress=on_progress,
-                                     teacher=teacher, mixed_precision=p.project.mixed_precision)
+                                     teacher=teacher, mixed_precision=p.project.mixed_precision,
+                                     **_train_conditions(cond))
     if not is_main_process():  # under `accelerate launch`: the main process writes the outputs
         return out
     meta = {"key": key, "expert": k, "interval": [lo, hi], "space": space.to_json(),
@@ -304,8 +350,10 @@ def prune_expert(p: Params, root: Path, k: int, *, progress: bool = True,
     src = _expert_dir(root, ELASTIC, k)
     c = p.prune_experts
     train_steps = expert_steps("prune_experts", c, p.teacher.steps, rdoc["steps_per_expert"], k)
+    fam = expert_family(p)
     key = fingerprint(read_config(src)["sha256"], cfg.to_json(), [lo, hi], p.data, c, {"expert": k},
-                      *([{"steps": train_steps}] if c.split == "served" else []))
+                      *([{"steps": train_steps}] if c.split == "served" else []),
+                      *([fam.key(p)] if fam.key(p) is not None else []))
     out = _expert_dir(root, PRUNED, k)
     if _up_to_date(out, key):
         log.info("pruned expert %d is up to date", k)
@@ -315,8 +363,10 @@ def prune_expert(p: Params, root: Path, k: int, *, progress: bool = True,
     space = ElasticSpace.from_json(read_config(src)["meta"]["space"])
     shape = _shape(model)
     # 1. physical pruning; its real MACs must be what the router budgeted
-    pruned = prune_to_config(model, space, cfg, shape)
-    macs = unet_macs(pruned, shape)
+    pruned = prune_to_config(model, space, cfg)
+    with fam.bare_calls(pruned):
+        check_pruned(pruned, shape, what="pruned expert")
+        macs = unet_macs(pruned, shape)
     if macs != space.macs(cfg):
         raise RuntimeError(f"expert {k}: pruned network runs {macs} MACs, the router budgeted {space.macs(cfg)}")
     # 2. a short fine-tune on the expert's interval (split: equal by default: the few-step
@@ -325,13 +375,13 @@ def prune_expert(p: Params, root: Path, k: int, *, progress: bool = True,
     spec = TrainSpec(steps=train_steps, batch_size=c.batch_size, lr=c.lr,
                      ema_decay=c.ema_decay, checkpoint_every=c.checkpoint_every, seed=c.seed + k, t_min=lo, t_max=hi,
                      distill=c.distill)
-    images, _ = load_split(safe_subpath(root, core.DATASET), "train")
+    images, cond = fam.load(p, root)
     sched_cfg = load_scheduler_config(src)
     pruned = core.train_or_resume(pruned, images, DDPMScheduler.from_config(sched_cfg), spec,
                                   core.work_dir(root, f"prune-experts-{k}", key), device=device, progress=progress,
                                   desc=f"pruned expert {k} [{lo}, {hi})", on_progress=on_progress,
                                   teacher=_teacher(root, device)[0] if c.distill else None,
-                                  mixed_precision=p.project.mixed_precision)
+                                  mixed_precision=p.project.mixed_precision, **_train_conditions(cond))
     if not is_main_process():  # under `accelerate launch`: the main process writes the outputs
         return out
     meta = {"key": key, "expert": k, "interval": [lo, hi], "config": cfg.to_json(), "macs": macs,
@@ -344,13 +394,14 @@ def assemble_mixture(p: Params, root: Path) -> dict:
     """Put the pruned experts and the boundaries into one checkpoint; write the summary."""
     rdoc = read_json(safe_subpath(root, ROUTER) / "router.json")
     k_count = len(rdoc["intervals"])
-    experts, macs = [], []
+    experts, macs, fam = [], [], expert_family(p)
     for k in range(k_count):
         path = _expert_dir(root, PRUNED, k)
         if not (path / "config.json").exists():
             raise ConfigError(f"{path}: missing (run prune-experts for every expert first)")
         experts.append(load_model(path))
-        macs.append(unet_macs(experts[-1], _shape(experts[-1])))
+        with fam.bare_calls(experts[-1]):
+            macs.append(unet_macs(experts[-1], _shape(experts[-1])))
     steps = rdoc["steps_per_expert"]
     teacher_traj = rdoc["macs_teacher"] * sum(steps)
     traj = mixture_macs(macs, steps)
@@ -367,9 +418,12 @@ def assemble_mixture(p: Params, root: Path) -> dict:
     }
     mixture = ExpertMixtureModel(experts, rdoc["boundaries"])
     out = safe_subpath(root, MIXTURE)
+    teacher_meta = read_config(safe_subpath(root, core.TEACHER))["meta"]
     save_mixture(mixture, out, scheduler_config=load_scheduler_config(_expert_dir(root, PRUNED, 0)),
                  meta=summary | {"params": {s: to_dict(p.section(s)) for s in ("intervals", "experts", "router",
-                                                                                 "prune_experts")}})
+                                                                                 "prune_experts")}}
+                 # a conditional family's model records its conditioning (the loader's classes, guidance)
+                 | {k: teacher_meta[k] for k in ("family", "conditioning") if k in teacher_meta})
     write_json(safe_subpath(root, SUMMARY), summary)
     return summary
 

@@ -7,7 +7,9 @@ is sampled through :func:`diffprune.sampling.sample` as a :class:`~diffprune.mod
 of :class:`~diffprune.models.ldm.GuidedUNet` (image i is class ``i % n``; the VAE decodes the final
 latents). Diff-Pruning is the pixel UNet's own (:func:`~diffprune.pruning.taylor.prune_unet`, each
 scored latent with its own label); DiP-GO is the pixel UNet's block graph, on guided, conditioned
-trajectories. The timestep-expert and stack stages have no latent version yet (:data:`UNSUPPORTED`).
+trajectories. The timestep-expert stages are the pixel UNet's own (``stages/experts.py``,
+``router.py``) on the latents, each row with its label (``stages/ldm_experts.py``); the mixture
+samples as kind ``ldm-experts``. The stack stage has no latent version yet.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .core import FAMILY_KINDS, FAMILY_PATHS, ProgressFn
 from .latent import AUTOENCODER, LABEL_FREE, PRETRAINED_VAE, load_latents
 
 FAMILY = "ldm"
-FAMILY_KINDS[FAMILY] = {"unet": "ldm", "dipgo": "ldm-dipgo"}  # no expert mixture of latent UNets yet
+FAMILY_KINDS[FAMILY] = {"unet": "ldm", "dipgo": "ldm-dipgo", "experts": "ldm-experts"}  # no stack yet
 FAMILY_PATHS[FAMILY] = {"vae": AUTOENCODER}
 __all__ = ["FAMILY"]
 
@@ -46,7 +48,8 @@ def _class_cycle(model, cond: dict, root: Path, device) -> ClassCycle:
                       load_vae(safe_subpath(root, AUTOENCODER), device))
 
 
-def _dropout(p: Params) -> float:
+def dropout(p: Params) -> float:
+    """The label dropout of the latent UNet's training (none for an unconditional one)."""
     return p.ldm.label_dropout if p.ldm.class_conditional else 0.0
 
 
@@ -63,7 +66,7 @@ def run_teacher(p: Params, root: Path, progress: bool = True, on_progress: Progr
     cond = {"num_classes": n or 1, "guidance_scale": float(p.ldm.guidance_scale)}
     t0 = time.time()
     model = build_ldm_unet(p.teacher, latents.shape[1:], n, seed=p.teacher.seed)
-    trained = conditional.train_teacher(p, root, FAMILY, model, ldm_call(_dropout(p)), latents, labels, progress,
+    trained = conditional.train_teacher(p, root, FAMILY, model, ldm_call(dropout(p)), latents, labels, progress,
                                         on_progress)
     if trained is None:
         return follower_result("teacher")
@@ -94,7 +97,7 @@ def run_taylor(p: Params, root: Path, **_: Any) -> dict:
 def run_finetune(p: Params, root: Path, progress: bool = True, on_progress: ProgressFn | None = None,
                  **_: Any) -> dict:
     """Fine-tune the pruned latent UNet on the latents with their labels (:func:`conditional.finetune`)."""
-    return conditional.finetune(p, root, FAMILY, ldm_call(_dropout(p)), progress, on_progress, key=_dropout(p))
+    return conditional.finetune(p, root, FAMILY, ldm_call(dropout(p)), progress, on_progress, key=dropout(p))
 
 
 @stage("dipgo", family=FAMILY)
@@ -110,4 +113,4 @@ def run_dipgo(p: Params, root: Path, progress: bool = True, on_progress: Any = N
     return conditional.dipgo(p, root, FAMILY, graph, progress, on_progress)
 
 
-conditional.refuse_unsupported(FAMILY, ("intervals", "experts", "router", "prune-experts", "stack"))
+conditional.refuse_unsupported(FAMILY, ("stack",))

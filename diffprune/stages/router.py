@@ -16,12 +16,12 @@ from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 
 from ..config import ConfigError, Params, resolve_device, to_dict
-from ..data import load_split
 from ..io import ArtifactError, atomic_path, write_json
 from ..models.checkpoint import load_model, load_scheduler_config, read_config
 from ..pruning.experts import ElasticSpace, RouterResult, SubnetConfig, mixture_macs, steps_per_expert, train_router
 from . import core, safe_subpath, stage
-from .experts import ELASTIC, ROUTER, _expert_dir, _interval_ranges, _read_intervals, sampling_timesteps
+from .experts import (ELASTIC, ROUTER, _expert_dir, _interval_ranges, _read_intervals, expert_family,
+                      sampling_timesteps)
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +38,15 @@ def run_router(p: Params, root: Path, progress: bool = True, on_progress: Any = 
     sched_cfg = load_scheduler_config(_expert_dir(root, ELASTIC, 0))
     ts = sampling_timesteps(sched_cfg, p)
     steps = steps_per_expert(ts, doc["boundaries"])
-    images, _ = load_split(safe_subpath(root, core.DATASET), "train")
+    images, cond = expert_family(p).load(p, root)
     r = p.router
     shas = [read_config(_expert_dir(root, ELASTIC, k))["sha256"] for k in range(len(intervals))]
-    work = core.work_dir(root, "router", shas, intervals, steps, p.data, r)
+    work = core.work_dir(root, "router", shas, intervals, steps, p.data, r, p.teacher.family)
     res = train_router(experts, space, intervals, steps, images, DDPMScheduler.from_config(sched_cfg),
                        budget=r.budget, train_steps=r.steps, lr=r.lr, resource_weight=r.resource_weight,
                        tau=r.temperature, hidden=r.hidden, batch_size=r.batch_size, seed=r.seed, device=device,
                        progress=progress, distill=r.distill, work_dir=work, checkpoint_every=CHECKPOINT_EVERY,
-                       resource=r.resource_loss, on_progress=on_progress)
+                       resource=r.resource_loss, on_progress=on_progress, conditions=cond)
     out_doc = _router_doc(res, space, r.budget, intervals, ts, steps, doc["boundaries"]) | {"params": to_dict(r)}
     out = safe_subpath(root, ROUTER)
     with atomic_path(out, is_dir=True) as tmp:

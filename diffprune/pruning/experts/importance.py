@@ -7,12 +7,12 @@ into that order (:func:`reorder_units`) makes "keep ``k``" mean "keep the ``k`` 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from ...training import denoising_loss, random_batch
+from ...training import Conditions, conditioned, denoising_loss, random_rows
 from .elastic import RESNET, ElasticSpace, ElasticUnit, StreamUnit
 
 
@@ -63,11 +63,12 @@ def stream_blocks(model: nn.Module, seg: StreamUnit) -> list[tuple[int, int]]:
 
 def unit_importance(
     model: nn.Module, space: ElasticSpace, scheduler, images: torch.Tensor, *, t_min: int, t_max: int,
-    batch_size: int, seed: int,
+    batch_size: int, seed: int, conditions: Optional[Conditions] = None,
 ) -> list[torch.Tensor]:
     """First-order Taylor importance ``sum |w * dL/dw|`` of every group / head, on one interval.
 
-    The loss is the denoising loss of one fixed-seed batch with ``t ~ U[t_min, t_max)``.
+    The loss is the denoising loss of one fixed-seed batch with ``t ~ U[t_min, t_max)`` (each row
+    with its own of ``conditions``, when the model is conditional).
 
     Returns:
         For each unit of ``space``, a ``(G,)`` float tensor (higher = more important); then for each
@@ -75,10 +76,10 @@ def unit_importance(
     """
     gen = torch.Generator().manual_seed(seed)
     p0 = next(model.parameters())
-    x0, noise, t = random_batch(images, batch_size, t_min, t_max, gen, p0.device)
+    x0, noise, t, idx = random_rows(images, batch_size, t_min, t_max, gen, p0.device)
     was_training = model.training
     model.eval().zero_grad(set_to_none=True)
-    denoising_loss(model, x0, t, noise, scheduler).backward()
+    denoising_loss(conditioned(model, conditions, idx), x0, t, noise, scheduler).backward()
     scores = []
     for u in space.units:
         s = torch.zeros(u.units * u.unit_size, dtype=torch.float64, device=p0.device)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ...io import atomic_path
-from ...training import denoising_loss
+from ...training import Conditions, conditioned, denoising_loss
 
 
 # ----------------------------------------------------------------------------- grid
@@ -83,6 +83,7 @@ def timestep_gradients(
     batch_size: int,
     seed: int,
     device: torch.device | str = "cpu",
+    conditions: Optional[Conditions] = None,
 ) -> torch.Tensor:
     """Gradient of the denoising loss at each timestep, w.r.t. all trainable parameters.
 
@@ -93,6 +94,8 @@ def timestep_gradients(
         model: the teacher; every parameter with ``requires_grad`` contributes ``P`` entries.
         images: ``(N, C, H, W)`` training images in [-1, 1].
         timesteps: the ``G`` grid timesteps.
+        conditions: one per image (a conditional model's labels or text): each batch row is
+            denoised with its own.
 
     Returns:
         ``(G, P)`` float32: row ``i`` is the batch-averaged gradient at ``timesteps[i]``.
@@ -107,16 +110,16 @@ def timestep_gradients(
     for _ in range(batches):  # 1. the fixed batches: (B, C, H, W) images and noise each
         idx = torch.randint(0, n, (batch_size,), generator=gen)
         x0 = images[idx]
-        data.append((x0.to(device), torch.randn(x0.shape, generator=gen).to(device)))
+        data.append((x0.to(device), torch.randn(x0.shape, generator=gen).to(device), idx))
     params = [p for p in model.parameters() if p.requires_grad]
     was_training = model.training
     model.eval()
     rows = []
     for t in timesteps:
         model.zero_grad(set_to_none=True)
-        for x0, noise in data:  # 2. accumulate the mean loss gradient at this t
+        for x0, noise, idx in data:  # 2. accumulate the mean loss gradient at this t
             tt = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=x0.device)
-            (denoising_loss(model, x0, tt, noise, scheduler) / batches).backward()
+            (denoising_loss(conditioned(model, conditions, idx), x0, tt, noise, scheduler) / batches).backward()
         rows.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().float().cpu()
                                for p in params]))
     model.zero_grad(set_to_none=True)
@@ -244,14 +247,14 @@ def auto_k(segs: Sequence[Segmentation], penalty: float) -> int:
 
 def seed_boundaries(model: nn.Module, scheduler, images: torch.Tensor, num_train_timesteps: int, grid: int, *,
                     k: int, min_size: int, batches: int, batch_size: int, seeds: Sequence[int],
-                    device: torch.device | str = "cpu") -> dict[int, dict]:
+                    device: torch.device | str = "cpu", conditions: Optional[Conditions] = None) -> dict[int, dict]:
     """Per seed, the alignment estimated anew with that seed's batches: the boundaries of its best ``k``
     intervals and its :func:`outlier_row`."""
     ts = timestep_grid(num_train_timesteps, grid)
     out = {}
     for seed in seeds:
         grads = timestep_gradients(model, scheduler, images, ts, batches=batches, batch_size=batch_size, seed=seed,
-                                   device=device)
+                                   device=device, conditions=conditions)
         a = alignment_matrix(grads).numpy()
         out[int(seed)] = {"boundaries": cuts_to_boundaries(segment(a, k, min_size).cuts, num_train_timesteps, grid),
                           "outlier_row": outlier_row(a, ts)}

@@ -123,6 +123,10 @@ class ExpertMixtureModel(nn.Module):
     def denoiser(self) -> ExpertMixture:
         return ExpertMixture(list(self.experts), self.boundaries)
 
+    def expert_for(self, t: torch.Tensor) -> nn.Module:
+        """The expert serving timestep ``t`` (a batch shares one: its first)."""
+        return self.experts[sum(int(t.flatten()[0]) >= b for b in self.boundaries)]
+
 
 
 def save_mixture(mixture: ExpertMixtureModel, path: str | Path, *, scheduler_config: dict | None = None,

@@ -53,7 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...sampling import predict
-from ...training import TrainState, denoising_loss, random_batch
+from ...training import Conditions, TrainState, conditioned, denoising_loss, random_rows
 from .elastic import ElasticController, ElasticSpace, SubnetConfig
 from .selection import calibrate, mixture_macs, relax, select
 
@@ -125,7 +125,8 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
                  device: torch.device | str = "cpu", progress: bool = False, distill: float = 0.0,
                  work_dir: Optional[str | Path] = None, checkpoint_every: int = 20,
                  stop_after: Optional[int] = None, resource: str = "log",
-                 on_progress: Optional[Callable[[int, int], None]] = None) -> RouterResult:
+                 on_progress: Optional[Callable[[int, int], None]] = None,
+                 conditions: Optional[Conditions] = None) -> RouterResult:
     """Train the ERA with the (elastic) experts frozen; select and calibrate their sub-networks.
 
     Args:
@@ -144,12 +145,13 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
         stop_after: stop (after checkpointing) once this step is reached (tests of an interrupted run).
         resource: the regulariser's form, ``"log"`` or ``"squared"`` (:func:`resource_loss`).
         on_progress: called ``(done, total)`` after each step.
+        conditions: one per image, for conditional experts (each batch row denoised with its own).
 
     Returns a :class:`RouterResult`; the experts' weights and hooks are left as they were.
     """
     _check(len(experts), len(intervals), len(steps), checkpoint_every)
     task = _RouterTask(space, intervals, steps, images, scheduler, tau=tau, batch_size=batch_size, distill=distill,
-                       budget=budget, device=torch.device(device), resource=resource)
+                       budget=budget, device=torch.device(device), resource=resource, conditions=conditions)
     gen = torch.Generator().manual_seed(seed)
     agent = _seeded_agent(len(experts), space.num_logits, hidden, seed, task.device)
     best = _seeded_agent(len(experts), space.num_logits, hidden, seed, task.device)  # see _keep_best
@@ -234,6 +236,7 @@ class _RouterTask:
     budget: float
     device: torch.device
     resource: str = "log"
+    conditions: Optional[Conditions] = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget <= 1.0:
@@ -255,11 +258,12 @@ class _RouterTask:
             with torch.no_grad():
                 chosen = relax(self.space, width[k], depth[k], tau=self.tau)  # noise-free: what select() picks
             # 1. a batch of expert k's interval, from the router's generator
-            x0, noise, t = random_batch(self.images, self.batch_size, *self.intervals[k], gen, self.device)
+            x0, noise, t, idx = random_rows(self.images, self.batch_size, *self.intervals[k], gen, self.device)
             # 2. the denoising loss of the chosen sub-network (target: the noise, blended with the
             #    full expert's own prediction by `distill`)
             ctrl.set_relaxed(sub.width_masks, sub.gates, sub.stream_masks)
-            denoise = denoise + denoising_loss(e, x0, t, noise, self.scheduler, teacher=_full_expert(e, ctrl),
+            e_of = conditioned(e, self.conditions, idx)
+            denoise = denoise + denoising_loss(e_of, x0, t, noise, self.scheduler, teacher=_full_expert(e_of, ctrl),
                                                distill=self.distill)
             # the MACs of the noise-free selection, with the gradient of the noisy sub-network's: the
             # two terms then reach each logit through the same sigmoid slope (see the module doc)
@@ -292,8 +296,9 @@ def resource_loss(ratio: torch.Tensor, budget: float, form: str = "log") -> torc
     raise ValueError(f"router.resource_loss = {form!r}: expected one of {RESOURCE_LOSSES}")
 
 
-def _full_expert(expert: nn.Module, ctrl: ElasticController) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The full expert's prediction ``(x_t, t) -> (B, C, H, W)``, whatever sub-network ``ctrl`` runs."""
+def _full_expert(expert: Callable, ctrl: ElasticController) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The full expert's prediction ``(x_t, t) -> (B, C, H, W)``, whatever sub-network ``ctrl`` runs
+    (``expert``: the network, or its call with the batch's conditions bound)."""
 
     def full(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with ctrl.full_network():
