@@ -122,9 +122,21 @@ def captions_of(model_dir: Path) -> list[str]:
     return caps
 
 
-def _sd(paths: dict[str, Path], device, schedule: bool = False) -> Loaded:
-    """A text-to-image UNet (plain, or running a DiP-GO skip schedule) prompting image i with caption
-    ``i % n`` of its checkpoint's ``conditioning.captions``, through its frozen text encoder (``text``)."""
+def _mixture(model: nn.Module, where: Path) -> list[nn.Module]:
+    """The experts of a mixture checkpoint (refusing any other model)."""
+    from .pruning.experts import ExpertMixtureModel
+
+    if not isinstance(model, ExpertMixtureModel):
+        from .io import ArtifactError
+
+        raise ArtifactError(f"{where}: holds a {type(model).__name__}, not an ExpertMixtureModel")
+    return list(model.experts)
+
+
+def _sd(paths: dict[str, Path], device, schedule: bool = False, experts: bool = False) -> Loaded:
+    """A text-to-image UNet (plain, running a DiP-GO skip schedule, or a mixture of timestep experts,
+    each step's call routed to the expert of its interval) prompting image i with caption ``i % n`` of
+    its checkpoint's ``conditioning.captions``, through its frozen text encoder (``text``)."""
     import torch
 
     from .models.sd import CaptionTable, GuidedSD, PromptCycle, load_text_encoder, sd_pipeline
@@ -135,6 +147,12 @@ def _sd(paths: dict[str, Path], device, schedule: bool = False) -> Loaded:
     table = CaptionTable(sd_pipeline(None, None, encoder, tokenizer), captions_of(paths["model"]))
     g = float(cond["guidance_scale"])
     text = table.text(torch.arange(len(table.captions)), g > 1)
+    if experts:
+        nets = _mixture(model, paths["model"])
+        guided = GuidedSD(nets[0], text, g, call=lambda x, t, c, step: model.expert_for(t)(
+            x, t, encoder_hidden_states=c).sample)
+        return Loaded(PromptCycle(guided, table, load_vae(paths["vae"], device)), nets,
+                      load_scheduler_config(paths["model"]), _shape(nets[0]))
     if schedule:
         from .pruning.dipgo import Schedule
         from .pruning.dipgo.sd import SkipScheduleSD
@@ -156,13 +174,7 @@ def _ldm(paths: dict[str, Path], device, schedule: bool = False, experts: bool =
     cond = conditioning(paths["model"])
     labels = list(range(int(cond["num_classes"])))
     if experts:
-        from .pruning.experts import ExpertMixtureModel
-
-        if not isinstance(model, ExpertMixtureModel):
-            from .io import ArtifactError
-
-            raise ArtifactError(f"{paths['model']}: holds a {type(model).__name__}, not an ExpertMixtureModel")
-        nets = list(model.experts)
+        nets = _mixture(model, paths["model"])
         guided = GuidedUNet(nets[0], labels, cond["guidance_scale"],
                             call=lambda x, t, y, step: unet_forward(model.expert_for(t), x, t, y))
         return Loaded(ClassCycle(guided, len(labels), load_vae(paths["vae"], device)), nets,
@@ -183,6 +195,7 @@ KINDS: dict[str, Callable[[dict[str, Path], object], Loaded]] = {
     "unet": _unet, "dipgo": _dipgo, "experts": _experts, "stack": _stack,
     "dit": _dit, "dit-dipgo": lambda paths, device: _dit(paths, device, schedule=True),
     "sd": _sd, "sd-dipgo": lambda paths, device: _sd(paths, device, schedule=True),
+    "sd-experts": lambda paths, device: _sd(paths, device, experts=True),
     "ldm": _ldm, "ldm-dipgo": lambda paths, device: _ldm(paths, device, schedule=True),
     "ldm-experts": lambda paths, device: _ldm(paths, device, experts=True),
 }

@@ -268,3 +268,58 @@ def test_a_pretrained_stable_diffusion_folder_runs_through_the_same_stages_and_s
     img = pipe(prompt=captions, num_inference_steps=5, guidance_scale=1.0, generator=torch.Generator().manual_seed(2),
                output_type="pt").images
     assert ours.shape == (3, 3, 16, 16) and float((img - (ours / 2 + 0.5).clamp(0, 1)).abs().max()) < 1e-5
+
+
+def test_timestep_experts_on_the_captioned_latents_counted_macs_equal_the_router_and_the_mixture_registers(
+        ws, monkeypatch, tmp_path):
+    """intervals -> experts -> router -> prune-experts on the latents, each row with its caption (the
+    heads of self- and cross-attention elastic); the mixture's counted MACs are the router's, the
+    captions reach every expert, and its registered MLflow model samples the library's images in a
+    fresh process."""
+    import os
+
+    import mlflow
+    import numpy as np
+
+    from diffprune.models.checkpoint import read_config
+    from diffprune.models.unet import sampling_scheduler
+    from diffprune.sampling import sample
+    from diffprune.targets import load_target
+
+    p, root, _ = ws
+    for name in ("intervals", "experts", "router", "prune-experts"):
+        _run(p, root, name)
+    space = read_config(root / "models/experts/elastic/expert-0")["meta"]["space"]
+    assert any(u["name"].endswith("attn2") and u["units"] > 1 for u in space["units"])  # cross-attention heads
+    router = json.loads((root / "models/experts/router/router.json").read_text())
+    summary = json.loads((root / "models/experts/summary.json").read_text())
+    assert summary["macs_per_expert"] == router["macs_per_expert"] and summary["trajectory_macs_ratio"] < 1.0
+    paths = {"model": root / "models/experts/mixture", "vae": root / "models/autoencoder",
+             "text": root / "models/text-encoder"}
+    m = load_target("sd-experts", paths)
+    out = _run(p, root, "evaluate@experts")
+    rows = 2 if m.denoiser.guided.guided else 1
+    traj = sum(mc * n for mc, n in zip(router["macs_per_expert"], router["steps_per_expert"]))
+    assert out["metrics"]["trajectory_macs"] == rows * traj and out["metrics"]["macs_ratio_vs_teacher"] < 1.0
+    g = m.denoiser.guided
+    x, t = torch.randn(1, *m.sample_shape), torch.tensor([900])
+    table = m.denoiser.table
+    with torch.no_grad():
+        a, b = (g._call(x, t, table.cond[k : k + 1], 0) for k in (0, 1))
+    assert not torch.allclose(a, b)
+    for var in ("MLFLOW_TRACKING_URI", "DIFFPRUNE_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    info = _run(p, root, "register", target="experts")
+    code = """
+import sys, numpy, mlflow.pyfunc
+numpy.save(sys.argv[2], mlflow.pyfunc.load_model(sys.argv[1], model_config={'device': 'cpu'}).predict(
+    {'num_images': 3, 'seed': 5}))
+"""
+    env = os.environ | {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code, info["model_uri"], str(tmp_path / "images.npy")], env=env,
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    x = sample(m.denoiser, sampling_scheduler(m.scheduler_config, "ddim"), num_images=3, sample_shape=m.sample_shape,
+               steps=p.evaluate.steps, seed=5)
+    want = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), want)

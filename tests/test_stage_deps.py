@@ -189,16 +189,16 @@ def test_a_latent_family_workspace_has_latents_and_expert_stages_where_the_famil
     assert "latents" in specs and list(specs).index("latents") == 1
     assert frozen <= set(specs["latents"]["outs"])
     assert "stack" not in specs
-    if family != "ldm":
+    if family == "dit":
         assert not set(EXPERT_SPECS) & set(specs)
         assert not any("experts" in d or "intervals" in d for s in specs.values() for d in s["deps"])
-    else:  # the expert stages train on the latents with the family's labels (stages/ldm_experts.py)
+    else:  # the expert stages train on the latents with the family's conditions (stages/FAMILY_experts.py)
         assert set(EXPERT_SPECS) <= set(specs)
         for name in EXPERT_SPECS[:4]:
-            assert {"data/latents", "diffprune/stages/ldm.py", "diffprune/stages/ldm_experts.py"} <= set(
-                specs[name]["deps"]), name
-        assert "ldm" in specs["experts"]["params"] and "ldm" in specs["prune-experts"]["params"]
-        assert not any("ldm_experts" in d for n in ("teacher", "taylor", "dipgo") for d in specs[n]["deps"])
+            assert {"data/latents", f"diffprune/stages/{family}.py", f"diffprune/stages/{family}_experts.py",
+                    *frozen} <= set(specs[name]["deps"]), name
+        assert family in specs["experts"]["params"] and family in specs["prune-experts"]["params"]
+        assert not any("_experts" in d for n in ("teacher", "taylor", "dipgo") for d in specs[n]["deps"])
     for name in ("teacher", "taylor", "finetune", "dipgo", "evaluate@dipgo"):
         assert {"data/latents", "models/autoencoder"} | frozen <= set(specs[name]["deps"]), name
     # the CLIP score is the text-to-image evaluation's: its weights re-evaluate, never retrain

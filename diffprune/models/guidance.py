@@ -9,7 +9,8 @@ term for term; ``<= 1`` runs the conditional model alone on batch B.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -90,3 +91,21 @@ class LabelDropout:
 
 
 __all__ = ["LabelDropout", "LabelGuided", "ModelCall"]
+
+
+@contextmanager
+def bare_call_defaults(net: torch.nn.Module, fill: Callable[[torch.Tensor], dict]) -> Iterator[None]:
+    """Within it, a call ``net(x, t)`` that lacks the keyword arguments ``fill(x)`` gives (its
+    conditioning: class labels, text) takes them from ``fill``. Code that counts MACs or checks
+    shapes calls a network so, and the conditions' values change neither. The hook goes on exit."""
+    def pre(mod: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if len(args) < 3:
+            extra = fill(args[0] if args else kwargs["sample"])
+            kwargs = kwargs | {k: v for k, v in extra.items() if kwargs.get(k) is None}
+        return args, kwargs
+
+    handle = net.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -18,7 +18,7 @@ from diffusers import UNet2DModel
 from torch import nn
 
 from ..config import ConfigError, TeacherConfig
-from .guidance import LabelDropout, LabelGuided, ModelCall
+from .guidance import LabelDropout, LabelGuided, ModelCall, bare_call_defaults
 from .unet import unet_of
 
 
@@ -61,24 +61,14 @@ def unet_forward(model: UNet2DModel, x: torch.Tensor, t: torch.Tensor, labels: t
 @contextmanager
 def null_class_by_default(unet: nn.Module) -> Iterator[None]:
     """Within it, a bare call ``unet(x, t)`` of a class-conditional latent UNet runs the null class
-    (the code that counts MACs or checks shapes calls networks so; the label changes neither). A
-    no-op for an unconditional one; the hook is removed on exit."""
+    (:func:`~.guidance.bare_call_defaults`); a no-op for an unconditional one."""
     if getattr(unet.config, "num_class_embeds", None) is None:
         yield
         return
     null = null_class(unet)
-
-    def pre(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if len(args) < 3 and kwargs.get("class_labels") is None:
-            x = args[0] if args else kwargs["sample"]
-            kwargs = kwargs | {"class_labels": torch.full((x.shape[0],), null, dtype=torch.long, device=x.device)}
-        return args, kwargs
-
-    handle = unet.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
+    with bare_call_defaults(unet, lambda x: {"class_labels": torch.full((x.shape[0],), null, dtype=torch.long,
+                                                                        device=x.device)}):
         yield
-    finally:
-        handle.remove()
 
 
 def ldm_call(label_dropout: float = 0.0) -> LabelDropout:

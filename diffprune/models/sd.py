@@ -19,15 +19,17 @@ import json
 import string
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Optional, Sequence
 
 import torch
+from torch import nn
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from ..config import ConfigError
 from ..io import atomic_path
 from ..sampling import initial_noise, trajectory
 from .dit import TINY_VAE, to_unit
+from .guidance import bare_call_defaults
 from .unet import check_pretrained_source
 
 if TYPE_CHECKING:  # the pipeline class imports transformers: only where a pipeline is built or loaded
@@ -325,6 +327,13 @@ class CaptionTable:
         """The model call's text for ``labels`` ``(B,)``: ``(B, L, D)``, or ``(2B, L, D)`` ``[negative, caption]``."""
         cond = self.cond[labels.cpu()]
         return torch.cat([self.negative.expand(len(labels), -1, -1), cond]) if guided else cond
+
+
+def empty_prompt_by_default(unet: nn.Module, table: "CaptionTable") -> ContextManager[None]:
+    """Within it, a bare call ``unet(x, t)`` attends to the empty prompt's embeddings (its MACs are
+    any prompt's: the text length is the tokenizer's)."""
+    return bare_call_defaults(unet, lambda x: {"encoder_hidden_states": table.negative.to(
+        device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)})
 
 
 class CaptionCall:

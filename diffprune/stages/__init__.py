@@ -59,7 +59,8 @@ def get_stage(name: str) -> Callable[..., dict]:
 
 def _load_all() -> None:
     # importing a stage module registers its stages (and its models in core.TARGETS)
-    from . import core, dipgo, dit, experts, latent, ldm, ldm_experts, report, router, sd, stack, taylor  # noqa: F401
+    from . import (core, dipgo, dit, experts, latent, ldm, ldm_experts, report, router, sd, sd_experts, stack,
+                   taylor)  # noqa: F401
 
 
 def safe_subpath(root: Path, rel: str | Path) -> Path:

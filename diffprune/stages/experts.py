@@ -61,12 +61,12 @@ SUMMARY = "models/experts/summary.json"
 class ExpertData:
     """What the timestep-expert stages take from a model family: ``load(p, root) -> (images,
     conditions)`` (its training images or latents, and their :class:`~diffprune.training.Conditions`
-    or ``None``); ``bare_calls(net)``, the context in which its network takes the bare call
+    or ``None``); ``bare_calls(root, net)``, the context in which its network takes the bare call
     ``net(x, t)`` that MACs counting and shape checks make; ``key(p)``, what else defines its
     training (a conditional family's label dropout)."""
 
     load: Callable[[Params, Path], tuple[torch.Tensor, Optional[Conditions]]]
-    bare_calls: Callable[[torch.nn.Module], ContextManager[None]] = lambda net: nullcontext()
+    bare_calls: Callable[[Path, torch.nn.Module], ContextManager[None]] = lambda root, net: nullcontext()
     key: Callable[[Params], Any] = lambda p: None
 
 
@@ -303,7 +303,7 @@ def train_expert(p: Params, root: Path, k: int, *, progress: bool = True,
     images, cond = fam.load(p, root)
     cfg = p.experts
     # 1. the elastic space, and the channels of every unit put in importance order on this interval
-    with fam.bare_calls(model):
+    with fam.bare_calls(root, model):
         space = elastic_space(model, _shape(model), cfg.min_width)
     orders = importance_orders(unit_importance(model, space, sched, images, t_min=lo, t_max=hi,
                                                batch_size=cfg.batch_size, seed=cfg.seed + k, conditions=cond))
@@ -364,7 +364,7 @@ def prune_expert(p: Params, root: Path, k: int, *, progress: bool = True,
     shape = _shape(model)
     # 1. physical pruning; its real MACs must be what the router budgeted
     pruned = prune_to_config(model, space, cfg)
-    with fam.bare_calls(pruned):
+    with fam.bare_calls(root, pruned):
         check_pruned(pruned, shape, what="pruned expert")
         macs = unet_macs(pruned, shape)
     if macs != space.macs(cfg):
@@ -400,7 +400,7 @@ def assemble_mixture(p: Params, root: Path) -> dict:
         if not (path / "config.json").exists():
             raise ConfigError(f"{path}: missing (run prune-experts for every expert first)")
         experts.append(load_model(path))
-        with fam.bare_calls(experts[-1]):
+        with fam.bare_calls(root, experts[-1]):
             macs.append(unet_macs(experts[-1], _shape(experts[-1])))
     steps = rdoc["steps_per_expert"]
     teacher_traj = rdoc["macs_teacher"] * sum(steps)

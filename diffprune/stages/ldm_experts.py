@@ -23,4 +23,5 @@ def _expert_data(p: Params, root: Path) -> tuple[torch.Tensor, Conditions]:
     return latents, Conditions(labels, ldm_call(dropout(p)))
 
 
-EXPERT_FAMILIES[FAMILY] = ExpertData(_expert_data, bare_calls=null_class_by_default, key=lambda p: {"ldm": dropout(p)})
+EXPERT_FAMILIES[FAMILY] = ExpertData(_expert_data, bare_calls=lambda root, net: null_class_by_default(net),
+                                     key=lambda p: {"ldm": dropout(p)})

@@ -9,7 +9,8 @@ a model is sampled through :func:`diffprune.sampling.sample` as a :class:`~diffp
 (image i is prompted with caption ``i % n``; the VAE decodes the final latents), so FID, the paired
 fidelity to the teacher, MACs (guidance doubling counted) and latency are the house's. Every model
 loads back into diffusers' ``StableDiffusionPipeline`` (:func:`diffprune.models.sd.sd_pipeline`).
-The timestep-expert and stack stages have no version here yet (:data:`UNSUPPORTED`).
+The timestep-expert stages are the pixel UNet's own on the captioned latents (``stages/sd_experts.py``;
+the mixture samples as kind ``sd-experts``); the stack stage has no version here yet.
 """
 
 from __future__ import annotations
@@ -27,14 +28,13 @@ from ..models.sd import (CaptionCall, CaptionTable, PromptCycle, GuidedSD, build
 from ..targets import captions_of, load_vae
 from . import conditional, safe_subpath, stage
 from .core import FAMILY_KINDS, FAMILY_PATHS, ProgressFn
-from .dit import UNSUPPORTED
 from .latent import AUTOENCODER, FROZEN_PARTS, PRETRAINED_VAE, load_latents
 
 FAMILY = "sd"
 TEXT_ENCODER = "models/text-encoder"
-FAMILY_KINDS[FAMILY] = {"unet": "sd", "dipgo": "sd-dipgo"}  # no expert mixture of text-to-image UNets yet
+FAMILY_KINDS[FAMILY] = {"unet": "sd", "dipgo": "sd-dipgo", "experts": "sd-experts"}  # no stack yet
 FAMILY_PATHS[FAMILY] = {"vae": AUTOENCODER, "text": TEXT_ENCODER}
-__all__ = ["FAMILY", "TEXT_ENCODER", "UNSUPPORTED", "caption_table"]
+__all__ = ["FAMILY", "TEXT_ENCODER", "caption_table"]
 
 
 def _pretrained_vae(name: str, device):
@@ -156,4 +156,4 @@ def run_dipgo(p: Params, root: Path, progress: bool = True, on_progress: Any = N
     return conditional.dipgo(p, root, FAMILY, graph, progress, on_progress)
 
 
-conditional.refuse_unsupported(FAMILY, ("intervals", "experts", "router", "prune-experts", "stack"))
+conditional.refuse_unsupported(FAMILY, ("stack",))

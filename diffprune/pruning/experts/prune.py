@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 import torch_pruning as tp
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from ...io import ArtifactError
@@ -86,6 +86,10 @@ def prune_to_config(model: nn.Module, space: ElasticSpace, cfg: SubnetConfig,
 
 # ----------------------------------------------------------------------------- the mixture
 
+# the networks a mixture's experts may be (a pixel or latent UNet; a text-to-image UNet)
+EXPERT_CLASSES: dict[str, type[nn.Module]] = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+
+
 class ExpertMixtureModel(nn.Module):
     """``K`` timestep experts and the ``K - 1`` ascending boundaries of their intervals.
 
@@ -108,6 +112,7 @@ class ExpertMixtureModel(nn.Module):
         self.config = {
             "num_experts": len(experts),
             "boundaries": self.boundaries,
+            "unet_class": type(experts[0]).__name__,
             "unet": base,
             "sample_size": base["sample_size"],
             "in_channels": base["in_channels"],
@@ -116,9 +121,14 @@ class ExpertMixtureModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> "ExpertMixtureModel":
-        """The unpruned skeleton of a saved mixture (checkpoint loading then reshapes it)."""
+        """The unpruned skeleton of a saved mixture (checkpoint loading then reshapes it); its experts'
+        class is one of :data:`EXPERT_CLASSES` (a mixture saved before it was recorded: ``UNet2DModel``)."""
         unet = dict(config["unet"])
-        return cls([UNet2DModel.from_config(unet) for _ in range(int(config["num_experts"]))], config["boundaries"])
+        name = config.get("unet_class", "UNet2DModel")
+        if name not in EXPERT_CLASSES:
+            raise ArtifactError(f"unet_class = {name!r}: a mixture's experts are one of {sorted(EXPERT_CLASSES)}")
+        return cls([EXPERT_CLASSES[name].from_config(unet) for _ in range(int(config["num_experts"]))],
+                   config["boundaries"])
 
     def denoiser(self) -> ExpertMixture:
         return ExpertMixture(list(self.experts), self.boundaries)

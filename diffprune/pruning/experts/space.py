@@ -175,8 +175,10 @@ def _resnet_droppable(m: ResnetBlock2D) -> bool:
 
 
 def _attention_supported(name: str, m: Attention) -> None:
-    if getattr(m, "to_k", None) is None or getattr(m, "to_v", None) is None or m.is_cross_attention:
-        raise NotImplementedError(f"{name}: only self-attention with to_q/to_k/to_v is supported")
+    # cross-attention (a text-to-image UNet's attn2) is elastic in its heads like self-attention: its
+    # keys and values read the text, their in-features stay; whole heads go from q/k/v and to_out
+    if getattr(m, "to_k", None) is None or getattr(m, "to_v", None) is None:
+        raise NotImplementedError(f"{name}: only attention with to_q/to_k/to_v is supported")
     if getattr(m, "add_k_proj", None) is not None:
         raise NotImplementedError(f"{name}: attention with added key/value projections is not supported")
 
