@@ -25,7 +25,7 @@ LATENT_OUTS = ("data/latents", "models/autoencoder")
 _NO_EXPERTS = ("intervals", "experts", "router", "prune-experts", "stack", "evaluate@experts", "register@experts",
                "evaluate@stack", "register@stack")
 _NO_STACK = ("stack", "evaluate@stack", "register@stack")
-UNSUPPORTED: dict[str, tuple[str, ...]] = {"unet": (), "dit": _NO_EXPERTS, "sd": _NO_STACK, "ldm": _NO_STACK}
+UNSUPPORTED: dict[str, tuple[str, ...]] = {"unet": (), "dit": _NO_STACK, "sd": _NO_STACK, "ldm": _NO_STACK}
 # family -> its stage modules, a dep of every stage it overrides or that reads the latents
 _LATENT_CODE = ["diffprune/stages/conditional.py", "diffprune/stages/latent.py", "diffprune/stages/taylor.py",
                 "diffprune/stages/dipgo.py"]
@@ -33,7 +33,8 @@ FAMILY_CODE = {"dit": ["diffprune/stages/dit.py", *_LATENT_CODE],
                "sd": ["diffprune/stages/sd.py", "diffprune/stages/dit.py", *_LATENT_CODE],
                "ldm": ["diffprune/stages/ldm.py", *_LATENT_CODE]}
 # family -> the module that gives the timestep-expert stages its data (a dep of those stages only)
-EXPERT_CODE = {"ldm": ["diffprune/stages/ldm_experts.py"], "sd": ["diffprune/stages/sd_experts.py"]}
+EXPERT_CODE = {"dit": ["diffprune/stages/dit_experts.py"], "ldm": ["diffprune/stages/ldm_experts.py"],
+               "sd": ["diffprune/stages/sd_experts.py"]}
 # family -> the frozen parts its latents stage writes beside the VAE (stages/sd.py TEXT_ENCODER)
 FROZEN_OUTS = {"dit": (), "sd": ("models/text-encoder",), "ldm": ()}
 READS_LATENTS = ("teacher", "taylor", "finetune", "dipgo", "evaluate", "register")

@@ -93,13 +93,31 @@ def conditioning(model_dir: Path) -> dict:
     return cond
 
 
-def _dit(paths: dict[str, Path], device, schedule: bool = False) -> Loaded:
-    """A class-conditional DiT (plain, or running a DiP-GO skip schedule) sampling a balanced class cycle."""
+def _mixture(model: nn.Module, where: Path) -> list[nn.Module]:
+    """The experts of a mixture checkpoint (refusing any other model)."""
+    from .pruning.experts import ExpertMixtureModel
+
+    if not isinstance(model, ExpertMixtureModel):
+        from .io import ArtifactError
+
+        raise ArtifactError(f"{where}: holds a {type(model).__name__}, not an ExpertMixtureModel")
+    return list(model.experts)
+
+
+def _dit(paths: dict[str, Path], device, schedule: bool = False, experts: bool = False) -> Loaded:
+    """A class-conditional DiT (plain, running a DiP-GO skip schedule, or a mixture of timestep
+    experts, each step's call routed to the expert of its interval) sampling a balanced class cycle."""
     from .models.dit import ClassCycle, GuidedDiT
 
     model = load_model(paths["model"], device)
     cond = conditioning(paths["model"])
     labels = list(range(int(cond["num_classes"])))
+    if experts:
+        nets = _mixture(model, paths["model"])
+        guided = GuidedDiT(nets[0], labels, cond["guidance_scale"],
+                           call=lambda x, t, y, step: model.expert_for(t)(x, timestep=t, class_labels=y).sample)
+        return Loaded(ClassCycle(guided, len(labels), load_vae(paths["vae"], device)), nets,
+                      load_scheduler_config(paths["model"]), _shape(nets[0]))
     if schedule:
         from .pruning.dipgo import Schedule
         from .pruning.dipgo.dit import SkipScheduleDiT
@@ -120,17 +138,6 @@ def captions_of(model_dir: Path) -> list[str]:
         raise ArtifactError(f"{model_dir}: a text-to-image checkpoint must record meta.conditioning.captions "
                             f"(a list of strings; rerun its teacher stage)")
     return caps
-
-
-def _mixture(model: nn.Module, where: Path) -> list[nn.Module]:
-    """The experts of a mixture checkpoint (refusing any other model)."""
-    from .pruning.experts import ExpertMixtureModel
-
-    if not isinstance(model, ExpertMixtureModel):
-        from .io import ArtifactError
-
-        raise ArtifactError(f"{where}: holds a {type(model).__name__}, not an ExpertMixtureModel")
-    return list(model.experts)
 
 
 def _sd(paths: dict[str, Path], device, schedule: bool = False, experts: bool = False) -> Loaded:
@@ -194,6 +201,7 @@ def _ldm(paths: dict[str, Path], device, schedule: bool = False, experts: bool =
 KINDS: dict[str, Callable[[dict[str, Path], object], Loaded]] = {
     "unet": _unet, "dipgo": _dipgo, "experts": _experts, "stack": _stack,
     "dit": _dit, "dit-dipgo": lambda paths, device: _dit(paths, device, schedule=True),
+    "dit-experts": lambda paths, device: _dit(paths, device, experts=True),
     "sd": _sd, "sd-dipgo": lambda paths, device: _sd(paths, device, schedule=True),
     "sd-experts": lambda paths, device: _sd(paths, device, experts=True),
     "ldm": _ldm, "ldm-dipgo": lambda paths, device: _ldm(paths, device, schedule=True),

@@ -119,12 +119,43 @@ print("MAXDIFF", float(abs(img - ours).max()), img.shape)
     assert float(line.split()[1]) < 1e-5 and "(3, 8, 8, 1)" in line
 
 
-def test_the_expert_stages_refuse_the_dit_family_by_name(ws):
-    from diffprune.config import ConfigError
+def test_timestep_experts_on_the_dit_counted_macs_equal_the_router_and_the_mixture_loads_into_dit_pipeline(ws):
+    """intervals -> experts -> router -> prune-experts on the labelled latents (every block's heads and
+    feed-forward channels elastic, each branch droppable); the mixture's counted MACs are the
+    router's, and DiTPipeline, with the expert of each step's interval as its transformer, draws the
+    mixture's images (max difference < 1e-5)."""
+    from diffprune.models.checkpoint import load_model, read_config
+    from diffprune.models.dit import dit_pipeline
+    from diffprune.models.unet import sampling_scheduler
+    from diffprune.pruning.experts import RoutedDenoiser
+    from diffprune.sampling import sample
+    from diffprune.targets import load_target
 
     p, root, _ = ws
-    with pytest.raises(ConfigError, match="stage experts: not available for teacher.family = 'dit'"):
-        _run(p, root, "experts")
+    for name in ("intervals", "experts", "router", "prune-experts"):
+        _run(p, root, name)
+    units = read_config(root / "models/experts/elastic/expert-0")["meta"]["space"]["units"]
+    assert {u["kind"] for u in units} == {"attention", "mlp"} and all(u["drop_to"] == "zero" for u in units)
+    router = json.loads((root / "models/experts/router/router.json").read_text())
+    summary = json.loads((root / "models/experts/summary.json").read_text())
+    assert summary["macs_per_expert"] == router["macs_per_expert"] and summary["trajectory_macs_ratio"] < 1.0
+    m = load_target("dit-experts", {"model": root / "models/experts/mixture", "vae": root / "models/autoencoder"})
+    out = _run(p, root, "evaluate@experts")
+    rows = 2 if m.denoiser.guided.guided else 1
+    traj = sum(mc * n for mc, n in zip(router["macs_per_expert"], router["steps_per_expert"]))
+    assert out["metrics"]["trajectory_macs"] == rows * traj and out["metrics"]["macs_ratio_vs_teacher"] < 1.0
+    # DiTPipeline with the mixture as its transformer draws the mixture's images, the experts switching
+    assert router["steps_per_expert"][0] > 0 and router["steps_per_expert"][-1] > 0  # both experts serve steps
+    mixture = load_model(root / "models/experts/mixture")
+    pipe = dit_pipeline(RoutedDenoiser(mixture), m.denoiser.vae, dict(sampling_scheduler(m.scheduler_config,
+                                                                                          "ddim").config))
+    g = m.denoiser.guided.guidance_scale
+    img = pipe(class_labels=[0, 1, 2], num_inference_steps=p.evaluate.steps, guidance_scale=g,
+               generator=torch.Generator().manual_seed(3), output_type="np").images
+    ours = sample(m.denoiser, sampling_scheduler(m.scheduler_config, "ddim"), num_images=3,
+                  sample_shape=m.sample_shape, steps=p.evaluate.steps, seed=3, batch_size=3)
+    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert img.shape == (3, 8, 8, 1) and float(abs(img - ours).max()) < 1e-5
 
 
 def test_a_macs_target_is_met_by_the_ratio_search_on_the_dit(ws, tmp_path):

@@ -274,8 +274,8 @@ def test_timestep_experts_on_the_captioned_latents_counted_macs_equal_the_router
         ws, monkeypatch, tmp_path):
     """intervals -> experts -> router -> prune-experts on the latents, each row with its caption (the
     heads of self- and cross-attention elastic); the mixture's counted MACs are the router's, the
-    captions reach every expert, and its registered MLflow model samples the library's images in a
-    fresh process."""
+    captions reach every expert, StableDiffusionPipeline with the mixture as its UNet draws its images,
+    and its registered MLflow model samples the library's images in a fresh process."""
     import os
 
     import mlflow
@@ -307,6 +307,19 @@ def test_timestep_experts_on_the_captioned_latents_counted_macs_equal_the_router
     with torch.no_grad():
         a, b = (g._call(x, t, table.cond[k : k + 1], 0) for k in (0, 1))
     assert not torch.allclose(a, b)
+    # StableDiffusionPipeline with the mixture as its UNet draws the mixture's images for the same prompts
+    from diffprune.models.checkpoint import load_model
+    from diffprune.models.sd import load_text_encoder, sd_pipeline
+    from diffprune.pruning.experts import RoutedDenoiser
+
+    enc, tok = load_text_encoder(root / "models/text-encoder")
+    pipe = sd_pipeline(RoutedDenoiser(load_model(root / "models/experts/mixture")), m.denoiser.vae, enc, tok,
+                       dict(sampling_scheduler(m.scheduler_config, "ddim").config))
+    img = pipe(prompt=table.captions[:3], num_inference_steps=p.evaluate.steps, guidance_scale=g.guidance_scale,
+               generator=torch.Generator().manual_seed(3), output_type="np").images
+    ours = sample(m.denoiser, sampling_scheduler(m.scheduler_config, "ddim"), num_images=3,
+                  sample_shape=m.sample_shape, steps=p.evaluate.steps, seed=3, batch_size=3)
+    assert float(abs(img - (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()).max()) < 1e-5
     for var in ("MLFLOW_TRACKING_URI", "DIFFPRUNE_TRACKING_URI"):
         monkeypatch.delenv(var, raising=False)
     info = _run(p, root, "register", target="experts")

@@ -54,6 +54,28 @@ class SkippedBlock(nn.Module):
         return f"{self.kind}, channels={self.channels}"
 
 
+class ZeroBranch(nn.Module):
+    """A dropped branch of a transformer block (its attention or feed-forward, whose output the block
+    adds to its residual stream): returns zeros of its input's shape, costs nothing.
+
+    Args:
+        kind: ``"attention"`` or ``"mlp"``, the branch it replaces.
+    """
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = str(kind)
+
+    def structure_init(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+    def extra_repr(self) -> str:
+        return self.kind
+
+
 class ShortcutBlock(nn.Module):
     """A resnet whose residual branch was dropped: ``conv_shortcut(x) / output_scale_factor``.
 

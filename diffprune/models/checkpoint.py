@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..io import ArtifactError, atomic_path, read_json, sha256_file
-from .blocks import ShortcutBlock, SkippedBlock
+from .blocks import ShortcutBlock, SkippedBlock, ZeroBranch
 
 FORMAT = "diffprune-checkpoint/1"
 WEIGHTS = "model.safetensors"
@@ -47,7 +47,8 @@ MODEL_CLASSES: dict[str, str] = {
 
 # Every module type that may stand in for a library module (a dropped sub-block); rebuilt from the
 # keyword arguments its ``structure_init()`` recorded.
-REPLACEMENTS: dict[str, type[nn.Module]] = {"SkippedBlock": SkippedBlock, "ShortcutBlock": ShortcutBlock}
+REPLACEMENTS: dict[str, type[nn.Module]] = {"SkippedBlock": SkippedBlock, "ShortcutBlock": ShortcutBlock,
+                                             "ZeroBranch": ZeroBranch}
 
 
 def model_class(name: str) -> type[nn.Module]:

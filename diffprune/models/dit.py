@@ -14,7 +14,7 @@ by the very same :func:`load_dit`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import ContextManager, Optional, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2
 from ..config import ConfigError
 from ..io import atomic_path
 from ..sampling import initial_noise, trajectory
-from .guidance import LabelGuided, ModelCall
+from .guidance import LabelGuided, ModelCall, bare_call_defaults
 from .unet import check_pretrained_source
 
 HUB_DIT = "facebook/DiT-XL-2-256"
@@ -191,6 +191,13 @@ def build_dit(num_layers: int, num_heads: int, head_dim: int, patch_size: int,
         return DiTTransformer2DModel(num_attention_heads=num_heads, attention_head_dim=head_dim, in_channels=c,
                                      out_channels=c, num_layers=num_layers, sample_size=h, patch_size=patch_size,
                                      num_embeds_ada_norm=1000)
+
+
+def null_label_by_default(transformer: DiTTransformer2DModel) -> ContextManager[None]:
+    """Within it, a bare call ``transformer(x, t)`` runs the null class (MACs counting, shape checks)."""
+    null = int(transformer.config.num_embeds_ada_norm)
+    return bare_call_defaults(transformer, lambda x: {"class_labels": torch.full((x.shape[0],), null, dtype=torch.long,
+                                                                                 device=x.device)})
 
 
 def dit_call(model: DiTTransformer2DModel, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ def get_stage(name: str) -> Callable[..., dict]:
 
 def _load_all() -> None:
     # importing a stage module registers its stages (and its models in core.TARGETS)
-    from . import (core, dipgo, dit, experts, latent, ldm, ldm_experts, report, router, sd, sd_experts, stack,
+    from . import (core, dipgo, dit, dit_experts, experts, latent, ldm, ldm_experts, report, router, sd, sd_experts, stack,
                    taylor)  # noqa: F401
 
 

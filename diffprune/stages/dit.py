@@ -6,8 +6,9 @@ model is sampled through :func:`diffprune.sampling.sample` as a :class:`~diffpru
 (image i of a set is class ``i % num_classes``; the VAE decodes the final latents), so FID, the
 paired fidelity to the teacher, MACs (guidance doubling counted) and latency are the house's. Every
 model's checkpoint records its ``conditioning`` (class count, guidance scale), and loads back into
-diffusers' ``DiTPipeline`` (:func:`diffprune.models.dit.dit_pipeline`). The timestep-expert and stack stages
-have no DiT version yet: a DiT workspace's ``dvc.yaml`` leaves them out (:data:`UNSUPPORTED`).
+diffusers' ``DiTPipeline`` (:func:`diffprune.models.dit.dit_pipeline`). The timestep-expert stages are
+the pixel UNet's own on the labelled latents (``stages/dit_experts.py``; the mixture samples as kind
+``dit-experts``); the stack stage has no DiT version yet (a DiT workspace's ``dvc.yaml`` leaves it out).
 """
 
 from __future__ import annotations
@@ -28,11 +29,8 @@ from .core import FAMILY_KINDS, FAMILY_PATHS, ProgressFn
 from .latent import AUTOENCODER, PRETRAINED_VAE, load_latents
 
 FAMILY = "dit"
-FAMILY_KINDS[FAMILY] = {"unet": "dit", "dipgo": "dit-dipgo"}  # no expert mixture of DiTs yet
+FAMILY_KINDS[FAMILY] = {"unet": "dit", "dipgo": "dit-dipgo", "experts": "dit-experts"}  # no stack yet
 FAMILY_PATHS[FAMILY] = {"vae": AUTOENCODER}
-# the stages a DiT workspace's dvc.yaml leaves out (and, with them, the outputs only they make)
-UNSUPPORTED = ("intervals", "experts", "router", "prune-experts", "stack", "evaluate@experts", "register@experts",
-               "evaluate@stack", "register@stack")
 
 
 def _pretrained_vae(name: str, device):
@@ -111,4 +109,4 @@ def run_dipgo(p: Params, root: Path, progress: bool = True, on_progress: Any = N
     return conditional.dipgo(p, root, FAMILY, graph, progress, on_progress)
 
 
-conditional.refuse_unsupported(FAMILY, ("intervals", "experts", "router", "prune-experts", "stack"))
+conditional.refuse_unsupported(FAMILY, ("stack",))

@@ -34,9 +34,9 @@ from torch import nn
 
 from ...models.blocks import resnet_skip
 from .elastic_stream import StreamUnit, masked_group_norm
-from .space import ATTENTION, RESNET, ElasticSpace, ElasticUnit, SubnetConfig, elastic_space, sample_subnet
+from .space import ATTENTION, MLP, RESNET, ElasticSpace, ElasticUnit, SubnetConfig, elastic_space, sample_subnet
 
-__all__ = ["ATTENTION", "RESNET", "ElasticController", "ElasticSpace", "ElasticUnit", "StreamUnit", "SubnetConfig",
+__all__ = ["ATTENTION", "MLP", "RESNET", "ElasticController", "ElasticSpace", "ElasticUnit", "StreamUnit", "SubnetConfig",
            "elastic_hook", "elastic_space", "sample_subnet"]
 
 # ----------------------------------------------------------------------------- hooks
@@ -69,7 +69,7 @@ class ElasticController:
         self.current: Optional[SubnetConfig] = space.full()  # the hard sub-network running (None = relaxed)
         for i, u in enumerate(space.units):
             m = model.get_submodule(u.name)
-            target = m.conv2 if u.kind == RESNET else m.to_out[0]
+            target = m.conv2 if u.kind == RESNET else m.net[2] if u.kind == MLP else m.to_out[0]
             self._handles.append(target.register_forward_pre_hook(self._width_hook(i)))
             self._handles.append(m.register_forward_hook(self._depth_hook(i), with_kwargs=True))
         norms: dict[str, list[tuple[int, int]]] = {}
@@ -157,6 +157,7 @@ class ElasticController:
 
     def _depth_hook(self, i: int) -> Callable:
         is_resnet = self.space.units[i].kind == RESNET
+        to_zero = self.space.units[i].drop_to == "zero"  # a transformer block's branch: adds nothing
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> Optional[torch.Tensor]:
             g = self._gate[i]
@@ -165,7 +166,7 @@ class ElasticController:
             if not g.requires_grad and float(g) != 0.0:
                 return None
             x = _hidden(args, kwargs)
-            skip = resnet_skip(mod, x) if is_resnet else x
+            skip = resnet_skip(mod, x) if is_resnet else torch.zeros_like(out) if to_zero else x
             if not g.requires_grad:  # hard gate 0: exactly what the block computes without its branch
                 return skip
             g = g.to(device=out.device, dtype=out.dtype)

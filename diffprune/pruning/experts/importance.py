@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ...training import Conditions, conditioned, denoising_loss, random_rows
-from .elastic import RESNET, ElasticSpace, ElasticUnit, StreamUnit
+from .elastic import MLP, RESNET, ElasticSpace, ElasticUnit, StreamUnit
 
 
 def _coupled(model: nn.Module, unit: ElasticUnit) -> list[tuple[torch.Tensor, int]]:
@@ -23,6 +23,9 @@ def _coupled(model: nn.Module, unit: ElasticUnit) -> list[tuple[torch.Tensor, in
         out = [(m.conv1.weight, 0), (m.time_emb_proj.weight, 0), (m.norm2.weight, 0), (m.conv2.weight, 1)]
         out += [(b, 0) for b in (m.conv1.bias, m.time_emb_proj.bias, m.norm2.bias) if b is not None]
         return out
+    if unit.kind == MLP:  # a feed-forward's hidden channels: the first linear's outputs, the second's inputs
+        first = m.net[0].proj
+        return [(first.weight, 0), (m.net[2].weight, 1)] + ([(first.bias, 0)] if first.bias is not None else [])
     out = [(m.to_q.weight, 0), (m.to_k.weight, 0), (m.to_v.weight, 0), (m.to_out[0].weight, 1)]
     out += [(lin.bias, 0) for lin in (m.to_q, m.to_k, m.to_v) if lin.bias is not None]
     return out

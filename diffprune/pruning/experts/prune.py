@@ -22,15 +22,15 @@ from typing import Sequence
 
 import torch
 import torch_pruning as tp
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from ...io import ArtifactError
-from ...models.blocks import ShortcutBlock, SkippedBlock
+from ...models.blocks import ShortcutBlock, SkippedBlock, ZeroBranch
 from ...models.checkpoint import load_model, save_model, set_module
 from ...sampling import ExpertMixture
 from ..surgery import check_pruned, repair_attributes
-from .elastic import RESNET, ElasticSpace, SubnetConfig
+from .elastic import MLP, RESNET, ElasticSpace, SubnetConfig
 from .elastic_stream import prune_streams
 
 
@@ -59,7 +59,9 @@ def prune_to_config(model: nn.Module, space: ElasticSpace, cfg: SubnetConfig,
     for u, keep, on in zip(space.units, cfg.width, cfg.depth):
         m = net.get_submodule(u.name)
         if not on:  # depth: the residual branch goes
-            if u.kind == RESNET and getattr(m, "conv_shortcut", None) is not None:
+            if u.drop_to == "zero":  # a transformer block's branch: the block adds nothing
+                set_module(net, u.name, ZeroBranch(u.kind))
+            elif u.kind == RESNET and getattr(m, "conv_shortcut", None) is not None:
                 set_module(net, u.name, ShortcutBlock.of(m))
             else:
                 channels = m.conv1.in_channels if u.kind == RESNET else m.to_q.in_features
@@ -74,6 +76,9 @@ def prune_to_config(model: nn.Module, space: ElasticSpace, cfg: SubnetConfig,
             tp.prune_groupnorm_out_channels(m.norm2, idxs)
             m.norm2.num_groups = keep  # whole groups removed: the group size is unchanged
             tp.prune_conv_in_channels(m.conv2, idxs)
+        elif u.kind == MLP:  # hidden channels: the first linear's outputs, the second's inputs
+            tp.prune_linear_out_channels(m.net[0].proj, idxs)
+            tp.prune_linear_in_channels(m.net[2], idxs)
         else:  # heads: q/k/v outputs and to_out inputs, whole heads
             for lin in (m.to_q, m.to_k, m.to_v):
                 tp.prune_linear_out_channels(lin, idxs)
@@ -86,8 +91,9 @@ def prune_to_config(model: nn.Module, space: ElasticSpace, cfg: SubnetConfig,
 
 # ----------------------------------------------------------------------------- the mixture
 
-# the networks a mixture's experts may be (a pixel or latent UNet; a text-to-image UNet)
-EXPERT_CLASSES: dict[str, type[nn.Module]] = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+# the networks a mixture's experts may be (a pixel or latent UNet, a text-to-image UNet, a DiT)
+EXPERT_CLASSES: dict[str, type[nn.Module]] = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel,
+                                              "DiTTransformer2DModel": DiTTransformer2DModel}
 
 
 class ExpertMixtureModel(nn.Module):
@@ -137,6 +143,29 @@ class ExpertMixtureModel(nn.Module):
         """The expert serving timestep ``t`` (a batch shares one: its first)."""
         return self.experts[sum(int(t.flatten()[0]) >= b for b in self.boundaries)]
 
+
+
+class RoutedDenoiser(nn.Module):
+    """A mixture as one diffusers denoiser, for a diffusers pipeline (``DiTPipeline(transformer=...)``,
+    ``StableDiffusionPipeline(unet=...)``): each call runs the expert of its timestep's interval with
+    the call's own arguments; ``config`` and ``dtype`` are expert 0's (the experts share one config,
+    pruned differently)."""
+
+    def __init__(self, mixture: ExpertMixtureModel) -> None:
+        super().__init__()
+        self.mixture = mixture
+        self.config = mixture.experts[0].config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, *args, **kwargs):
+        return self.mixture.expert_for(torch.as_tensor(timestep))(sample, timestep, *args, **kwargs)
 
 
 def save_mixture(mixture: ExpertMixtureModel, path: str | Path, *, scheduler_config: dict | None = None,

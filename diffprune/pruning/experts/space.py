@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
+from diffusers.models.activations import GELU
+from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
@@ -19,7 +21,8 @@ from ...metrics.cost import MacCounter
 from ..surgery import head_dim
 from .elastic_stream import CostTerm, StreamUnit, cost_terms, evaluate, stream_units, streams_to_json
 
-RESNET, ATTENTION = "resnet", "attention"
+RESNET, ATTENTION, MLP = "resnet", "attention", "mlp"
+MLP_GROUPS = 16  # width units of a transformer block's feed-forward: its hidden channels in (at most) 16 groups
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- the space
@@ -39,6 +42,9 @@ class ElasticUnit:
             at full stream width; with an elastic stream :attr:`ElasticSpace.terms` count exactly).
         macs_per_unit: MACs (one image) added by each kept group / head.
         macs_skip: MACs (one image) of the sub-block when dropped (its shortcut conv, if any).
+        drop_to: what a dropped sub-block returns: ``"input"`` (a residual sub-block: its input, or
+            its shortcut) or ``"zero"`` (a transformer block's attention or feed-forward branch, which
+            the block adds to its stream itself).
     """
 
     name: str
@@ -50,6 +56,7 @@ class ElasticUnit:
     macs_fixed: int
     macs_per_unit: int
     macs_skip: int = 0
+    drop_to: str = "input"
 
 
 @dataclass(frozen=True)
@@ -187,6 +194,19 @@ def _attention_droppable(m: Attention) -> bool:
     return bool(m.residual_connection) and m.rescale_output_factor == 1 and m.query_dim == m.out_dim
 
 
+def _transformer_branch(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is the attention or feed-forward of a transformer block (DiT's, SD's), whose
+    output the block adds to its residual stream: the branch may go (its output: zero)."""
+    parent, _, attr = name.rpartition(".")
+    return attr in ("attn1", "attn2", "ff") and isinstance(model.get_submodule(parent), BasicTransformerBlock)
+
+
+def _mlp_elastic(m: FeedForward) -> bool:
+    """A plain two-layer feed-forward (``GELU`` then ``Linear``; a gated ``GEGLU`` is not elastic)."""
+    return (len(m.net) >= 3 and isinstance(m.net[0], GELU) and isinstance(m.net[2], nn.Linear)
+            and m.net[0].proj.out_features == m.net[2].in_features)
+
+
 def elastic_space(model: nn.Module, sample_shape: Sequence[int], min_width: float,
                   stream: bool = True) -> ElasticSpace:
     """The elastic space of a diffusers UNet, with the MACs of every unit measured once.
@@ -224,15 +244,24 @@ def elastic_space(model: nn.Module, sample_shape: Sequence[int], min_width: floa
             _attention_supported(name, m)
             g, size = m.heads, head_dim(m)
             scaled = under(name)  # projections and both attention products scale with the heads
-            kind, channels, droppable = ATTENTION, m.query_dim, _attention_droppable(m)
+            branch = _transformer_branch(model, name) and m.query_dim == m.out_dim
+            kind, channels, droppable = ATTENTION, m.query_dim, _attention_droppable(m) or branch
             skip = 0
+        elif isinstance(m, FeedForward) and _mlp_elastic(m):
+            hidden = m.net[2].in_features
+            g = math.gcd(hidden, MLP_GROUPS)
+            size, scaled = hidden // g, under(name)  # both linears scale with the hidden width
+            branch = _transformer_branch(model, name) and m.net[0].proj.in_features == m.net[2].out_features
+            kind, channels, droppable, skip = MLP, m.net[2].out_features, branch, 0
         else:
             continue
         total = under(name)
         if g > 1 and scaled % g:
             raise RuntimeError(f"{name}: {scaled} width-dependent MACs do not split over {g} units")
         per_unit = scaled // g if g > 1 else 0
-        units.append(ElasticUnit(name, kind, g, size, channels, droppable, total - per_unit * g, per_unit, skip))
+        drop_to = "zero" if kind != RESNET and droppable and not getattr(m, "residual_connection", False) else "input"
+        units.append(ElasticUnit(name, kind, g, size, channels, droppable, total - per_unit * g, per_unit, skip,
+                                 drop_to))
     base = counter.total - sum(under(u.name) for u in units)
     try:
         streams = stream_units(model) if stream else ()
