@@ -38,7 +38,7 @@ class SdConfig:
     text_width: Int = Field(32, ge=2, le=WIDTH)  # the text encoder's width = the UNet's cross_attention_dim
     text_layers: Int = Field(2, ge=1, le=24)
     text_heads: Int = Field(2, ge=1, le=64)
-    caption: Str = Field("a handwritten {label}", max_length=200)  # {label}: the class id (digits: the digit)
+    caption: Str = Field("a handwritten {label}", max_length=200)  # {label}: the class name (folder, Hub label; digits: the digit)
     caption_dropout: Float = Field(0.1, ge=0.0, le=1.0)  # captions dropped to "" in training (for guidance)
     guidance_scale: Float = Field(1.0, ge=0.0, le=50.0)  # > 1: classifier-free guidance (doubles the batch)
     seed: Seed = 0  # the text encoder's initialisation
@@ -52,7 +52,7 @@ class SdConfig:
             raise ConfigError(f"sd.text_width = {self.text_width}: must be a multiple of sd.text_heads = "
                               f"{self.text_heads}")
         if self.caption.count("{label}") != 1:
-            raise ConfigError(f"sd.caption = {self.caption!r}: needs exactly one '{{label}}' (the class id)")
+            raise ConfigError(f"sd.caption = {self.caption!r}: needs exactly one '{{label}}' (the class name)")
         return self
 
 

@@ -76,3 +76,28 @@ def test_corrupted_dataset_cache_is_refused_naming_the_file(tmp_path):
     arrow.write_bytes(arrow.read_bytes()[:-64])
     with pytest.raises(ArtifactError, match=arrow.name):
         load_split(tmp_path / "ds", "train")
+
+
+def test_the_cache_records_the_class_names_and_captions_take_them(tmp_path):
+    from diffprune.data import class_names
+    from diffprune.models.sd import class_captions
+    from tests.rgb_folder import CLASSES, make_rgb_folder
+
+    cache_dataset(DataConfig(source=str(make_rgb_folder(tmp_path / "shapes", per_class=3, size=8)), image_size=8,
+                             channels=3, ref_fraction=0.25), tmp_path / "folder")
+    assert class_names(tmp_path / "folder") == sorted(CLASSES)  # the label ids index the sorted folder names
+    labels = load_split(tmp_path / "folder", "train")[1]
+    assert set(labels.tolist()) <= {0, 1, 2}
+    assert class_captions("a photo of a {label}", 3, class_names(tmp_path / "folder")) == [
+        "a photo of a disc", "a photo of a square", "a photo of a triangle"]
+    cache_dataset(DataConfig(max_images=40, ref_fraction=0.25), tmp_path / "digits")
+    assert class_names(tmp_path / "digits") == [str(k) for k in range(10)]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(flat / f"{i}.png")
+    cache_dataset(DataConfig(source=str(flat), image_size=8, ref_fraction=0.25), tmp_path / "unlabelled")
+    assert class_names(tmp_path / "unlabelled") is None and class_captions("a {label}", 2) == ["a 0", "a 1"]
+    (tmp_path / "folder" / "class_names.json").write_text('{"not": "a list"}')
+    with pytest.raises(Exception, match="class_names.json"):
+        class_names(tmp_path / "folder")

@@ -183,22 +183,19 @@ EXPERT_SPECS = ("intervals", "experts", "router", "prune-experts", "evaluate@exp
 
 
 @pytest.mark.parametrize("family", list(LATENT_SPECS))
-def test_a_latent_family_workspace_has_latents_and_expert_stages_where_the_family_has_them(family: str) -> None:
+def test_a_latent_family_workspace_has_latents_and_the_expert_stages_on_them(family: str) -> None:
     specs = LATENT_SPECS[family]
     frozen = {"sd": {"models/text-encoder"}}.get(family, set())
     assert "latents" in specs and list(specs).index("latents") == 1
     assert frozen <= set(specs["latents"]["outs"])
     assert "stack" not in specs
-    if family == "dit":
-        assert not set(EXPERT_SPECS) & set(specs)
-        assert not any("experts" in d or "intervals" in d for s in specs.values() for d in s["deps"])
-    else:  # the expert stages train on the latents with the family's conditions (stages/FAMILY_experts.py)
-        assert set(EXPERT_SPECS) <= set(specs)
-        for name in EXPERT_SPECS[:4]:
-            assert {"data/latents", f"diffprune/stages/{family}.py", f"diffprune/stages/{family}_experts.py",
-                    *frozen} <= set(specs[name]["deps"]), name
-        assert family in specs["experts"]["params"] and family in specs["prune-experts"]["params"]
-        assert not any("_experts" in d for n in ("teacher", "taylor", "dipgo") for d in specs[n]["deps"])
+    # the expert stages train on the latents with the family's conditions (stages/FAMILY_experts.py)
+    assert set(EXPERT_SPECS) <= set(specs)
+    for name in EXPERT_SPECS[:4]:
+        assert {"data/latents", f"diffprune/stages/{family}.py", f"diffprune/stages/{family}_experts.py",
+                *frozen} <= set(specs[name]["deps"]), name
+    assert family in specs["experts"]["params"] and family in specs["prune-experts"]["params"]
+    assert not any("_experts" in d for n in ("teacher", "taylor", "dipgo") for d in specs[n]["deps"])
     for name in ("teacher", "taylor", "finetune", "dipgo", "evaluate@dipgo"):
         assert {"data/latents", "models/autoencoder"} | frozen <= set(specs[name]["deps"]), name
     # the CLIP score is the text-to-image evaluation's: its weights re-evaluate, never retrain

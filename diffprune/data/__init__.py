@@ -18,6 +18,8 @@ from ..config import ConfigError, DataConfig
 from ..io import ArtifactError, atomic_path, read_json, sha256_file
 
 CHECKSUMS = "checksums.json"
+CLASS_NAMES = "class_names.json"  # the classes' names (folder names, a Hub ClassLabel's, the digits), or null
+Labels = tuple[list[int] | None, list[str] | None]
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -25,15 +27,15 @@ class DataError(ValueError):
     """The dataset source is unusable (empty, corrupt images, unknown id)."""
 
 
-def _digits() -> tuple[list[np.ndarray], list[int]]:
+def _digits() -> tuple[list[np.ndarray], list[int], list[str]]:
     from sklearn.datasets import load_digits
 
     d = load_digits()  # 1797 images, 8x8, values 0..16, bundled with scikit-learn (no network)
     imgs = [np.round(im * (255.0 / 16.0)).astype(np.uint8) for im in d.images]
-    return imgs, [int(y) for y in d.target]
+    return imgs, [int(y) for y in d.target], [str(k) for k in range(10)]
 
 
-def _folder(root: Path, channels: int) -> tuple[list[np.ndarray], list[int] | None]:
+def _folder(root: Path, channels: int) -> tuple[list[np.ndarray], list[int] | None, list[str] | None]:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not files:
         raise DataError(f"data.source = {str(root)!r}: no images ({', '.join(sorted(IMAGE_EXTS))}) in this folder")
@@ -52,10 +54,10 @@ def _folder(root: Path, channels: int) -> tuple[list[np.ndarray], list[int] | No
             raise DataError(f"data.source: image {p} is empty (shape {arr.shape})")
         imgs.append(arr)
         labels.append(classes.index(p.parent.relative_to(root).as_posix()))
-    return imgs, labels if labelled else None
+    return imgs, labels if labelled else None, classes if labelled else None
 
 
-def _hub(name: str, channels: int, max_images: int) -> tuple[list[np.ndarray], list[int] | None]:
+def _hub(name: str, channels: int, max_images: int) -> tuple[list[np.ndarray], list[int] | None, list[str] | None]:
     from ..models.unet import _hub_reachable
 
     if name.count("/") > 1 or not name.strip() or name.startswith((".", "/")):
@@ -75,7 +77,7 @@ def _hub(name: str, channels: int, max_images: int) -> tuple[list[np.ndarray], l
         raise DataError(f"data.source = {name!r}: the dataset has no image column")
     lab_col = next((c for c, f in ds.features.items() if isinstance(f, datasets.ClassLabel)), None)
     imgs = [np.asarray(im.convert("L" if channels == 1 else "RGB")) for im in ds[img_col]]
-    return imgs, (list(ds[lab_col]) if lab_col else None)
+    return imgs, (list(ds[lab_col]) if lab_col else None), (list(ds.features[lab_col].names) if lab_col else None)
 
 
 def _resize(arr: np.ndarray, size: int, channels: int) -> np.ndarray:
@@ -89,28 +91,29 @@ def _resize(arr: np.ndarray, size: int, channels: int) -> np.ndarray:
     return out
 
 
-def load_source(cfg: DataConfig) -> tuple[list[np.ndarray], list[int] | None]:
-    """Raw images (uint8, HxW or HxWx3) and labels (or None) from the configured source."""
+def load_source(cfg: DataConfig) -> tuple[list[np.ndarray], list[int] | None, list[str] | None]:
+    """Raw images (uint8, HxW or HxWx3), labels and the classes' names (both None when unlabelled)
+    from the configured source."""
     if cfg.source == "digits":
-        imgs, labels = _digits()
+        imgs, labels, names = _digits()
     elif Path(cfg.source).is_dir():
-        imgs, labels = _folder(Path(cfg.source), cfg.channels)
+        imgs, labels, names = _folder(Path(cfg.source), cfg.channels)
     elif Path(cfg.source).exists():
         raise ConfigError(f"data.source = {cfg.source!r}: is a file, expected a folder of images")
     else:
-        imgs, labels = _hub(cfg.source, cfg.channels, cfg.max_images)
+        imgs, labels, names = _hub(cfg.source, cfg.channels, cfg.max_images)
     if cfg.max_images:
         imgs, labels = imgs[: cfg.max_images], (labels[: cfg.max_images] if labels else None)
     if len(imgs) < 2:
         raise DataError(f"data.source = {cfg.source!r}: needs at least 2 images, found {len(imgs)}")
-    return [_resize(a, cfg.image_size, cfg.channels) for a in imgs], labels
+    return [_resize(a, cfg.image_size, cfg.channels) for a in imgs], labels, names if labels else None
 
 
 def cache_dataset(cfg: DataConfig, out_dir: str | Path) -> Path:
     """Cache the source as a DatasetDict(train, ref) at ``out_dir`` (atomic). Returns the path."""
     import datasets
 
-    imgs, labels = load_source(cfg)
+    imgs, labels, names = load_source(cfg)
     n = len(imgs)
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(n)
@@ -131,9 +134,22 @@ def cache_dataset(cfg: DataConfig, out_dir: str | Path) -> Path:
         )
     with atomic_path(out_dir, is_dir=True) as tmp:
         datasets.DatasetDict(dd).save_to_disk(str(tmp))
+        (tmp / CLASS_NAMES).write_text(json.dumps(names))
         files = {str(f.relative_to(tmp)): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
         (tmp / CHECKSUMS).write_text(json.dumps(files, indent=1))
     return Path(out_dir)
+
+
+def class_names(path: str | Path) -> list[str] | None:
+    """The class names a cached dataset records (None: unlabelled, or a cache written before names
+    were recorded: the class ids stand in)."""
+    f = Path(path) / CLASS_NAMES
+    if not f.exists():
+        return None
+    names = read_json(f)
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) and len(n) <= 200 for n in names)):
+        raise ArtifactError(f"{f}: expected null or a list of class names (strings of at most 200 characters)")
+    return names
 
 
 def verify_dataset(path: Path) -> None:

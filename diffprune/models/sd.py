@@ -308,9 +308,13 @@ def sd_pipeline(unet: Optional[UNet2DConditionModel], vae: Optional[AutoencoderK
                                    requires_safety_checker=False)
 
 
-def class_captions(template: str, num_classes: int) -> list[str]:
-    """One caption per class: ``template`` with ``{label}`` replaced by the class id ("a handwritten 7")."""
-    return [template.replace("{label}", str(k)) for k in range(num_classes)]
+def class_captions(template: str, num_classes: int, names: Optional[Sequence[str]] = None) -> list[str]:
+    """One caption per class: ``template`` with ``{label}`` replaced by the class's name (``names[k]``:
+    a folder's name, a Hub ClassLabel's; the digits': "a handwritten 7"), or by its id without names."""
+    if names is not None and len(names) < num_classes:
+        raise ConfigError(f"{len(names)} class names for {num_classes} classes: the dataset cache is inconsistent "
+                          f"(rerun the data stage)")
+    return [template.replace("{label}", str(k) if names is None else names[k]) for k in range(num_classes)]
 
 
 class CaptionTable:

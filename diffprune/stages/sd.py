@@ -22,12 +22,13 @@ from typing import Any
 import torch
 
 from ..config import Params, resolve_device
+from ..data import class_names
 from ..distributed import follower_result
 from ..models.sd import (CaptionCall, CaptionTable, PromptCycle, GuidedSD, build_sd_unet, build_text_encoder,
                          class_captions, load_text_encoder, save_text_encoder, sd_pipeline)
 from ..targets import captions_of, load_vae
 from . import conditional, safe_subpath, stage
-from .core import FAMILY_KINDS, FAMILY_PATHS, ProgressFn
+from .core import DATASET, FAMILY_KINDS, FAMILY_PATHS, ProgressFn
 from .latent import AUTOENCODER, FROZEN_PARTS, PRETRAINED_VAE, load_latents
 
 FAMILY = "sd"
@@ -84,7 +85,7 @@ def run_teacher(p: Params, root: Path, progress: bool = True, on_progress: Progr
     text encoder)."""
     device = resolve_device(p.project.device)
     latents, labels = load_latents(root)
-    captions = class_captions(p.sd.caption, int(labels.max()) + 1)
+    captions = class_captions(p.sd.caption, int(labels.max()) + 1, class_names(safe_subpath(root, DATASET)))
     cond = {"num_classes": len(captions), "guidance_scale": float(p.sd.guidance_scale), "captions": captions}
     t0 = time.time()
     if p.teacher.pretrained:
