@@ -16,7 +16,7 @@ import torch
 from ..config import Params
 from ..models.dit import dit_call, null_label_by_default
 from ..training import Conditions
-from .experts import EXPERT_FAMILIES, ExpertData
+from .expert_data import EXPERT_FAMILIES, ExpertData
 from .dit import FAMILY
 from .latent import load_latents
 

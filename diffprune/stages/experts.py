@@ -19,16 +19,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from diffusers import DDPMScheduler
 
 from ..config import ConfigError, Params, fingerprint, resolve_device, to_dict
-from ..data import load_split
 from ..distributed import follower_result, is_main_process
 from ..io import ArtifactError, atomic_path, read_json, write_json
 from ..metrics.cost import unet_macs
@@ -40,10 +37,11 @@ from ..pruning.experts.intervals import (alignment_matrix, auto_k, candidates, c
                                          objective, outlier_row, save_alignment_heatmap, seed_boundaries, timestep_gradients,
                                          timestep_grid, uniform_boundaries, uniform_cuts)
 from ..pruning.experts.prune import ExpertMixtureModel, prune_to_config, save_mixture
-from ..pruning.experts.selection import mixture_macs, steps_per_expert
+from ..pruning.experts.selection import mixture_macs, split_steps, steps_per_expert
 from ..pruning.surgery import check_pruned
-from ..training import Conditions, TrainSpec, spec_json
+from ..training import TrainSpec, spec_json
 from . import core, safe_subpath, stage
+from .expert_data import train_conditions, expert_family
 
 log = logging.getLogger(__name__)
 
@@ -53,44 +51,6 @@ ROUTER = "models/experts/router"
 PRUNED = "models/experts/pruned"
 MIXTURE = "models/experts/mixture"
 SUMMARY = "models/experts/summary.json"
-
-# ----------------------------------------------------------------------------- the families
-
-
-@dataclass(frozen=True)
-class ExpertData:
-    """What the timestep-expert stages take from a model family: ``load(p, root) -> (images,
-    conditions)`` (its training images or latents, and their :class:`~diffprune.training.Conditions`
-    or ``None``); ``bare_calls(root, net)``, the context in which its network takes the bare call
-    ``net(x, t)`` that MACs counting and shape checks make; ``key(p)``, what else defines its
-    training (a conditional family's label dropout)."""
-
-    load: Callable[[Params, Path], tuple[torch.Tensor, Optional[Conditions]]]
-    bare_calls: Callable[[Path, torch.nn.Module], ContextManager[None]] = lambda root, net: nullcontext()
-    key: Callable[[Params], Any] = lambda p: None
-
-
-def _pixels(p: Params, root: Path) -> tuple[torch.Tensor, None]:
-    return load_split(safe_subpath(root, core.DATASET), "train")[0], None
-
-
-# teacher.family -> its ExpertData; a latent family adds itself (stages/ldm.py). A family not here has
-# its own refusing versions of these stages.
-EXPERT_FAMILIES: dict[str, ExpertData] = {"unet": ExpertData(_pixels)}
-
-
-def expert_family(p: Params) -> ExpertData:
-    fam = EXPERT_FAMILIES.get(p.teacher.family)
-    if fam is None:
-        raise ConfigError(f"teacher.family = {p.teacher.family!r}: no timestep experts for this family yet "
-                          f"(they run on: {', '.join(sorted(EXPERT_FAMILIES))})")
-    return fam
-
-
-def _train_conditions(cond: Optional[Conditions]) -> dict:
-    """``train_or_resume``'s ``conditions=`` and ``call=`` for a family's conditions (none without)."""
-    return {} if cond is None else {"conditions": cond.values, "call": cond.call}
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -111,36 +71,6 @@ def _shape(model: torch.nn.Module) -> tuple[int, int, int]:
 def _steps(fraction: float, teacher_steps: int) -> int:
     """``ceil(fraction * teacher_steps)`` training steps, at least 1."""
     return max(1, math.ceil(round(fraction * teacher_steps, 6)))
-
-
-def split_steps(total: int, served: Sequence[int], min_steps: int = 1) -> list[int]:
-    """``total`` training steps shared by the experts in proportion to the sampling steps each serves,
-    each at least ``min_steps``; the sum is exactly ``total``.
-
-    Experts whose proportional share falls below ``min_steps`` get ``min_steps`` and the rest share
-    what remains in proportion (repeated until no share falls below); the shares are then rounded
-    by largest remainder (ties to the lower index). With nothing served the split is equal.
-    """
-    k_count = len(served)
-    if k_count == 0 or min(served) < 0 or min_steps < 0 or k_count * min_steps > total:
-        raise ValueError(f"split_steps(total={total}, served={list(served)}, min_steps={min_steps}): need "
-                         f"served >= 0 and len(served) * min_steps <= total")
-    floor: set[int] = set()
-    while True:
-        free = [k for k in range(k_count) if k not in floor]
-        left = total - min_steps * len(floor)
-        mass = sum(served[k] for k in free)
-        share = {k: left * (served[k] / mass if mass else 1 / len(free)) for k in free}
-        low = {k for k, v in share.items() if v < min_steps}
-        if not low:
-            break
-        floor |= low
-    exact = [float(min_steps) if k in floor else share[k] for k in range(k_count)]
-    out = [math.floor(v + 1e-9) for v in exact]
-    order = sorted(range(k_count), key=lambda k: (-(exact[k] - out[k]), k))
-    for k in order[:total - sum(out)]:
-        out[k] += 1
-    return out
 
 
 def expert_steps(section: str, cfg: Any, teacher_steps: int, served: Sequence[int], k: int) -> int:
@@ -317,7 +247,7 @@ def train_expert(p: Params, root: Path, k: int, *, progress: bool = True,
                                      device=device, progress=progress, desc=f"expert {k} [{lo}, {hi})",
                                      before_step=elastic_hook(ctrl, cfg.depth_drop_prob), on_progress=on_progress,
                                      teacher=teacher, mixed_precision=p.project.mixed_precision,
-                                     **_train_conditions(cond))
+                                     **train_conditions(cond))
     if not is_main_process():  # under `accelerate launch`: the main process writes the outputs
         return out
     meta = {"key": key, "expert": k, "interval": [lo, hi], "space": space.to_json(),
@@ -381,7 +311,7 @@ def prune_expert(p: Params, root: Path, k: int, *, progress: bool = True,
                                   core.work_dir(root, f"prune-experts-{k}", key), device=device, progress=progress,
                                   desc=f"pruned expert {k} [{lo}, {hi})", on_progress=on_progress,
                                   teacher=_teacher(root, device)[0] if c.distill else None,
-                                  mixed_precision=p.project.mixed_precision, **_train_conditions(cond))
+                                  mixed_precision=p.project.mixed_precision, **train_conditions(cond))
     if not is_main_process():  # under `accelerate launch`: the main process writes the outputs
         return out
     meta = {"key": key, "expert": k, "interval": [lo, hi], "config": cfg.to_json(), "macs": macs,

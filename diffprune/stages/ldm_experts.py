@@ -12,7 +12,7 @@ import torch
 from ..config import Params
 from ..models.ldm import ldm_call, null_class_by_default
 from ..training import Conditions
-from .experts import EXPERT_FAMILIES, ExpertData
+from .expert_data import EXPERT_FAMILIES, ExpertData
 from .latent import load_latents
 from .ldm import FAMILY, dropout
 

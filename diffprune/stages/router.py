@@ -20,8 +20,8 @@ from ..io import ArtifactError, atomic_path, write_json
 from ..models.checkpoint import load_model, load_scheduler_config, read_config
 from ..pruning.experts import ElasticSpace, RouterResult, SubnetConfig, mixture_macs, steps_per_expert, train_router
 from . import core, safe_subpath, stage
-from .experts import (ELASTIC, ROUTER, _expert_dir, _interval_ranges, _read_intervals, expert_family,
-                      sampling_timesteps)
+from .expert_data import expert_family
+from .experts import ELASTIC, ROUTER, _expert_dir, _interval_ranges, _read_intervals, sampling_timesteps
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from ..targets import captions_of
 from ..training import Conditions
 from . import safe_subpath
 from .core import TEACHER
-from .experts import EXPERT_FAMILIES, ExpertData
+from .expert_data import EXPERT_FAMILIES, ExpertData
 from .latent import load_latents
 from .sd import FAMILY, caption_table
 

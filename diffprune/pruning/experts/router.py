@@ -124,9 +124,8 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
                  resource_weight: float, tau: float, hidden: int, batch_size: int, seed: int,
                  device: torch.device | str = "cpu", progress: bool = False, distill: float = 0.0,
                  work_dir: Optional[str | Path] = None, checkpoint_every: int = 20,
-                 stop_after: Optional[int] = None, resource: str = "log",
-                 on_progress: Optional[Callable[[int, int], None]] = None,
-                 conditions: Optional[Conditions] = None) -> RouterResult:
+                 stop_after: Optional[int] = None, resource: str = "log", conditions: Optional[Conditions] = None,
+                 on_progress: Optional[Callable[[int, int], None]] = None) -> RouterResult:
     """Train the ERA with the (elastic) experts frozen; select and calibrate their sub-networks.
 
     Args:
@@ -144,8 +143,8 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
             ``checkpoint_every`` steps; a rerun resumes from it and ends as an uninterrupted run.
         stop_after: stop (after checkpointing) once this step is reached (tests of an interrupted run).
         resource: the regulariser's form, ``"log"`` or ``"squared"`` (:func:`resource_loss`).
-        on_progress: called ``(done, total)`` after each step.
-        conditions: one per image, for conditional experts (each batch row denoised with its own).
+        on_progress: called ``(done, total)`` after each step. conditions: one per image, for
+            conditional experts (each batch row denoised with its own).
 
     Returns a :class:`RouterResult`; the experts' weights and hooks are left as they were.
     """
@@ -153,11 +152,9 @@ def train_router(experts: Sequence[nn.Module], space: ElasticSpace, intervals: S
     task = _RouterTask(space, intervals, steps, images, scheduler, tau=tau, batch_size=batch_size, distill=distill,
                        budget=budget, device=torch.device(device), resource=resource, conditions=conditions)
     gen = torch.Generator().manual_seed(seed)
-    agent = _seeded_agent(len(experts), space.num_logits, hidden, seed, task.device)
-    best = _seeded_agent(len(experts), space.num_logits, hidden, seed, task.device)  # see _keep_best
-    opt = torch.optim.Adam(agent.parameters(), lr=lr)
-    objects = {"agent": agent, "opt": opt, "best": best}
-    state = TrainState(work_dir, objects, {"router": gen}) if work_dir is not None else None
+    agent, best = (_seeded_agent(len(experts), space.num_logits, hidden, seed, task.device) for _ in range(2))
+    opt = torch.optim.Adam(agent.parameters(), lr=lr)  # (best: see _keep_best)
+    state = TrainState(work_dir, {"agent": agent, "opt": opt, "best": best}, {"router": gen}) if work_dir else None
     start, history = 0, []
     if state is not None and (resumed := state.restore()) is not None:
         start, history = resumed[0], list(resumed[2]["history"])

@@ -148,6 +148,36 @@ def steps_per_expert(timesteps: Sequence[int], boundaries: Sequence[int]) -> lis
     return counts
 
 
+def split_steps(total: int, served: Sequence[int], min_steps: int = 1) -> list[int]:
+    """``total`` training steps shared by the experts in proportion to the sampling steps each serves,
+    each at least ``min_steps``; the sum is exactly ``total``.
+
+    Experts whose proportional share falls below ``min_steps`` get ``min_steps`` and the rest share
+    what remains in proportion (repeated until no share falls below); the shares are then rounded
+    by largest remainder (ties to the lower index). With nothing served the split is equal.
+    """
+    k_count = len(served)
+    if k_count == 0 or min(served) < 0 or min_steps < 0 or k_count * min_steps > total:
+        raise ValueError(f"split_steps(total={total}, served={list(served)}, min_steps={min_steps}): need "
+                         f"served >= 0 and len(served) * min_steps <= total")
+    floor: set[int] = set()
+    while True:
+        free = [k for k in range(k_count) if k not in floor]
+        left = total - min_steps * len(floor)
+        mass = sum(served[k] for k in free)
+        share = {k: left * (served[k] / mass if mass else 1 / len(free)) for k in free}
+        low = {k for k, v in share.items() if v < min_steps}
+        if not low:
+            break
+        floor |= low
+    exact = [float(min_steps) if k in floor else share[k] for k in range(k_count)]
+    out = [math.floor(v + 1e-9) for v in exact]
+    order = sorted(range(k_count), key=lambda k: (-(exact[k] - out[k]), k))
+    for k in order[:total - sum(out)]:
+        out[k] += 1
+    return out
+
+
 def mixture_macs(macs_per_expert: Sequence[float], steps: Sequence[int]) -> float:
     """MACs of one sampling trajectory (one image) of a mixture, from its experts' MACs per call:
     ``sum_k n_k MACs_k`` with ``n_k`` the steps expert ``k`` serves (computed, not measured; for a

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from diffusers.models.activations import GELU
@@ -207,12 +207,47 @@ def _mlp_elastic(m: FeedForward) -> bool:
             and m.net[0].proj.out_features == m.net[2].in_features)
 
 
+def _unit(model: nn.Module, name: str, m: nn.Module, per: dict[str, int]) -> Optional[ElasticUnit]:
+    """The elastic unit of sub-block ``name`` (``None``: not one), its MACs read off ``per``."""
+    def under(prefix: str) -> int:
+        return sum(v for n, v in per.items() if n == prefix or n.startswith(prefix + "."))
+
+    if isinstance(m, ResnetBlock2D):
+        if _resnet_width_elastic(m):
+            g, size = m.norm2.num_groups, m.conv1.out_channels // m.norm2.num_groups
+            scaled = sum(per.get(f"{name}.{c}", 0) for c in ("conv1", "time_emb_proj", "conv2"))
+        else:
+            g, size, scaled = 1, m.conv1.out_channels, 0
+        kind, channels, droppable = RESNET, m.conv1.in_channels, _resnet_droppable(m)
+        skip = per.get(f"{name}.conv_shortcut", 0) if droppable else 0
+    elif isinstance(m, Attention):
+        _attention_supported(name, m)
+        g, size = m.heads, head_dim(m)
+        scaled = under(name)  # projections and both attention products scale with the heads
+        branch = _transformer_branch(model, name) and m.query_dim == m.out_dim
+        kind, channels, droppable, skip = ATTENTION, m.query_dim, _attention_droppable(m) or branch, 0
+    elif isinstance(m, FeedForward) and _mlp_elastic(m):
+        hidden = m.net[2].in_features
+        g = math.gcd(hidden, MLP_GROUPS)
+        size, scaled = hidden // g, under(name)  # both linears scale with the hidden width
+        branch = _transformer_branch(model, name) and m.net[0].proj.in_features == m.net[2].out_features
+        kind, channels, droppable, skip = MLP, m.net[2].out_features, branch, 0
+    else:
+        return None
+    total = under(name)
+    if g > 1 and scaled % g:
+        raise RuntimeError(f"{name}: {scaled} width-dependent MACs do not split over {g} units")
+    per_unit = scaled // g if g > 1 else 0
+    drop_to = "zero" if kind != RESNET and droppable and not getattr(m, "residual_connection", False) else "input"
+    return ElasticUnit(name, kind, g, size, channels, droppable, total - per_unit * g, per_unit, skip, drop_to)
+
+
 def elastic_space(model: nn.Module, sample_shape: Sequence[int], min_width: float,
                   stream: bool = True) -> ElasticSpace:
-    """The elastic space of a diffusers UNet, with the MACs of every unit measured once.
+    """The elastic space of a diffusers UNet or DiT, with the MACs of every unit measured once.
 
     Args:
-        model: the full (unpruned) UNet.
+        model: the full (unpruned) network.
         sample_shape: ``(C, H, W)`` of one input image.
         min_width: smallest width keep-ratio, in ``(0, 1]``.
         stream: make the residual stream elastic too (where :func:`.elastic_stream.stream_units`
@@ -226,43 +261,9 @@ def elastic_space(model: nn.Module, sample_shape: Sequence[int], min_width: floa
     with torch.no_grad(), MacCounter(model, per_module=True) as counter:
         model(x, t)
     per = counter.per_module or {}
-
-    def under(prefix: str) -> int:
-        return sum(v for n, v in per.items() if n == prefix or n.startswith(prefix + "."))
-
-    units: list[ElasticUnit] = []
-    for name, m in model.named_modules():
-        if isinstance(m, ResnetBlock2D):
-            if _resnet_width_elastic(m):
-                g, size = m.norm2.num_groups, m.conv1.out_channels // m.norm2.num_groups
-                scaled = sum(per.get(f"{name}.{c}", 0) for c in ("conv1", "time_emb_proj", "conv2"))
-            else:
-                g, size, scaled = 1, m.conv1.out_channels, 0
-            kind, channels, droppable = RESNET, m.conv1.in_channels, _resnet_droppable(m)
-            skip = per.get(f"{name}.conv_shortcut", 0) if droppable else 0
-        elif isinstance(m, Attention):
-            _attention_supported(name, m)
-            g, size = m.heads, head_dim(m)
-            scaled = under(name)  # projections and both attention products scale with the heads
-            branch = _transformer_branch(model, name) and m.query_dim == m.out_dim
-            kind, channels, droppable = ATTENTION, m.query_dim, _attention_droppable(m) or branch
-            skip = 0
-        elif isinstance(m, FeedForward) and _mlp_elastic(m):
-            hidden = m.net[2].in_features
-            g = math.gcd(hidden, MLP_GROUPS)
-            size, scaled = hidden // g, under(name)  # both linears scale with the hidden width
-            branch = _transformer_branch(model, name) and m.net[0].proj.in_features == m.net[2].out_features
-            kind, channels, droppable, skip = MLP, m.net[2].out_features, branch, 0
-        else:
-            continue
-        total = under(name)
-        if g > 1 and scaled % g:
-            raise RuntimeError(f"{name}: {scaled} width-dependent MACs do not split over {g} units")
-        per_unit = scaled // g if g > 1 else 0
-        drop_to = "zero" if kind != RESNET and droppable and not getattr(m, "residual_connection", False) else "input"
-        units.append(ElasticUnit(name, kind, g, size, channels, droppable, total - per_unit * g, per_unit, skip,
-                                 drop_to))
-    base = counter.total - sum(under(u.name) for u in units)
+    units = [u for name, m in model.named_modules() if (u := _unit(model, name, m, per)) is not None]
+    base = counter.total - sum(v for n, v in per.items() if any(n == u.name or n.startswith(u.name + ".")
+                                                                   for u in units))
     try:
         streams = stream_units(model) if stream else ()
     except NotImplementedError as e:  # an architecture the stream walk does not know: the stream stays fixed
