@@ -192,7 +192,9 @@ def test_init_with_the_dit_preset_writes_a_dit_workspace(tmp_path):
     p = load_params(tmp_path / "ws/params.yaml")
     assert p.teacher.family == "dit" and p.dit.num_layers == 6 and p.data.source == "digits"
     stages = yaml.safe_load((tmp_path / "ws/dvc.yaml").read_text())["stages"]
-    assert "latents" in stages and "experts" not in stages and "experts" not in stages["evaluate"]["foreach"]
+    assert "latents" in stages and "experts" in stages and "experts" in stages["evaluate"]["foreach"]
+    assert "stack" not in stages and "stack" not in stages["evaluate"]["foreach"]
+    assert p.prune_experts.model_name == "diffprune-dit-experts"
     bad = subprocess.run([str(bin_), "init", str(tmp_path / "ws2"), "--data", "digits", "--preset", "../x"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--preset '../x'" in bad.stderr and not (tmp_path / "ws2").exists()
