@@ -76,7 +76,10 @@ def load_vae(path: Path, device="cpu"):
     from .io import ArtifactError
 
     try:
-        return AutoencoderKL.from_pretrained(str(path), use_safetensors=True).to(device).eval()
+        # low_cpu_mem_usage=False: diffusers' default builds the model under accelerate's
+        # init_empty_weights, which patches nn.Module globally, so a model built at the same time in
+        # another thread (the flow runs evaluate@X and register@X concurrently) got meta parameters
+        return AutoencoderKL.from_pretrained(str(path), use_safetensors=True, low_cpu_mem_usage=False).to(device).eval()
     except (OSError, ValueError, EnvironmentError) as e:
         raise ArtifactError(f"{path}: not a safetensors AutoencoderKL folder ({str(e).splitlines()[0]})") from e
 

@@ -287,7 +287,8 @@ def load_text_encoder(path: str | Path, device: str | torch.device = "cpu"):
     from ..io import ArtifactError
 
     try:
-        encoder = CLIPTextModel.from_pretrained(str(Path(path) / "text_encoder"), use_safetensors=True)
+        encoder = CLIPTextModel.from_pretrained(str(Path(path) / "text_encoder"), use_safetensors=True,
+                                                low_cpu_mem_usage=False)  # (see targets.load_vae)
         tokenizer = CLIPTokenizer.from_pretrained(str(Path(path) / "tokenizer"))
     except (OSError, ValueError, EnvironmentError) as e:
         raise ArtifactError(f"{path}: not a text encoder folder (text_encoder/ safetensors, tokenizer/) "
