@@ -127,7 +127,7 @@ def test_timestep_experts_on_the_dit_counted_macs_equal_the_router_and_the_mixtu
     from diffprune.models.checkpoint import load_model, read_config
     from diffprune.models.dit import dit_pipeline
     from diffprune.models.unet import sampling_scheduler
-    from diffprune.pruning.experts import RoutedDenoiser
+    from diffprune.models.routed import TimestepRouted
     from diffprune.sampling import sample
     from diffprune.targets import load_target
 
@@ -147,8 +147,8 @@ def test_timestep_experts_on_the_dit_counted_macs_equal_the_router_and_the_mixtu
     # DiTPipeline with the mixture as its transformer draws the mixture's images, the experts switching
     assert router["steps_per_expert"][0] > 0 and router["steps_per_expert"][-1] > 0  # both experts serve steps
     mixture = load_model(root / "models/experts/mixture")
-    pipe = dit_pipeline(RoutedDenoiser(mixture), m.denoiser.vae, dict(sampling_scheduler(m.scheduler_config,
-                                                                                          "ddim").config))
+    routed = TimestepRouted(list(mixture.experts), mixture.boundaries)
+    pipe = dit_pipeline(routed, m.denoiser.vae, dict(sampling_scheduler(m.scheduler_config, "ddim").config))
     g = m.denoiser.guided.guidance_scale
     img = pipe(class_labels=[0, 1, 2], num_inference_steps=p.evaluate.steps, guidance_scale=g,
                generator=torch.Generator().manual_seed(3), output_type="np").images

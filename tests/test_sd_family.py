@@ -310,10 +310,11 @@ def test_timestep_experts_on_the_captioned_latents_counted_macs_equal_the_router
     # StableDiffusionPipeline with the mixture as its UNet draws the mixture's images for the same prompts
     from diffprune.models.checkpoint import load_model
     from diffprune.models.sd import load_text_encoder, sd_pipeline
-    from diffprune.pruning.experts import RoutedDenoiser
+    from diffprune.models.routed import TimestepRouted
 
     enc, tok = load_text_encoder(root / "models/text-encoder")
-    pipe = sd_pipeline(RoutedDenoiser(load_model(root / "models/experts/mixture")), m.denoiser.vae, enc, tok,
+    mix = load_model(root / "models/experts/mixture")
+    pipe = sd_pipeline(TimestepRouted(list(mix.experts), mix.boundaries), m.denoiser.vae, enc, tok,
                        dict(sampling_scheduler(m.scheduler_config, "ddim").config))
     img = pipe(prompt=table.captions[:3], num_inference_steps=p.evaluate.steps, guidance_scale=g.guidance_scale,
                generator=torch.Generator().manual_seed(3), output_type="np").images

@@ -38,7 +38,7 @@ from .intervals import (
     uniform_boundaries,
     uniform_cuts,
 )
-from .prune import (ExpertMixtureModel, RoutedDenoiser, ShortcutBlock, SkippedBlock, load_mixture, prune_to_config,
+from .prune import (ExpertMixtureModel, ShortcutBlock, SkippedBlock, load_mixture, prune_to_config,
                     save_mixture)
 from .router import ExpertRoutingAgent, RouterResult, resource_loss, train_router
 from .selection import RelaxedSubnet, calibrate, mixture_macs, relax, select, steps_per_expert
@@ -48,7 +48,7 @@ __all__ = [
     "importance_orders", "reorder_units", "sample_subnet", "unit_importance",
     "Segmentation", "alignment_matrix", "auto_k", "candidates", "cutoff_curve", "cuts_to_boundaries", "grid_edges", "objective",
     "outlier_row", "save_alignment_heatmap", "seed_boundaries", "segment", "timestep_gradients", "timestep_grid", "uniform_boundaries", "uniform_cuts",
-    "ExpertMixtureModel", "RoutedDenoiser", "ShortcutBlock", "SkippedBlock", "load_mixture", "prune_to_config", "save_mixture",
+    "ExpertMixtureModel", "ShortcutBlock", "SkippedBlock", "load_mixture", "prune_to_config", "save_mixture",
     "ExpertRoutingAgent", "RelaxedSubnet", "RouterResult", "calibrate", "relax", "resource_loss", "select", "steps_per_expert",
     "train_router", "mixture_macs",
 ]

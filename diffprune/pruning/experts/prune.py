@@ -145,29 +145,6 @@ class ExpertMixtureModel(nn.Module):
 
 
 
-class RoutedDenoiser(nn.Module):
-    """A mixture as one diffusers denoiser, for a diffusers pipeline (``DiTPipeline(transformer=...)``,
-    ``StableDiffusionPipeline(unet=...)``): each call runs the expert of its timestep's interval with
-    the call's own arguments; ``config`` and ``dtype`` are expert 0's (the experts share one config,
-    pruned differently)."""
-
-    def __init__(self, mixture: ExpertMixtureModel) -> None:
-        super().__init__()
-        self.mixture = mixture
-        self.config = mixture.experts[0].config
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int, *args, **kwargs):
-        return self.mixture.expert_for(torch.as_tensor(timestep))(sample, timestep, *args, **kwargs)
-
-
 def save_mixture(mixture: ExpertMixtureModel, path: str | Path, *, scheduler_config: dict | None = None,
                  meta: dict | None = None) -> Path:
     """:func:`~diffprune.models.checkpoint.save_model` for a mixture (atomic, pickle-free)."""
