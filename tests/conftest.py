@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -159,3 +160,70 @@ def latent_workspace(root: Path, overrides: dict) -> tuple:
 
     p = load_params(None, overrides)
     return p, root, {name: run_stage(p, root, name) for name in LATENT_STAGES}
+
+
+_FRESH = """
+import json, sys, numpy, torch, mlflow.pyfunc
+from diffprune.serving import pipeline_from_registry
+models, call, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+for name, uri in models.items():
+    numpy.save(f"{out}/{name}.pyfunc.npy", mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"}).predict(
+        {"num_images": 3, "seed": 5}))
+    if call is not None:
+        pipe = pipeline_from_registry(uri)
+        numpy.save(f"{out}/{name}.pipe.npy",
+                   pipe(**call, generator=torch.Generator().manual_seed(3), output_type="np").images)
+        print("NET", name, type(getattr(pipe, "transformer", None) or pipe.unet).__name__)
+assert "diffprune.stages" not in sys.modules  # the loaders alone
+"""
+
+
+def registered_models_in_a_fresh_process(p, root: Path, monkeypatch, out: Path, call: Optional[dict]) -> dict:
+    """Register the workspace's three compressed models (Diff-Pruning's ``finetune``, ``dipgo``,
+    ``experts``), then, in ONE fresh process that imports only the loaders, sample each from MLflow
+    (its pyfunc: 3 images, seed 5) and, with ``call``, from its diffusers pipeline
+    (``serving.pipeline_from_registry``; ``pipe(**call)``, seed 3). Returns ``{name: {"pyfunc",
+    "pipe", "net"}}`` and checks the pyfunc images equal the library's own, bit for bit."""
+    import json
+    import subprocess
+    import sys
+
+    import mlflow
+    import numpy as np
+
+    from diffprune.models.unet import sampling_scheduler
+    from diffprune.sampling import sample
+    from diffprune.stages.core import get_target, target_paths
+    from diffprune.targets import load_target
+
+    for var in ("MLFLOW_TRACKING_URI", "DIFFPRUNE_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    names = ("finetune", "dipgo", "experts")
+    uris = {n: run_stage(p, root, "register", target=n)["model_uri"] for n in names}
+    env = os.environ | {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "OMP_NUM_THREADS": "1"}
+    out.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, "-c", _FRESH, json.dumps(uris), json.dumps(call), str(out)], env=env,
+                       capture_output=True, text=True, cwd=out, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    nets = dict(line.split()[1:] for line in r.stdout.splitlines() if line.startswith("NET "))
+    got = {}
+    for n in names:
+        m = load_target(get_target(n, p.teacher.family).kind, target_paths(root, n, p.teacher.family))
+        x = sample(m.denoiser, sampling_scheduler(m.scheduler_config, "ddim"), num_images=3,
+                   sample_shape=m.sample_shape, steps=p.evaluate.steps, seed=5)
+        want = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_array_equal(np.load(out / f"{n}.pyfunc.npy"), want, err_msg=n)
+        got[n] = {"loaded": m, "net": nets.get(n),
+                  "pipe": np.load(out / f"{n}.pipe.npy") if call is not None else None}
+    return got
+
+
+def house_images(m, steps: int, seed: int = 3):
+    """The library's sampler's 3 images of a loaded target in [0, 1], ``(3, H, W, C)`` (a pipeline's
+    ``output_type="np"``)."""
+    from diffprune.models.unet import sampling_scheduler
+    from diffprune.sampling import sample
+
+    x = sample(m.denoiser, sampling_scheduler(m.scheduler_config, "ddim"), num_images=3, sample_shape=m.sample_shape,
+               steps=steps, seed=seed, batch_size=3)
+    return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()

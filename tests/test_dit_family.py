@@ -5,12 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-from tests.conftest import TINY_PARAMS, latent_workspace, run_stage
+from tests.conftest import TINY_PARAMS, house_images, latent_workspace, registered_models_in_a_fresh_process, run_stage
 
 # the shared tiny config (240 digits, a 2-epoch feature net, 4 DDIM steps) with a 4-block DiT on its VAE
 TINY = {**TINY_PARAMS,
@@ -91,44 +92,11 @@ def test_diff_pruning_on_dit_drops_params_and_macs(ws):
     assert out["evaluate@finetune"]["metrics"]["macs_ratio_vs_teacher"] < 1.0
 
 
-def test_the_pruned_dit_loads_into_diffusers_dit_pipeline_in_a_fresh_process(ws, tmp_path):
-    """What users do with the result: diffusers' DiTPipeline around the fine-tuned (pruned) transformer,
-    whose images equal the house sampler's for the same labels and seed."""
-    p, root, _ = ws
-    code = f"""
-import torch
-from diffprune.models.checkpoint import load_model, load_scheduler_config
-from diffprune.models.dit import ClassCycle, GuidedDiT, dit_pipeline
-from diffprune.models.unet import sampling_scheduler
-from diffprune.sampling import sample
-from diffprune.targets import load_vae
-root = {str(root)!r}
-model, vae = load_model(root + "/models/finetune"), load_vae(root + "/models/autoencoder")
-cfg = load_scheduler_config(root + "/models/finetune")
-pipe = dit_pipeline(model, vae, dict(sampling_scheduler(cfg, "ddim").config))
-img = pipe(class_labels=[0, 1, 2], num_inference_steps=6, guidance_scale=1.0,
-           generator=torch.Generator().manual_seed(3), output_type="np").images
-ours = sample(ClassCycle(GuidedDiT(model, [0, 1, 2]), 10, vae), sampling_scheduler(cfg, "ddim"), num_images=3,
-              sample_shape=(4, 4, 4), steps=6, seed=3, batch_size=3)
-ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-print("MAXDIFF", float(abs(img - ours).max()), img.shape)
-"""
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    line = next(line for line in r.stdout.splitlines() if line.startswith("MAXDIFF"))
-    assert float(line.split()[1]) < 1e-5 and "(3, 8, 8, 1)" in line
-
-
-def test_timestep_experts_on_the_dit_counted_macs_equal_the_router_and_the_mixture_loads_into_dit_pipeline(ws):
+def test_timestep_experts_on_the_dit_counted_macs_equal_the_router(ws):
     """intervals -> experts -> router -> prune-experts on the labelled latents (every block's heads and
     feed-forward channels elastic, each branch droppable); the mixture's counted MACs are the
-    router's, and DiTPipeline, with the expert of each step's interval as its transformer, draws the
-    mixture's images (max difference < 1e-5)."""
-    from diffprune.models.checkpoint import load_model, read_config
-    from diffprune.models.dit import dit_pipeline
-    from diffprune.models.unet import sampling_scheduler
-    from diffprune.models.routed import TimestepRouted
-    from diffprune.sampling import sample
+    router's."""
+    from diffprune.models.checkpoint import read_config
     from diffprune.targets import load_target
 
     p, root, _ = ws
@@ -139,23 +107,37 @@ def test_timestep_experts_on_the_dit_counted_macs_equal_the_router_and_the_mixtu
     router = json.loads((root / "models/experts/router/router.json").read_text())
     summary = json.loads((root / "models/experts/summary.json").read_text())
     assert summary["macs_per_expert"] == router["macs_per_expert"] and summary["trajectory_macs_ratio"] < 1.0
+    assert router["steps_per_expert"][0] > 0 and router["steps_per_expert"][-1] > 0  # both experts serve steps
     m = load_target("dit-experts", {"model": root / "models/experts/mixture", "vae": root / "models/autoencoder"})
     out = _run(p, root, "evaluate@experts")
     rows = 2 if m.denoiser.guided.guided else 1
     traj = sum(mc * n for mc, n in zip(router["macs_per_expert"], router["steps_per_expert"]))
     assert out["metrics"]["trajectory_macs"] == rows * traj and out["metrics"]["macs_ratio_vs_teacher"] < 1.0
-    # DiTPipeline with the mixture as its transformer draws the mixture's images, the experts switching
-    assert router["steps_per_expert"][0] > 0 and router["steps_per_expert"][-1] > 0  # both experts serve steps
-    mixture = load_model(root / "models/experts/mixture")
-    routed = TimestepRouted(list(mixture.experts), mixture.boundaries)
-    pipe = dit_pipeline(routed, m.denoiser.vae, dict(sampling_scheduler(m.scheduler_config, "ddim").config))
-    g = m.denoiser.guided.guidance_scale
-    img = pipe(class_labels=[0, 1, 2], num_inference_steps=p.evaluate.steps, guidance_scale=g,
-               generator=torch.Generator().manual_seed(3), output_type="np").images
-    ours = sample(m.denoiser, sampling_scheduler(m.scheduler_config, "ddim"), num_images=3,
-                  sample_shape=m.sample_shape, steps=p.evaluate.steps, seed=3, batch_size=3)
-    ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    assert img.shape == (3, 8, 8, 1) and float(abs(img - ours).max()) < 1e-5
+
+
+def test_the_three_methods_register_and_load_into_dit_pipeline_from_mlflow_in_a_fresh_process(
+        ws, monkeypatch, tmp_path):
+    """What users do with the results: Diff-Pruning's, DiP-GO's and the experts' registered models, in
+    one fresh process, sample the library's images from MLflow, and each as diffusers' DiTPipeline
+    (the pruned transformer; the schedule as a ScheduledNetwork; the mixture as TimestepRouted) draws
+    the house sampler's images for the same labels and seed (max difference < 1e-5)."""
+    p, root, _ = ws
+    if not (root / "models/experts/mixture").exists():  # run alone (-k): the expert stages first
+        for name in ("intervals", "experts", "router", "prune-experts", "evaluate@experts"):
+            _run(p, root, name)
+    from diffprune.targets import conditioning
+
+    g = conditioning(root / "models/finetune")["guidance_scale"]
+    got = registered_models_in_a_fresh_process(
+        p, root, monkeypatch, tmp_path,
+        {"class_labels": [0, 1, 2], "num_inference_steps": p.evaluate.steps, "guidance_scale": g})
+    assert {n: g["net"] for n, g in got.items()} == {"finetune": "DiTTransformer2DModel",
+                                                     "dipgo": "ScheduledNetwork", "experts": "TimestepRouted"}
+    for name, one in got.items():
+        assert one["loaded"].denoiser.guided.guidance_scale == g
+        ours = house_images(one["loaded"], p.evaluate.steps)
+        assert one["pipe"].shape == (3, 8, 8, 1) and float(abs(one["pipe"] - ours).max()) < 1e-5, name
+    assert not np.array_equal(got["dipgo"]["pipe"], got["finetune"]["pipe"])
 
 
 def test_a_macs_target_is_met_by_the_ratio_search_on_the_dit(ws, tmp_path):

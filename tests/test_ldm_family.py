@@ -2,14 +2,12 @@
 a class-conditional UNet2DModel on the latents of a tiny VAE fitted here."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import TINY_PARAMS, latent_workspace, run_stage
+from tests.conftest import TINY_PARAMS, latent_workspace, registered_models_in_a_fresh_process, run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,18 +119,9 @@ def test_a_pretrained_ldm_is_refused_by_name(ws, tmp_path):
         _run(bad, root, "teacher")
 
 
-def test_timestep_experts_on_the_labelled_latents_counted_macs_equal_the_router_and_the_mixture_registers(
-        ws, monkeypatch, tmp_path):
+def test_timestep_experts_on_the_labelled_latents_counted_macs_equal_the_router(ws):
     """intervals -> experts -> router -> prune-experts on the latents, each row with its label; the
-    mixture's counted MACs are the router's, and its registered MLflow model samples the library's
-    images in a fresh process (where the Diff-Pruned latent UNet loads and samples too)."""
-    import os
-
-    import mlflow
-    import numpy as np
-
-    from diffprune.models.unet import sampling_scheduler
-    from diffprune.sampling import sample
+    mixture's counted MACs are the router's and the labels reach the experts."""
     from diffprune.targets import load_target
 
     p, root, _ = ws
@@ -141,9 +130,7 @@ def test_timestep_experts_on_the_labelled_latents_counted_macs_equal_the_router_
     router = json.loads((root / "models/experts/router/router.json").read_text())
     summary = json.loads((root / "models/experts/summary.json").read_text())
     assert summary["macs_per_expert"] == router["macs_per_expert"] and summary["trajectory_macs_ratio"] < 1.0
-    paths = {"model": root / "models/experts/mixture", "vae": root / "models/autoencoder"}
-    m = load_target("ldm-experts", paths)
-    sched = sampling_scheduler(m.scheduler_config, "ddim")
+    m = load_target("ldm-experts", {"model": root / "models/experts/mixture", "vae": root / "models/autoencoder"})
     # the evaluation counts every step's call at its expert's MACs, as the router budgeted them (x2: guided)
     out = _run(p, root, "evaluate@experts")
     traj = sum(mc * n for mc, n in zip(router["macs_per_expert"], router["steps_per_expert"]))
@@ -154,36 +141,22 @@ def test_timestep_experts_on_the_labelled_latents_counted_macs_equal_the_router_
     with torch.no_grad():
         a, b = g._call(x, t, torch.tensor([0, 0]), 0), g._call(x, t, torch.tensor([1, 1]), 0)
     assert not torch.allclose(a, b)
-    # in one fresh process (importing only the loaders): the registered mixture samples the library's
-    # images from MLflow, and the pruned (Diff-Pruning) latent UNet loads and samples the same numbers
-    for var in ("MLFLOW_TRACKING_URI", "DIFFPRUNE_TRACKING_URI"):
-        monkeypatch.delenv(var, raising=False)
-    info = _run(p, root, "register", target="experts")
-    pruned = {"model": root / "models/finetune", "vae": root / "models/autoencoder"}
-    code = f"""
-import sys, numpy, mlflow.pyfunc
-from diffprune.targets import load_target
-from diffprune.models.unet import sampling_scheduler
-from diffprune.sampling import sample
-numpy.save(sys.argv[2], mlflow.pyfunc.load_model(sys.argv[1], model_config={{'device': 'cpu'}}).predict(
-    {{'num_images': 3, 'seed': 5}}))
-assert "diffprune.stages" not in sys.modules
-m = load_target("ldm", {{"model": {str(pruned["model"])!r}, "vae": {str(pruned["vae"])!r}}})
-x = sample(m.denoiser, sampling_scheduler(m.scheduler_config, "ddim"), num_images=3, sample_shape=m.sample_shape,
-           steps=4, seed=5)
-print("SUM", repr(float(x.double().sum())))
-"""
-    env = os.environ | {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", code, info["model_uri"], str(tmp_path / "images.npy")], env=env,
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    x = sample(m.denoiser, sched, num_images=3, sample_shape=m.sample_shape, steps=p.evaluate.steps, seed=5)
-    want = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), want)
-    f = load_target("ldm", pruned)
-    x = sample(f.denoiser, sampling_scheduler(f.scheduler_config, "ddim"), num_images=3, sample_shape=f.sample_shape,
-               steps=4, seed=5)
-    assert next(line for line in r.stdout.splitlines() if line.startswith("SUM")) == f"SUM {float(x.double().sum())!r}"
+
+
+def test_the_three_methods_register_and_sample_from_mlflow_in_a_fresh_process(ws, monkeypatch, tmp_path):
+    """Diff-Pruning's, DiP-GO's and the experts' registered latent UNets, in one fresh process that
+    imports only the loaders, sample the library's images from MLflow bit for bit (diffusers has no
+    pipeline for a class-conditional latent UNet2DModel: the pipeline kinds refuse it by name)."""
+    from diffprune.pipelines import to_pipeline
+
+    p, root, _ = ws
+    if not (root / "models/experts/mixture").exists():  # run alone (-k): the expert stages first
+        for name in ("intervals", "experts", "router", "prune-experts", "evaluate@experts"):
+            _run(p, root, name)
+    got = registered_models_in_a_fresh_process(p, root, monkeypatch, tmp_path, None)
+    assert set(got) == {"finetune", "dipgo", "experts"}
+    with pytest.raises(ValueError, match="kind = 'ldm-dipgo': no diffusers pipeline takes it"):
+        to_pipeline("ldm-dipgo", {"model": root / "models/finetune"})
 
 
 def test_a_macs_target_is_met_by_the_ratio_search_on_the_labelled_model(ws, tmp_path):

@@ -7,12 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
-from tests.conftest import TINY_PARAMS, latent_workspace, run_stage
+from tests.conftest import TINY_PARAMS, house_images, latent_workspace, registered_models_in_a_fresh_process, run_stage
 
 # the shared tiny config (240 digits, a 2-epoch feature net, 4 DDIM steps) with a 2-level UNet2DConditionModel
 TINY = {**TINY_PARAMS,
@@ -135,60 +136,6 @@ def test_diff_pruning_on_sd_drops_params_and_macs_and_leaves_the_text_encoder(ws
     assert set(report["heads"].values()) <= {1, 2}
 
 
-def test_the_pruned_unet_registers_and_loads_from_mlflow_and_into_stable_diffusion_pipeline_in_a_fresh_process(
-        ws, monkeypatch, tmp_path):
-    """What users do with the result, in one fresh process: the registered MLflow model samples the
-    library's images, and diffusers' StableDiffusionPipeline around the fine-tuned (pruned) UNet, the
-    workspace's VAE and text encoder draws the house sampler's images for the same prompts and seed."""
-    import os
-
-    import mlflow
-    import numpy as np
-
-    from diffprune.models.unet import sampling_scheduler
-    from diffprune.sampling import sample
-    from diffprune.stages.core import target_paths
-    from diffprune.targets import load_target
-
-    p, root, _ = ws
-    for var in ("MLFLOW_TRACKING_URI", "DIFFPRUNE_TRACKING_URI"):
-        monkeypatch.delenv(var, raising=False)
-    info = _run(p, root, "register", target="finetune")  # (idempotence: tests/test_tracking.py, test_stack.py)
-    code = f"""
-import sys, numpy, torch, mlflow.pyfunc
-from diffprune.targets import load_target
-from diffprune.models.checkpoint import load_scheduler_config
-from diffprune.models.sd import load_text_encoder, sd_pipeline
-from diffprune.models.unet import sampling_scheduler
-from diffprune.sampling import sample
-numpy.save(sys.argv[2], mlflow.pyfunc.load_model(sys.argv[1], model_config={{'device': 'cpu'}}).predict(
-    {{'num_images': 3, 'seed': 5}}))
-root = {str(root)!r}
-m = load_target("sd", {{"model": root + "/models/finetune", "vae": root + "/models/autoencoder",
-                        "text": root + "/models/text-encoder"}})
-enc, tok = load_text_encoder(root + "/models/text-encoder")
-cfg = load_scheduler_config(root + "/models/finetune")
-pipe = sd_pipeline(m.modules[0], m.denoiser.vae, enc, tok, dict(sampling_scheduler(cfg, "ddim").config))
-img = pipe(prompt=["a handwritten 0", "a handwritten 1", "a handwritten 2"], num_inference_steps=6,
-           guidance_scale=1.0, generator=torch.Generator().manual_seed(3), output_type="np").images
-ours = sample(m.denoiser, sampling_scheduler(cfg, "ddim"), num_images=3, sample_shape=(4, 4, 4), steps=6, seed=3,
-              batch_size=3)
-ours = (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-print("MAXDIFF", float(abs(img - ours).max()), img.shape)
-"""
-    env = os.environ | {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", code, info["model_uri"], str(tmp_path / "images.npy")], env=env,
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    line = next(line for line in r.stdout.splitlines() if line.startswith("MAXDIFF"))
-    assert float(line.split()[1]) < 1e-5 and "(3, 8, 8, 1)" in line
-    loaded = load_target("sd", target_paths(root, "finetune", "sd"))
-    x = sample(loaded.denoiser, sampling_scheduler(loaded.scheduler_config, "ddim"), num_images=3,
-               sample_shape=loaded.sample_shape, steps=p.evaluate.steps, seed=5)
-    want = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), want)
-
-
 def test_the_expert_stages_refuse_the_sd_family_by_name(ws):
     from diffprune.config import ConfigError
 
@@ -270,20 +217,11 @@ def test_a_pretrained_stable_diffusion_folder_runs_through_the_same_stages_and_s
     assert ours.shape == (3, 3, 16, 16) and float((img - (ours / 2 + 0.5).clamp(0, 1)).abs().max()) < 1e-5
 
 
-def test_timestep_experts_on_the_captioned_latents_counted_macs_equal_the_router_and_the_mixture_registers(
-        ws, monkeypatch, tmp_path):
+def test_timestep_experts_on_the_captioned_latents_counted_macs_equal_the_router(ws):
     """intervals -> experts -> router -> prune-experts on the latents, each row with its caption (the
-    heads of self- and cross-attention elastic); the mixture's counted MACs are the router's, the
-    captions reach every expert, StableDiffusionPipeline with the mixture as its UNet draws its images,
-    and its registered MLflow model samples the library's images in a fresh process."""
-    import os
-
-    import mlflow
-    import numpy as np
-
+    heads of self- and cross-attention elastic); the mixture's counted MACs are the router's and the
+    captions reach every expert."""
     from diffprune.models.checkpoint import read_config
-    from diffprune.models.unet import sampling_scheduler
-    from diffprune.sampling import sample
     from diffprune.targets import load_target
 
     p, root, _ = ws
@@ -307,33 +245,30 @@ def test_timestep_experts_on_the_captioned_latents_counted_macs_equal_the_router
     with torch.no_grad():
         a, b = (g._call(x, t, table.cond[k : k + 1], 0) for k in (0, 1))
     assert not torch.allclose(a, b)
-    # StableDiffusionPipeline with the mixture as its UNet draws the mixture's images for the same prompts
-    from diffprune.models.checkpoint import load_model
-    from diffprune.models.sd import load_text_encoder, sd_pipeline
-    from diffprune.models.routed import TimestepRouted
 
-    enc, tok = load_text_encoder(root / "models/text-encoder")
-    mix = load_model(root / "models/experts/mixture")
-    pipe = sd_pipeline(TimestepRouted(list(mix.experts), mix.boundaries), m.denoiser.vae, enc, tok,
-                       dict(sampling_scheduler(m.scheduler_config, "ddim").config))
-    img = pipe(prompt=table.captions[:3], num_inference_steps=p.evaluate.steps, guidance_scale=g.guidance_scale,
-               generator=torch.Generator().manual_seed(3), output_type="np").images
-    ours = sample(m.denoiser, sampling_scheduler(m.scheduler_config, "ddim"), num_images=3,
-                  sample_shape=m.sample_shape, steps=p.evaluate.steps, seed=3, batch_size=3)
-    assert float(abs(img - (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()).max()) < 1e-5
-    for var in ("MLFLOW_TRACKING_URI", "DIFFPRUNE_TRACKING_URI"):
-        monkeypatch.delenv(var, raising=False)
-    info = _run(p, root, "register", target="experts")
-    code = """
-import sys, numpy, mlflow.pyfunc
-numpy.save(sys.argv[2], mlflow.pyfunc.load_model(sys.argv[1], model_config={'device': 'cpu'}).predict(
-    {'num_images': 3, 'seed': 5}))
-"""
-    env = os.environ | {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", code, info["model_uri"], str(tmp_path / "images.npy")], env=env,
-                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    x = sample(m.denoiser, sampling_scheduler(m.scheduler_config, "ddim"), num_images=3, sample_shape=m.sample_shape,
-               steps=p.evaluate.steps, seed=5)
-    want = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), want)
+
+def test_the_three_methods_register_and_load_into_stable_diffusion_pipeline_from_mlflow_in_a_fresh_process(
+        ws, monkeypatch, tmp_path):
+    """What users do with the results: Diff-Pruning's, DiP-GO's and the experts' registered models, in
+    one fresh process, sample the library's images from MLflow, and each as diffusers'
+    StableDiffusionPipeline (the workspace's VAE and text encoder around the pruned UNet, the schedule
+    as a ScheduledNetwork, the mixture as TimestepRouted) draws the house sampler's images for the
+    same prompts and seed (max difference < 1e-5)."""
+    from diffprune.targets import captions_of, conditioning
+
+    p, root, _ = ws
+    if not (root / "models/experts/mixture").exists():  # run alone (-k): the expert stages first
+        for name in ("intervals", "experts", "router", "prune-experts", "evaluate@experts"):
+            _run(p, root, name)
+    g = conditioning(root / "models/finetune")["guidance_scale"]
+    prompts = captions_of(root / "models/finetune")[:3]
+    got = registered_models_in_a_fresh_process(
+        p, root, monkeypatch, tmp_path, {"prompt": prompts, "num_inference_steps": p.evaluate.steps,
+                                         "guidance_scale": g})
+    assert {n: one["net"] for n, one in got.items()} == {"finetune": "UNet2DConditionModel",
+                                                         "dipgo": "ScheduledNetwork", "experts": "TimestepRouted"}
+    for name, one in got.items():
+        assert one["loaded"].denoiser.prompts(3) == prompts
+        ours = house_images(one["loaded"], p.evaluate.steps)
+        assert one["pipe"].shape == (3, 8, 8, 1) and float(abs(one["pipe"] - ours).max()) < 1e-5, name
+    assert not np.array_equal(got["dipgo"]["pipe"], got["finetune"]["pipe"])

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .graph import BlockGraph, BlockOutputs, ComputeFn, block_graph, needed_blocks
+from .graph import BlockGraph, BlockOutputs, ComputeFn, RunBlock, block_graph, needed_blocks
 from .schedule import Schedule, check_block_names
 
 
@@ -53,6 +53,11 @@ class GatedRunner:
 
         ``x: (B, C, H, W)``, ``t: (B,)`` -> model output ``(B, C, H, W)``.
         """
+        return self.graph.forward(x, t, self.hard_blocks(keep))
+
+    def hard_blocks(self, keep: Sequence[bool]) -> RunBlock:
+        """The block router of one hard-gated call: a needed, kept block computes (and becomes the
+        backup), a needed skipped one hands on its backup, an unneeded one does not run."""
         needed = needed_blocks(self._consumers, keep)
 
         def run_block(k: int, compute: ComputeFn) -> Optional[BlockOutputs]:
@@ -63,7 +68,7 @@ class GatedRunner:
                 return self.backup[k]
             return self._reuse(k)
 
-        return self.graph.forward(x, t, run_block)
+        return run_block
 
     def step_soft(self, x: torch.Tensor, t: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """One SuperNet call for training, differentiable in ``gates: (N,)`` (values 0/1 forward).
