@@ -1,5 +1,5 @@
-"""Benchmark: DiP-GO against diffusers' own FirstBlockCache on a class-conditional DiT, at equal
-trajectory MACs, with fewer sampling steps as the simplest baseline.
+"""Benchmark: DiP-GO against diffusers' own transformer caches (FirstBlockCache, TaylorSeer) on a
+class-conditional DiT, at equal trajectory MACs, with fewer sampling steps as the simplest baseline.
 
 The teacher is the ``dit-digits`` preset's (``presets/dit-digits.yaml``: a 6-block
 ``DiTTransformer2DModel`` on the 4 x 4 x 4 latents of a VAE fitted to the digits), trained by the
@@ -10,6 +10,9 @@ budget (trajectory MACs / the teacher's 50-step trajectory):
   trained on guided, class-conditioned trajectories (the ``dipgo`` stage's graph);
 * ``first-block-cache`` - diffusers' FirstBlockCache (``diffusers.hooks``), its threshold bisected
   until its counted MACs on the harness's probe trajectory land on the budget;
+* ``taylorseer`` - diffusers' TaylorSeer cache over every block's attention and feed-forward, its
+  ``(cache_interval, warmup)`` taken from a grid: of the settings within 2% of the budget, the one
+  whose probe trajectory is closest to the teacher's;
 * ``fewer-steps`` - the teacher with ``budget x 50`` steps.
 
 FirstBlockCache decides per call from the whole batch's first-block residual, so its cost depends on
@@ -46,7 +49,8 @@ from diffprune.models.dit import ClassCycle, GuidedDiT
 from diffprune.pruning.dipgo import train_pruner
 from diffprune.pruning.dipgo.conditioned import dit_conditioned
 from diffprune.pruning.dipgo.dit import SkipScheduleDiT
-from diffprune.pruning.dipgo.diffusers_cache import first_block_cache, first_block_cache_for_macs
+from diffprune.pruning.dipgo.diffusers_cache import (first_block_cache, first_block_cache_for_macs, taylorseer_cache,
+                                                     taylorseer_for_macs)
 from diffprune.safe_yaml import read_yaml
 from diffprune.sampling import sample
 from diffprune.stages import get_stage
@@ -61,7 +65,7 @@ from benchmarks.tables import TABLE_HEAD, compare, plot_pareto, run_row, write_r
 log = logging.getLogger("benchmarks.dit_cache")
 
 BUDGETS = (0.5, 0.35)
-METHODS = ("dipgo", "first-block-cache", "fewer-steps")
+METHODS = ("dipgo", "first-block-cache", "taylorseer", "fewer-steps")
 PROTOCOL = {"steps": 50, "num_samples": 500, "batch_size": 250, "latency_repeats": 5, "seeds": SEEDS}
 QUICK: dict[str, Any] = {
     **QUICK_SPINE,
@@ -152,6 +156,21 @@ def fbc_run(b: Bench, budget: float) -> Run:
                             "macs_ratio_at_eval_batch": ran.total / full.total, "eval_batch": batch})
 
 
+def taylorseer_run(b: Bench, budget: float) -> Run:
+    model = copy.deepcopy(b.teacher)  # (as fbc_run: the teacher's own latency probe runs the plain transformer)
+    cond = conditioning(b.teacher_dir)
+    n = cond["num_classes"]
+    den = ClassCycle(GuidedDiT(model, list(range(n)), cond["guidance_scale"]), n, b.teacher_sampler().vae)
+    found = taylorseer_for_macs(_probe(b, 1), den, model, budget, tolerance=MACS_TOLERANCE)
+    if not found.within:
+        log.warning("taylorseer at %s: nearest setting (interval %d, warmup %d) gives %.3f", budget,
+                    found.cache_interval, found.warmup, found.macs_ratio)
+    with taylorseer_cache(model, found.cache_interval, found.warmup) as wrap:
+        return b.run("taylorseer", wrap(den), [model], key=(budget, found.cache_interval, found.warmup),
+                     extra={"train_steps": 0, "cache_interval": found.cache_interval, "warmup": found.warmup,
+                            "search_within_2pct": found.within})
+
+
 def fewer_steps_run(b: Bench, budget: float) -> Run:
     steps = max(1, round(budget * b.p.evaluate.steps))
     return b.run("fewer-steps", b.teacher_sampler(), [b.teacher], steps=steps, key=steps,
@@ -161,7 +180,7 @@ def fewer_steps_run(b: Bench, budget: float) -> Run:
 def to_markdown(b: Bench, grid: dict[float, dict[str, Run]], quick: bool) -> str:
     t, _ = b.reference()
     ev = b.p.evaluate
-    lines = ["# DiP-GO vs diffusers' FirstBlockCache on a class-conditional DiT"
+    lines = ["# DiP-GO vs diffusers' FirstBlockCache and TaylorSeer on a class-conditional DiT"
              + (" (QUICK smoke setting: numbers are meaningless)" if quick else ""), "",
              f"Teacher: the dit-digits preset's DiT ({b.p.dit.num_layers} blocks, {t['params']:,} params, "
              f"{t['macs_per_step'] / 1e6:.3f} MMACs/step), {b.teacher_info['steps']} training steps "
@@ -180,6 +199,11 @@ def to_markdown(b: Bench, grid: dict[float, dict[str, Run]], quick: bool) -> str
             x = runs["first-block-cache"].extra
             lines += [f"FirstBlockCache: threshold {x['threshold']:.4g}; MACs at the evaluation batch of "
                       f"{x['eval_batch']}: {x['macs_ratio_at_eval_batch']:.3f} of the teacher's.", ""]
+        if "taylorseer" in runs:
+            x = runs["taylorseer"].extra
+            lines += [f"TaylorSeer: cache_interval {x['cache_interval']}, warmup {x['warmup']} full steps (first order; "
+                      f"attn1 and ff of every block){'' if x['search_within_2pct'] else ' - NOT within 2% of the budget'}.",
+                      ""]
     return "\n".join(lines + ["![PSNR and FID vs MACs](dit_cache.png)"]) + "\n"
 
 
@@ -198,7 +222,7 @@ def main(
     grid: dict[float, dict[str, Run]] = {}
     for bud in BUDGETS[:1] if quick else BUDGETS:
         grid[bud] = {"dipgo": dipgo_run(b, bud, progress), "first-block-cache": fbc_run(b, bud),
-                     "fewer-steps": fewer_steps_run(b, bud)}
+                     "taylorseer": taylorseer_run(b, bud), "fewer-steps": fewer_steps_run(b, bud)}
         log.info("budget %s: %s", bud, {m: round(r.metrics["fid"], 3) for m, r in grid[bud].items()})
     t, _ = b.reference()
     doc = {"quick": quick, "teacher": t, "teacher_training": b.teacher_info,
@@ -208,7 +232,7 @@ def main(
                        for bud, runs in grid.items()]}
     write_results(out, "dit_cache", doc, to_markdown(b, grid, quick))
     plot_pareto({m: [runs[m] for runs in grid.values()] for m in METHODS}, out / "dit_cache.png",
-                "DiP-GO vs FirstBlockCache (DiT, digits)", t["fid"])
+                "DiP-GO vs FirstBlockCache and TaylorSeer (DiT, digits)", t["fid"])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from .test_experts import _images, ordered  # noqa: F401  (the fixture)
 def test_the_agent_meets_the_budget_on_its_own_the_adjustment_moves_it_little(ordered, tiny_scheduler):
     model, space = ordered
     experts = [model, copy.deepcopy(model)]
-    kw = dict(train_steps=80, lr=0.1, resource_weight=2.0, tau=0.5, hidden=8, batch_size=4, seed=0, distill=1.0)
+    kw = dict(train_steps=40, lr=0.1, resource_weight=2.0, tau=0.5, hidden=8, batch_size=4, seed=0, distill=1.0)
     full = space.full_macs() * 8
     for budget in (0.6, 0.8):
         r = train_router(experts, space, [(0, 500), (500, 1000)], [3, 5], _images(), tiny_scheduler, budget=budget,
