@@ -44,7 +44,7 @@ from diffprune.families import merge_preset
 from diffprune.io import read_json
 from diffprune.metrics.cost import MacCounter
 from diffprune.metrics.fid import get_extractor
-from diffprune.models.checkpoint import load_model, load_scheduler_config, read_config
+from diffprune.models.checkpoint import load_scheduler_config, read_config
 from diffprune.models.dit import ClassCycle, GuidedDiT
 from diffprune.pruning.dipgo import train_pruner
 from diffprune.pruning.dipgo.conditioned import dit_conditioned
@@ -54,9 +54,9 @@ from diffprune.pruning.dipgo.diffusers_cache import (first_block_cache, first_bl
 from diffprune.safe_yaml import read_yaml
 from diffprune.sampling import sample
 from diffprune.stages import get_stage
-from diffprune.stages.core import DATASET, FEATURES, TEACHER, work_dir
+from diffprune.stages.core import DATASET, FEATURES, TEACHER, target_paths, work_dir
 from diffprune.stages.latent import AUTOENCODER, load_latents
-from diffprune.targets import conditioning, load_vae
+from diffprune.targets import conditioning, load_target
 
 from benchmarks.common import (MACS_TOLERANCE, QUICK_ROOT, QUICK_SPINE, REPO, SEEDS, Bench, Run, quiet_defaults,
                                with_values)
@@ -86,8 +86,11 @@ def bench_params(quick: bool):
 
 def setup(p, root: Path, progress: bool) -> Bench:
     """The workspace (data, latents, features, teacher by the pipeline's stages, each once) and the
-    harness around its teacher."""
-    ws = root / ".work" / f"bench-dit-cache-{fingerprint(*(p.section(s) for s in ('data', 'teacher', 'dit', 'autoencoder')))}"
+    harness around its teacher, sampled as the pipeline's loader builds it (``targets.load_target``:
+    a DiT's class cycle, a text-to-image UNet's prompt cycle) for ``p.teacher.family``."""
+    family = p.teacher.family
+    sections = ("data", "teacher", family, "autoencoder")
+    ws = root / ".work" / f"bench-{family}-cache-{fingerprint(*(p.section(s) for s in sections))}"
     done = {"data": ws / DATASET, "latents": ws / AUTOENCODER, "features": ws / FEATURES / "floor.json",
             "teacher": ws / TEACHER}
     for name, out in done.items():
@@ -95,11 +98,8 @@ def setup(p, root: Path, progress: bool) -> Bench:
             get_stage(name)(p, ws, progress=progress)
     device = resolve_device(p.project.device)
     teacher_dir = ws / TEACHER
-    teacher = load_model(teacher_dir, device).eval()
-    cond = conditioning(teacher_dir)
-    vae = load_vae(ws / AUTOENCODER, device)
-    den = ClassCycle(GuidedDiT(teacher, list(range(cond["num_classes"])), cond["guidance_scale"]),
-                     cond["num_classes"], vae)
+    loaded = load_target(family, target_paths(ws, "teacher", family), device)
+    teacher = loaded.modules[0].eval()
     latents, _ = load_latents(ws)
     from diffprune.data import load_split
 
@@ -109,8 +109,8 @@ def setup(p, root: Path, progress: bool) -> Bench:
     info = {"steps": p.teacher.steps, "train_seconds": meta.get("train_seconds", float("nan")), "device": str(device),
             "converged": None, "curve": [], "fid_floor": read_json(ws / FEATURES / "floor.json")["fid_floor"]}
     key = fingerprint(read_config(teacher_dir)["sha256"], p.data, p.evaluate)
-    return Bench("dit-cache", p, ws, device, teacher, teacher_dir, info, load_scheduler_config(teacher_dir),
-                 latents, extractor, extractor.fn(images), key, teacher_denoiser=den)
+    return Bench(f"{family}-cache", p, ws, device, teacher, teacher_dir, info, load_scheduler_config(teacher_dir),
+                 latents, extractor, extractor.fn(images), key, teacher_denoiser=loaded.denoiser)
 
 
 def dipgo_run(b: Bench, budget: float, progress: bool) -> Run:

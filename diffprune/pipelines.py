@@ -13,13 +13,14 @@ of any method, from the same artifacts :func:`diffprune.targets.load_target` rea
 
 The pipeline draws the house sampler's images for the same labels or prompts, seed and steps
 (tested per family, from the registry, in a fresh process). A registered model becomes one with
-:func:`diffprune.serving.pipeline_from_registry`. The other kinds (the pixel UNet, the
-class-conditional latent UNet) have no diffusers pipeline of their class: they sample through
-their MLflow model or :func:`diffprune.sampling.sample`.
+:func:`pipeline_from_registry`, which downloads and verifies it first (:func:`diffprune.serving.resolve`).
+The other kinds (the pixel UNet, the class-conditional latent UNet) have no diffusers pipeline of
+their class: they sample through their MLflow model or :func:`diffprune.sampling.sample`.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +67,14 @@ def to_pipeline(kind: str, paths: dict[str, str | Path], device: Any = "cpu") ->
         pipe.register_modules(**{"transformer" if family == "dit" else "unet": scheduled})
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def pipeline_from_registry(uri: str, device: Any = "cpu", cache_dir: str | Path | None = None) -> Any:
+    """The diffusers pipeline of the registered model at ``uri`` (``models:/NAME/VERSION`` or an alias),
+    downloaded and verified first (:func:`diffprune.serving.resolve`): :func:`to_pipeline` on its artifacts."""
+    from .serving import resolve
+
+    paths = resolve(uri, cache_dir=cache_dir)
+    kind = json.loads(paths["pyfunc"].read_text()).get("kind")
+    artifacts = {("model" if k == "checkpoint" else k): v for k, v in paths.items() if k not in ("model", "pyfunc")}
+    return to_pipeline(str(kind), artifacts, device)

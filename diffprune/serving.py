@@ -8,7 +8,6 @@ extra code paths) and its files must match the SHA-256 tags written at registrat
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -114,17 +113,6 @@ def resolve(uri: str, cache_dir: str | Path | None = None) -> dict[str, Path]:
     verify_model(mv, dst)
     flavor = Model.load(str(dst / "MLmodel")).flavors["python_function"]
     return {"model": dst} | {k: dst / v["path"] for k, v in flavor.get("artifacts", {}).items()}
-
-
-def pipeline_from_registry(uri: str, device: str = "cpu", cache_dir: str | Path | None = None) -> Any:
-    """The diffusers pipeline (``DiTPipeline``, ``StableDiffusionPipeline``) of the registered model at
-    ``uri``, downloaded and verified first: :func:`diffprune.pipelines.to_pipeline` on its artifacts."""
-    from .pipelines import to_pipeline
-
-    paths = resolve(uri, cache_dir=cache_dir)
-    kind = json.loads(paths["pyfunc"].read_text()).get("kind")
-    artifacts = {("model" if k == "checkpoint" else k): v for k, v in paths.items() if k not in ("model", "pyfunc")}
-    return to_pipeline(str(kind), artifacts, device)
 
 
 def promote(name: str, version: int | str, alias: str = "champion") -> dict[str, Any]:

@@ -164,7 +164,7 @@ def latent_workspace(root: Path, overrides: dict) -> tuple:
 
 _FRESH = """
 import json, sys, numpy, torch, mlflow.pyfunc
-from diffprune.serving import pipeline_from_registry
+from diffprune.pipelines import pipeline_from_registry
 models, call, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 for name, uri in models.items():
     numpy.save(f"{out}/{name}.pyfunc.npy", mlflow.pyfunc.load_model(uri, model_config={"device": "cpu"}).predict(
@@ -182,7 +182,7 @@ def registered_models_in_a_fresh_process(p, root: Path, monkeypatch, out: Path, 
     """Register the workspace's three compressed models (Diff-Pruning's ``finetune``, ``dipgo``,
     ``experts``), then, in ONE fresh process that imports only the loaders, sample each from MLflow
     (its pyfunc: 3 images, seed 5) and, with ``call``, from its diffusers pipeline
-    (``serving.pipeline_from_registry``; ``pipe(**call)``, seed 3). Returns ``{name: {"pyfunc",
+    (``pipelines.pipeline_from_registry``; ``pipe(**call)``, seed 3). Returns ``{name: {"pyfunc",
     "pipe", "net"}}`` and checks the pyfunc images equal the library's own, bit for bit."""
     import json
     import subprocess

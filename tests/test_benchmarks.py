@@ -17,7 +17,7 @@ import pytest
 import benchmarks.common as common
 
 pytestmark = pytest.mark.slow
-NAMES = ("teacher", "taylor_sizes", "taylor", "dipgo", "experts", "stack", "dit_cache")
+NAMES = ("teacher", "taylor_sizes", "taylor", "dipgo", "experts", "stack", "dit_cache", "sd_cache")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_quick_benchmark_runs_and_writes_its_results(name: str, quick_root: Path
     doc = json.loads((out / f"{name}.json").read_text())
     md = (out / f"{name}.md").read_text()
     assert doc["quick"] is True
-    if name in ("taylor", "dipgo", "experts", "stack", "dit_cache"):
+    if name in ("taylor", "dipgo", "experts", "stack", "dit_cache", "sd_cache"):
         assert "significance vs baselines at equal MACs" in md, md[:500]
         assert (out / f"{name}.png").stat().st_size > 0
     if name == "teacher":

@@ -138,3 +138,21 @@ def test_schedule_from_scores_reaches_the_target_and_runs(pipe, graph):
         sample_latents(SkipScheduleSD(pipe.unet, sched, text, G), pipe.scheduler, steps=T, seed=0)
     full = guided_sd_schedule_macs(pipe.unet, _schedule(graph), G, len(PROMPTS), text.shape[1])
     assert c.total / full == pytest.approx(sched.macs_ratio, abs=1e-12)
+
+
+def test_deepcache_runs_on_the_text_to_image_unet_at_its_counted_cost(pipe, graph):
+    """DeepCache, the digits' baseline, on the SD UNet's graph: interval 1 is the plain guided sampler,
+    a wider interval reuses the cached deep features between full steps and costs what it predicts."""
+    from diffprune.pruning.dipgo import deepcache_schedule
+
+    text = _text(pipe)
+    shape = (pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    plain = sample_latents(GuidedSD(pipe.unet, text, G), pipe.scheduler, steps=T, seed=0)
+    one = deepcache_schedule(graph, T, 1, 0, shape)
+    assert torch.equal(sample_latents(SkipScheduleSD(pipe.unet, one, text, G), pipe.scheduler, steps=T, seed=0), plain)
+    sched = deepcache_schedule(graph, T, 2, 0, shape)
+    assert sched.meta["cached"] == "up_0" and sched.macs_ratio < 1.0  # only down_0 and up_1 run between full steps
+    with MacCounter(pipe.unet) as counted:
+        lat = sample_latents(SkipScheduleSD(pipe.unet, sched, text, G), pipe.scheduler, steps=T, seed=0)
+    assert counted.total == guided_sd_schedule_macs(pipe.unet, sched, G, len(PROMPTS), text.shape[1])
+    assert not torch.allclose(lat, plain, atol=1e-4)
