@@ -39,6 +39,9 @@ class SdConfig:
     text_layers: Int = Field(2, ge=1, le=24)
     text_heads: Int = Field(2, ge=1, le=64)
     caption: Str = Field("a handwritten {label}", max_length=200)  # {label}: the class name (folder, Hub label; digits: the digit)
+    # the prompts themselves, one per class in label order (instead of `caption`): its own prompt each
+    captions: Optional[list[Annotated[Str, Field(min_length=1, max_length=200)]]] = Field(None, min_length=1,
+                                                                                          max_length=100_000)
     caption_dropout: Float = Field(0.1, ge=0.0, le=1.0)  # captions dropped to "" in training (for guidance)
     guidance_scale: Float = Field(1.0, ge=0.0, le=50.0)  # > 1: classifier-free guidance (doubles the batch)
     seed: Seed = 0  # the text encoder's initialisation

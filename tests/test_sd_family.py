@@ -144,6 +144,18 @@ def test_the_expert_stages_refuse_the_sd_family_by_name(ws):
         _run(p, root, "stack")
 
 
+def test_captions_one_per_class_are_refused_for_another_class_count_or_when_empty(tmp_path):
+    from diffprune.config import ConfigError, load_params
+    from diffprune.stages.sd import _captions
+
+    p = load_params(None, {"sd": {"captions": ["zero", "one"]}})
+    assert _captions(p, tmp_path, 2) == ["zero", "one"]
+    with pytest.raises(ConfigError, match="sd.captions has 2 prompts, the dataset 3 classes"):
+        _captions(p, tmp_path, 3)
+    with pytest.raises(ConfigError, match="sd.captions"):
+        load_params(None, {"sd": {"captions": ["zero", ""]}})
+
+
 def test_a_caption_without_its_label_is_refused_by_name():
     from diffprune.config import ConfigError, load_params
 
@@ -202,13 +214,15 @@ def test_a_pretrained_stable_diffusion_folder_runs_through_the_same_stages_and_s
     images = make_rgb_folder(tmp_path / "shapes", per_class=8, size=16)
     p = load_params(None, {**TINY, "data": {"source": str(images), "channels": 3, "image_size": 16, "max_images": 0,
                                             "ref_fraction": 0.25},
-                           "teacher": {**TINY["teacher"], "pretrained": str(folder)}})
+                           "teacher": {**TINY["teacher"], "pretrained": str(folder)},
+                           "sd": {**TINY["sd"], "captions": ["shape one", "shape two", "shape three"]}})
     for name in ("data", "latents", "teacher"):
         out = _run(p, tmp_path / "ws", name)
     assert "tiny-sd" in json.loads((tmp_path / "ws/data/latents/autoencoder.json").read_text())["source"]
     m = load_target("sd", target_paths(tmp_path / "ws", "teacher", "sd"))
     assert torch.equal(m.modules[0].conv_in.weight, pipe.unet.conv_in.weight) and out["teacher"]
-    captions = m.denoiser.prompts(3)  # the shapes' 3 classes: "a handwritten 0" .. "a handwritten 2"
+    captions = m.denoiser.prompts(3)  # the shapes' 3 classes, prompted by sd.captions (one per class)
+    assert captions == ["shape one", "shape two", "shape three"]
     ours = sample(m.denoiser, sampling_scheduler(m.scheduler_config, "ddim"), num_images=3,
                   sample_shape=m.sample_shape, steps=5, seed=2, batch_size=3)
     pipe.scheduler = pipe.scheduler.from_config(sampling_scheduler(m.scheduler_config, "ddim").config)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..config import Params, resolve_device
+from ..config import ConfigError, Params, resolve_device
 from ..data import class_names
 from ..distributed import follower_result
 from ..models.sd import (CaptionCall, CaptionTable, PromptCycle, GuidedSD, build_sd_unet, build_text_encoder,
@@ -76,6 +76,17 @@ def _prompt_cycle(model, cond: dict, root: Path, device) -> PromptCycle:
     return PromptCycle(guided, table, load_vae(safe_subpath(root, AUTOENCODER), device))
 
 
+def _captions(p: Params, root: Path, num_classes: int) -> list[str]:
+    """The class prompts: ``sd.captions`` (one per class, in label order) or ``sd.caption`` with each
+    class's name."""
+    if p.sd.captions is None:
+        return class_captions(p.sd.caption, num_classes, class_names(safe_subpath(root, DATASET)))
+    if len(p.sd.captions) != num_classes:
+        raise ConfigError(f"sd.captions has {len(p.sd.captions)} prompts, the dataset {num_classes} classes: "
+                          "give one prompt per class, in label order")
+    return list(p.sd.captions)
+
+
 @stage("teacher", family=FAMILY)
 def run_teacher(p: Params, root: Path, progress: bool = True, on_progress: ProgressFn | None = None,
                 **_: Any) -> dict:
@@ -85,7 +96,7 @@ def run_teacher(p: Params, root: Path, progress: bool = True, on_progress: Progr
     text encoder)."""
     device = resolve_device(p.project.device)
     latents, labels = load_latents(root)
-    captions = class_captions(p.sd.caption, int(labels.max()) + 1, class_names(safe_subpath(root, DATASET)))
+    captions = _captions(p, root, int(labels.max()) + 1)
     cond = {"num_classes": len(captions), "guidance_scale": float(p.sd.guidance_scale), "captions": captions}
     t0 = time.time()
     if p.teacher.pretrained:
