@@ -286,3 +286,13 @@ def test_the_three_methods_register_and_load_into_stable_diffusion_pipeline_from
         ours = house_images(one["loaded"], p.evaluate.steps)
         assert one["pipe"].shape == (3, 8, 8, 1) and float(abs(one["pipe"] - ours).max()) < 1e-5, name
     assert not np.array_equal(got["dipgo"]["pipe"], got["finetune"]["pipe"])
+
+
+def test_a_latent_familys_model_paths_resolve_before_any_stage_was_fetched(tmp_path):
+    """``stages.core.target_paths`` for the sd family in a fresh process that imported no stage module
+    (a benchmark whose stage outputs were all cached): the family's kinds register on their own."""
+    code = ("from pathlib import Path\nfrom diffprune.stages.core import target_paths\n"
+            "print(sorted(target_paths(Path('ws'), 'experts', 'sd')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "['model', 'text', 'vae']"

@@ -73,6 +73,9 @@ FAMILY_PATHS: dict[str, dict[str, str]] = {"unet": {}}
 
 def get_target(name: str, family: str = "unet") -> Target:
     """Pipeline model ``name`` as ``family`` builds it (its kind, and the family's extra artifacts)."""
+    from . import _load_all
+
+    _load_all()  # the family modules register their kinds and paths (FAMILY_KINDS) on import
     if name not in TARGETS:
         raise ConfigError(f"unknown model {name!r} (known: {', '.join(sorted(TARGETS))})")
     tgt, kinds = TARGETS[name], FAMILY_KINDS.get(family, {})
