@@ -85,3 +85,5 @@ def test_a_schedule_runs_inside_stable_diffusion_pipeline_as_our_sampler_runs_it
     with MacCounter(base.unet) as full:
         whole = images(base)
     assert gated.total < full.total and not torch.equal(whole, theirs)
+    pipe.unet = ScheduledNetwork(base.unet, _schedule(base.unet, {}), base.scheduler)  # all compute: the plain one
+    assert torch.equal(images(pipe), whole)
