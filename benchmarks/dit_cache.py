@@ -11,8 +11,9 @@ budget (trajectory MACs / the teacher's 50-step trajectory):
 * ``first-block-cache`` - diffusers' FirstBlockCache (``diffusers.hooks``), its threshold bisected
   until its counted MACs on the harness's probe trajectory land on the budget;
 * ``taylorseer`` - diffusers' TaylorSeer cache over every block's attention and feed-forward, its
-  ``(cache_interval, warmup)`` taken from a grid: of the settings within 2% of the budget, the one
-  whose probe trajectory is closest to the teacher's;
+  ``(cache_interval, warmup, max_order)`` taken from a grid: of the settings within 2% of the
+  budget, the one whose probe trajectory is closest to the teacher's (none within: the cheapest
+  at or above the budget);
 * ``fewer-steps`` - the teacher with ``budget x 50`` steps.
 
 FirstBlockCache decides per call from the whole batch's first-block residual, so its cost depends on
@@ -165,10 +166,11 @@ def taylorseer_run(b: Bench, budget: float) -> Run:
     if not found.within:
         log.warning("taylorseer at %s: nearest setting (interval %d, warmup %d) gives %.3f", budget,
                     found.cache_interval, found.warmup, found.macs_ratio)
-    with taylorseer_cache(model, found.cache_interval, found.warmup) as wrap:
-        return b.run("taylorseer", wrap(den), [model], key=(budget, found.cache_interval, found.warmup),
+    with taylorseer_cache(model, found.cache_interval, found.warmup, found.max_order) as wrap:
+        return b.run("taylorseer", wrap(den), [model],
+                     key=(budget, found.cache_interval, found.warmup, found.max_order),
                      extra={"train_steps": 0, "cache_interval": found.cache_interval, "warmup": found.warmup,
-                            "search_within_2pct": found.within})
+                            "max_order": found.max_order, "search_within_2pct": found.within})
 
 
 def fewer_steps_run(b: Bench, budget: float) -> Run:
@@ -201,9 +203,9 @@ def to_markdown(b: Bench, grid: dict[float, dict[str, Run]], quick: bool) -> str
                       f"{x['eval_batch']}: {x['macs_ratio_at_eval_batch']:.3f} of the teacher's.", ""]
         if "taylorseer" in runs:
             x = runs["taylorseer"].extra
-            lines += [f"TaylorSeer: cache_interval {x['cache_interval']}, warmup {x['warmup']} full steps (first order; "
-                      f"attn1 and ff of every block){'' if x['search_within_2pct'] else ' - NOT within 2% of the budget'}.",
-                      ""]
+            lines += [f"TaylorSeer: cache_interval {x['cache_interval']}, warmup {x['warmup']} full steps, order "
+                      f"{x['max_order']} (attn1 and ff of every block)"
+                      f"{'' if x['search_within_2pct'] else ' - NOT within 2% of the budget'}.", ""]
     return "\n".join(lines + ["![PSNR and FID vs MACs](dit_cache.png)"]) + "\n"
 
 

@@ -86,16 +86,16 @@ def test_taylorseer_at_interval_one_is_the_plain_sampler_longer_intervals_comput
 def test_taylorseer_search_meets_a_reachable_target_and_bad_settings_are_refused(pipe):
     den = GuidedDiT(pipe.transformer, LABELS, G)
     found = taylorseer_for_macs(_run(pipe), den, pipe.transformer, 0.5, tolerance=0.05, intervals=range(2, 5),
-                                warmups=range(1, 4))
+                                warmups=range(1, 4), orders=(1, 2))
     assert found.within and abs(found.macs_ratio - 0.5) <= 0.05 * 0.5 and found.probe_mse is not None
     full = trajectory_macs(_run(pipe), den, pipe.transformer)
-    with taylorseer_cache(pipe.transformer, found.cache_interval, found.warmup) as wrap:
+    with taylorseer_cache(pipe.transformer, found.cache_interval, found.warmup, found.max_order) as wrap:
         assert trajectory_macs(_run(pipe), wrap(den), pipe.transformer) == pytest.approx(found.macs_ratio * full)
     # no setting lands exactly on an odd target: the cheapest at or above it, never a cheaper one
-    grid = dict(intervals=range(2, 5), warmups=range(1, 4))
+    grid = dict(intervals=range(2, 5), warmups=range(1, 4), orders=(1,))
     off = taylorseer_for_macs(_run(pipe), den, pipe.transformer, 0.513, tolerance=0.0, **grid)
     assert not off.within and off.probe_mse is None and off.macs_ratio > 0.513
-    for bad, match in (((0, 1), "cache_interval = 0"), ((2, 0), "warmup = 0")):
+    for bad, match in (((0, 1), "cache_interval = 0"), ((2, 0), "warmup = 0"), ((2, 1, -1), "max_order = -1")):
         with pytest.raises(ValueError, match=match):
             with taylorseer_cache(pipe.transformer, *bad):
                 pass

@@ -11,10 +11,12 @@ TaylorSeer, MagCache, FasterCache, PyramidAttentionBroadcast, ...). Two of them 
 - **TaylorSeer** (Liu et al. 2025): every ``cache_interval`` steps (after ``warmup`` full steps)
   the hooked modules compute; in between their outputs are extrapolated by a Taylor series of
   their history. The hooked modules are each block's self-attention and feed-forward
-  (``attn1``, ``ff``: the features TaylorSeer's DiT code caches; diffusers' default hooks only the
-  attention, and its "lite" mode looks for a ``proj_out`` DiT does not have). Its cost is set by
-  ``(cache_interval, warmup)``: :func:`taylorseer_for_macs` measures the grid and takes the setting
-  within the MACs tolerance whose probe trajectory is closest to the full model's.
+  (``attn1``, ``ff``, as diffusers' own FLUX template for it hooks attention and feed-forward;
+  its default hooks only the attention, and its "lite" mode looks for a ``proj_out`` DiT does not
+  have). Its cost is set by ``(cache_interval, warmup)``, its fidelity also by the series' order
+  (TaylorSeer's DiT-XL/2 recommendation: interval 4, order 4): :func:`taylorseer_for_macs` measures
+  the grid and takes the setting within the MACs tolerance whose probe trajectory is closest to the
+  full model's.
 
 The others are not baselines here: PyramidAttentionBroadcast and FasterCache skip attention only
 (34% of the dit-digits DiT's MACs, counted: too little to reach DiP-GO's 0.5 / 0.35 budgets), and
@@ -113,11 +115,14 @@ TAYLORSEER_MODULES = [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\
 
 def taylorseer_cache(transformer: nn.Module, cache_interval: int, warmup: int, max_order: int = 1):
     """:func:`diffusers_cache` with TaylorSeer over every block's ``attn1`` and ``ff``: ``warmup`` full
-    steps (>= 1: the series needs a first value), then a full step every ``cache_interval``."""
+    steps (>= 1: the series needs a first value), then a full step every ``cache_interval``, the
+    steps between forecast by the series of order ``max_order``."""
     if not (isinstance(cache_interval, int) and cache_interval >= 1):
         raise ValueError(f"cache_interval = {cache_interval!r}: must be an integer >= 1")
     if not (isinstance(warmup, int) and warmup >= 1):
         raise ValueError(f"warmup = {warmup!r}: must be an integer >= 1 (step 0 computes)")
+    if not (isinstance(max_order, int) and max_order >= 0):
+        raise ValueError(f"max_order = {max_order!r}: must be an integer >= 0")
     return diffusers_cache(transformer, TaylorSeerCacheConfig(
         cache_interval=cache_interval, disable_cache_before_step=warmup, max_order=max_order,
         taylor_factors_dtype=torch.float32, cache_identifiers=list(TAYLORSEER_MODULES)))
@@ -176,6 +181,7 @@ class TaylorSeerSearch:
 
     cache_interval: int
     warmup: int
+    max_order: int
     macs_ratio: float
     target: float
     within: bool
@@ -184,9 +190,9 @@ class TaylorSeerSearch:
 
 def taylorseer_for_macs(run: Callable[[Callable], torch.Tensor], denoiser: Callable, transformer: nn.Module,
                         target_ratio: float, *, tolerance: float = 0.02, intervals: range = range(2, 11),
-                        warmups: range = range(1, 9)) -> TaylorSeerSearch:
-    """The TaylorSeer setting ``(cache_interval, warmup)`` whose trajectory MACs are ``target_ratio``
-    of ``denoiser``'s own.
+                        warmups: range = range(1, 9), orders: tuple[int, ...] = (1, 2, 4)) -> TaylorSeerSearch:
+    """The TaylorSeer setting ``(cache_interval, warmup, max_order)`` whose trajectory MACs are
+    ``target_ratio`` of ``denoiser``'s own (the order changes the forecast, not the cost).
 
     ``run(d)`` samples a fixed probe trajectory with denoiser ``d`` and returns its output. Every
     setting of the grid is measured; of those within ``tolerance`` (relative) the one whose probe
@@ -203,15 +209,16 @@ def taylorseer_for_macs(run: Callable[[Callable], torch.Tensor], denoiser: Calla
     found = []
     for n in intervals:
         for w in warmups:
-            with taylorseer_cache(transformer, n, w) as wrap:
-                with MacCounter(transformer) as c:
-                    out = run(wrap(denoiser))
-            r = c.total / full
-            found.append((n, w, r, abs(r - target_ratio) <= tolerance * target_ratio,
-                          float((out.double() - reference.double()).pow(2).mean())))
-    inside, above = [f for f in found if f[3]], [f for f in found if f[2] >= target_ratio]
+            for order in orders:
+                with taylorseer_cache(transformer, n, w, order) as wrap:
+                    with MacCounter(transformer) as c:
+                        out = run(wrap(denoiser))
+                r = c.total / full
+                found.append((n, w, order, r, abs(r - target_ratio) <= tolerance * target_ratio,
+                              float((out.double() - reference.double()).pow(2).mean())))
+    inside, above = [f for f in found if f[4]], [f for f in found if f[3] >= target_ratio]
     if inside:
-        n, w, r, ok, mse = min(inside, key=lambda f: f[4])
+        n, w, order, r, ok, mse = min(inside, key=lambda f: f[5])
     else:
-        n, w, r, ok, mse = min(above or found, key=lambda f: abs(f[2] - target_ratio))
-    return TaylorSeerSearch(n, w, r, target_ratio, ok, mse if ok else None)
+        n, w, order, r, ok, mse = min(above or found, key=lambda f: (abs(f[3] - target_ratio), f[5]))
+    return TaylorSeerSearch(n, w, order, r, target_ratio, ok, mse if ok else None)
