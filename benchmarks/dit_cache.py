@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 import torch
 import typer
@@ -59,7 +59,8 @@ from diffprune.stages.core import DATASET, FEATURES, TEACHER, target_paths, work
 from diffprune.stages.latent import AUTOENCODER, load_latents
 from diffprune.targets import conditioning, load_target
 
-from benchmarks.common import (MACS_TOLERANCE, QUICK_ROOT, QUICK_SPINE, REPO, SEEDS, Bench, Run, quiet_defaults,
+import benchmarks.common as common
+from benchmarks.common import (MACS_TOLERANCE, QUICK_SPINE, REPO, SEEDS, Bench, Run, quiet_defaults,
                                with_values)
 from benchmarks.tables import TABLE_HEAD, compare, plot_pareto, run_row, write_results
 
@@ -209,6 +210,29 @@ def to_markdown(b: Bench, grid: dict[float, dict[str, Run]], quick: bool) -> str
     return "\n".join(lines + ["![PSNR and FID vs MACs](dit_cache.png)"]) + "\n"
 
 
+def run_bench(name: str, p, methods: tuple[str, ...], runs_at: Callable[[Bench, float], dict[str, Run]],
+              markdown: Callable[[Bench, dict, bool], str], title: str, quick: bool, out: Path,
+              progress: bool, budgets: tuple[float, ...] = BUDGETS) -> None:
+    """A latent family's cache benchmark (this one, ``benchmarks.sd_cache``): for each budget the
+    runs of ``runs_at(b, budget)`` (``methods[0]`` against the others), then ``NAME.{json,md,png}``."""
+    root = common.QUICK_ROOT if quick else REPO  # (read at call time: tests/test_benchmarks.py points it elsewhere)
+    out = common.QUICK_ROOT / "results" if quick else out
+    b = setup(p, root, progress)
+    grid: dict[float, dict[str, Run]] = {}
+    for bud in budgets[:1] if quick else budgets:
+        grid[bud] = runs_at(b, bud)
+        log.info("budget %s: %s", bud, {m: round(r.metrics["fid"], 3) for m, r in grid[bud].items()})
+    t, _ = b.reference()
+    sections = ("data", "teacher", p.teacher.family, "autoencoder", "evaluate", "dipgo")
+    doc = {"quick": quick, "teacher": t, "teacher_training": b.teacher_info,
+           "params": {s: to_dict(p.section(s)) for s in sections},
+           "budgets": [{"budget": bud, "runs": {m: r.to_json() for m, r in runs.items()},
+                        f"{methods[0]}_vs": [compare(runs[methods[0]], runs[m]) for m in methods[1:]]}
+                       for bud, runs in grid.items()]}
+    write_results(out, name, doc, markdown(b, grid, quick))
+    plot_pareto({m: [runs[m] for runs in grid.values()] for m in methods}, out / f"{name}.png", title, t["fid"])
+
+
 def main(
     quick: Annotated[bool, typer.Option("--quick", help="tiny smoke setting in .work/bench-quick")] = False,
     out: Annotated[Path, typer.Option(help="folder for dit_cache.json / .md / .png")] = REPO / "benchmarks/results",
@@ -217,24 +241,13 @@ def main(
     """Run the benchmark and write its JSON, Markdown and plot."""
     quiet_defaults()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    root = QUICK_ROOT if quick else REPO
-    out = QUICK_ROOT / "results" if quick else out
-    p = bench_params(quick)
-    b = setup(p, root, progress)
-    grid: dict[float, dict[str, Run]] = {}
-    for bud in BUDGETS[:1] if quick else BUDGETS:
-        grid[bud] = {"dipgo": dipgo_run(b, bud, progress), "first-block-cache": fbc_run(b, bud),
-                     "taylorseer": taylorseer_run(b, bud), "fewer-steps": fewer_steps_run(b, bud)}
-        log.info("budget %s: %s", bud, {m: round(r.metrics["fid"], 3) for m, r in grid[bud].items()})
-    t, _ = b.reference()
-    doc = {"quick": quick, "teacher": t, "teacher_training": b.teacher_info,
-           "params": {s: to_dict(p.section(s)) for s in ("data", "teacher", "dit", "autoencoder", "evaluate", "dipgo")},
-           "budgets": [{"budget": bud, "runs": {m: r.to_json() for m, r in runs.items()},
-                        "dipgo_vs": [compare(runs["dipgo"], runs[m]) for m in METHODS[1:]]}
-                       for bud, runs in grid.items()]}
-    write_results(out, "dit_cache", doc, to_markdown(b, grid, quick))
-    plot_pareto({m: [runs[m] for runs in grid.values()] for m in METHODS}, out / "dit_cache.png",
-                "DiP-GO vs FirstBlockCache and TaylorSeer (DiT, digits)", t["fid"])
+
+    def runs_at(b: Bench, bud: float) -> dict[str, Run]:
+        return {"dipgo": dipgo_run(b, bud, progress), "first-block-cache": fbc_run(b, bud),
+                "taylorseer": taylorseer_run(b, bud), "fewer-steps": fewer_steps_run(b, bud)}
+
+    run_bench("dit_cache", bench_params(quick), METHODS, runs_at, to_markdown,
+              "DiP-GO vs FirstBlockCache and TaylorSeer (DiT, digits)", quick, out, progress)
 
 
 if __name__ == "__main__":

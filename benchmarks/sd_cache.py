@@ -39,10 +39,10 @@ from diffprune.pruning.dipgo.sd import SDUNetGraph
 from diffprune.safe_yaml import read_yaml
 from diffprune.stages.core import work_dir
 
-from benchmarks.common import MACS_TOLERANCE, QUICK_ROOT, QUICK_SPINE, REPO, SEEDS, Bench, Run, quiet_defaults
+from benchmarks.common import MACS_TOLERANCE, QUICK_SPINE, REPO, SEEDS, Bench, Run, quiet_defaults
 from benchmarks.common import with_values
-from benchmarks.dit_cache import PROTOCOL, fewer_steps_run, setup
-from benchmarks.tables import TABLE_HEAD, compare, plot_pareto, run_row, write_results
+from benchmarks.dit_cache import PROTOCOL, fewer_steps_run, run_bench
+from benchmarks.tables import TABLE_HEAD, compare, run_row
 
 log = logging.getLogger("benchmarks.sd_cache")
 
@@ -127,24 +127,13 @@ def main(
     """Run the benchmark and write its JSON, Markdown and plot."""
     quiet_defaults()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    root = QUICK_ROOT if quick else REPO
-    out = QUICK_ROOT / "results" if quick else out
-    p = bench_params(quick)
-    b = setup(p, root, progress)
-    grid: dict[float, dict[str, Run]] = {}
-    for bud in BUDGETS[:1] if quick else BUDGETS:
-        grid[bud] = {"dipgo": dipgo_run(b, bud, progress), "deepcache": deepcache_run(b, bud),
-                     "fewer-steps": fewer_steps_run(b, bud)}
-        log.info("budget %s: %s", bud, {m: round(r.metrics["fid"], 3) for m, r in grid[bud].items()})
-    t, _ = b.reference()
-    doc = {"quick": quick, "teacher": t, "teacher_training": b.teacher_info,
-           "params": {s: to_dict(p.section(s)) for s in ("data", "teacher", "sd", "autoencoder", "evaluate", "dipgo")},
-           "budgets": [{"budget": bud, "runs": {m: r.to_json() for m, r in runs.items()},
-                        "dipgo_vs": [compare(runs["dipgo"], runs[m]) for m in METHODS[1:]]}
-                       for bud, runs in grid.items()]}
-    write_results(out, "sd_cache", doc, to_markdown(b, grid, quick))
-    plot_pareto({m: [runs[m] for runs in grid.values()] for m in METHODS}, out / "sd_cache.png",
-                "DiP-GO vs DeepCache (text-to-image UNet, digits)", t["fid"])
+
+    def runs_at(b: Bench, bud: float) -> dict[str, Run]:
+        return {"dipgo": dipgo_run(b, bud, progress), "deepcache": deepcache_run(b, bud),
+                "fewer-steps": fewer_steps_run(b, bud)}
+
+    run_bench("sd_cache", bench_params(quick), METHODS, runs_at, to_markdown,
+              "DiP-GO vs DeepCache (text-to-image UNet, digits)", quick, out, progress, BUDGETS)
 
 
 if __name__ == "__main__":
