@@ -136,12 +136,17 @@ def _probe(b: Bench, batch: int):
                             seed=0, batch_size=batch, device=b.device)
 
 
-def fbc_run(b: Bench, budget: float) -> Run:
-    # the hooks go on a copy: the teacher's own latency probe (inside b.run) runs the plain transformer
+def _teacher_copy(b: Bench):
+    """``(transformer, denoiser)``: a copy of the teacher and its class cycle, for a cache's hooks to go
+    on (the teacher's own latency probe, inside ``b.run``, runs the plain transformer)."""
     model = copy.deepcopy(b.teacher)
     cond = conditioning(b.teacher_dir)
     n = cond["num_classes"]
-    den = ClassCycle(GuidedDiT(model, list(range(n)), cond["guidance_scale"]), n, b.teacher_sampler().vae)
+    return model, ClassCycle(GuidedDiT(model, list(range(n)), cond["guidance_scale"]), n, b.teacher_sampler().vae)
+
+
+def fbc_run(b: Bench, budget: float) -> Run:
+    model, den = _teacher_copy(b)
     found = first_block_cache_for_macs(_probe(b, 1), den, model, budget, tolerance=MACS_TOLERANCE)
     if not found.within:
         log.warning("first-block-cache at %s: nearest threshold %.4g gives %.3f", budget, found.threshold,
@@ -159,10 +164,7 @@ def fbc_run(b: Bench, budget: float) -> Run:
 
 
 def taylorseer_run(b: Bench, budget: float) -> Run:
-    model = copy.deepcopy(b.teacher)  # (as fbc_run: the teacher's own latency probe runs the plain transformer)
-    cond = conditioning(b.teacher_dir)
-    n = cond["num_classes"]
-    den = ClassCycle(GuidedDiT(model, list(range(n)), cond["guidance_scale"]), n, b.teacher_sampler().vae)
+    model, den = _teacher_copy(b)
     found = taylorseer_for_macs(_probe(b, 1), den, model, budget, tolerance=MACS_TOLERANCE)
     if not found.within:
         log.warning("taylorseer at %s: nearest setting (interval %d, warmup %d) gives %.3f", budget,

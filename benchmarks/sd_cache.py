@@ -33,6 +33,7 @@ import typer
 
 from diffprune.config import load_params, to_dict
 from diffprune.families import merge_preset
+from diffprune.models.sd import PromptCycle
 from diffprune.pruning.dipgo import SkipScheduleSD, deepcache_for_macs, train_pruner
 from diffprune.pruning.dipgo.conditioned import sd_conditioned
 from diffprune.pruning.dipgo.sd import SDUNetGraph
@@ -68,8 +69,8 @@ def bench_params(quick: bool):
 def _scheduled(b: Bench, schedule) -> Any:
     """The teacher's prompt cycle with its guided calls running ``schedule`` (as the sd-dipgo loader does)."""
     cycle = b.teacher_sampler()
-    g = cycle.guided.guidance_scale
-    return type(cycle)(SkipScheduleSD(b.teacher, schedule, cycle.guided.text, g), cycle.table, cycle.vae)
+    return PromptCycle(SkipScheduleSD(b.teacher, schedule, cycle.guided.text, cycle.guided.guidance_scale),
+                       cycle.table, cycle.vae)
 
 
 def dipgo_run(b: Bench, budget: float, progress: bool) -> Run:
