@@ -9,7 +9,9 @@ On the benchmark teacher (50 DDIM steps):
    benchmark's intervals, each fine-tuned for half of Diff-Pruning's steps: equal training).
 2. For each budget, the ``stack`` stage's own search (:func:`diffprune.stages.stack.search`): every
    split of the budget on the grid nets x :data:`SKIPS`, a DiP-GO schedule trained where a split
-   skips blocks, the best by paired PSNR on 64 validation noises (seed 9999, never evaluated).
+   skips blocks, the best by paired fidelity on 64 validation noises (seed 9999, never evaluated):
+   ``stack.fidelity``, the paired distance in the FID extractor's space by default. At the headline
+   budget the split the other criterion (pixel PSNR) picks is evaluated too.
 3. The chosen stack and each single method at the same MACs (within 2%): fewer steps, DiP-GO on the
    50-step trajectory, one Diff-Pruning model (channel ratio searched; fine-tuned as above), all
    through the harness (FID over 3 seeds, paired PSNR, speedup timed against the teacher). At the
@@ -38,7 +40,7 @@ from diffprune.config import fingerprint, to_dict
 from diffprune.io import read_json
 from diffprune.models.checkpoint import load_model, read_config, save_model
 from diffprune.pruning.dipgo import SkipScheduleDenoiser, train_pruner
-from diffprune.pruning.stack import ORDERS, stacked_denoiser
+from diffprune.pruning.stack import FIDELITY, ORDERS, stacked_denoiser
 from diffprune.pruning.taylor import PruningError, finetune_spec, prune_unet, search_ratio
 from diffprune.sampling import ModelDenoiser
 from diffprune.stages import core
@@ -118,7 +120,8 @@ def _dp_net(b: Bench, ratio: float, progress: bool) -> tuple[Any, dict]:
     spec = finetune_spec(b.p.finetune, b.teacher_info["steps"])
     work = core.work_dir(b.root, "bench-stack-diffpruning", b.key, cfg, spec)
     net = core.train_or_resume(copy.deepcopy(pruned), b.images, b.train_scheduler, spec, work, device=b.device,
-                               progress=progress, desc=f"diff-pruning r={ratio:.3f}")
+                               progress=progress, desc=f"diff-pruning r={ratio:.3f}",
+                               teacher=b.teacher if spec.distill else None)
     return net, {"channel_ratio": ratio, "macs_ratio": report["macs_after"] / report["macs_before"],
                  "train_steps": spec.steps, "timesteps_used": report["timesteps_used"], "pruned": pruned}
 
@@ -171,13 +174,18 @@ def diff_pruning_run(b: Bench, levels: list, budget: float, progress: bool) -> R
 
 
 def stack_run(b: Bench, root: Path, nets: dict, info: dict, budget: float, progress: bool,
-              only: str | None = None, method: str = "stack") -> Run:
+              only: str | None = None, by: str | None = None, method: str = "stack") -> Run:
     """The ``stack`` stage's search at ``budget`` (over ``nets``, or only those whose name starts with
-    ``only``), its chosen split evaluated by the harness."""
+    ``only``), its chosen split (by ``stack.fidelity``, or by the criterion ``by``) evaluated by the harness."""
     pool = {k: v for k, v in nets.items() if only is None or k.startswith(only) or k == "teacher"}
     pb = with_values(b.p, stack=with_values(b.p.stack, budget=budget, skip_ratios=list(SKIPS)))
     found = stack_stage.search(pb, root, pool, b.device, progress)
-    best, schedule, rows = (found.best, found.schedule, found.rows) if only is None else found.best_of(only)
+    if only is not None:
+        best, schedule, rows = found.best_of(only)
+    elif by is not None:
+        best, schedule, rows = found.best_by(by)
+    else:
+        best, schedule, rows = found.best, found.schedule, found.rows
     net = nets[best.net]
     modules = list(getattr(net, "experts", [net]))
     steps_trained = info[best.net]["train_steps"] + (b.p.dipgo.steps if schedule is not None else 0)
@@ -226,12 +234,41 @@ def targets(b: Bench, grid: dict[float, dict[str, Run]]) -> dict:
 
 
 def _candidate_lines(run: Run, n: int) -> list[str]:
-    lines = [f"| split (net, skip, steps) | MACs / teacher | validation PSNR ({n} noises) |", "|---|---|---|"]
+    by = run.extra["chosen"].get("chosen_by", "psnr")
+    lines = [f"Candidates, best first by {'paired feature distance' if by == 'features' else 'PSNR'} on {n} "
+             "validation noises:", "",
+             "| split (net, skip, steps) | MACs / teacher | validation PSNR (dB) | validation feature distance |",
+             "|---|---|---|---|"]
     return lines + [f"| {r['name']}{' **(chosen)**' if i == 0 else ''} | {r['macs_ratio']:.3f} "
-                    f"| {r['validation_psnr']:.2f} |" for i, r in enumerate(run.extra["candidates"])]
+                    f"| {r['validation_psnr']:.2f} | {r.get('validation_feature_distance', float('nan')):.4f} |"
+                    for i, r in enumerate(run.extra["candidates"])]
 
 
-def to_markdown(b: Bench, grid: dict, orders: dict, info: dict, tg: dict, head: float, quick: bool) -> str:
+def _feature_line(runs: dict[str, Run]) -> str:
+    """Each run's paired feature distance to the teacher (evaluation noises, seed 0) with its 95% CI."""
+    cells = []
+    for m, r in runs.items():
+        lo, hi = r.metrics.get("feature_distance_vs_teacher_ci95", [float("nan")] * 2)
+        cells.append(f"{m} {r.metrics.get('feature_distance_vs_teacher', float('nan')):.4f} [{lo:.4f}, {hi:.4f}]")
+    return "Paired feature distance to the teacher (0: the teacher's own features; 1: unrelated samples): " + \
+        "; ".join(cells) + "."
+
+
+def _criterion_lines(b: Bench, grid: dict, criteria: dict, head: float) -> list[str]:
+    """The split the other fidelity criterion would have chosen at the headline budget, evaluated."""
+    if not criteria or head not in grid:
+        return []
+    st = grid[head]["stack"]
+    other, alt = next(iter(criteria.items()))
+    return [f"## Which criterion at budget {head}", "",
+            f"The stack chooses by `stack.fidelity = {b.p.stack.fidelity}`; by `{other}` the search would pick "
+            f"**{alt.extra['chosen']['name']}**" + ("" if alt.extra["chosen"]["name"] != st.extra["chosen"]["name"]
+                                                   else " too") + ".", "", TABLE_HEAD,
+            run_row(st, [compare(st, alt)]), run_row(alt), "", _feature_line({"stack": st, alt.method: alt}), ""]
+
+
+def to_markdown(b: Bench, grid: dict, orders: dict, info: dict, tg: dict, head: float, quick: bool,
+                criteria: dict | None = None) -> str:
     t_fid = b.reference()[0]["fid"]
     h = tg["headline"] or {}
     lines = ["# Stacking: Diff-Pruning x timestep experts x DiP-GO x fewer steps"
@@ -255,13 +292,14 @@ def to_markdown(b: Bench, grid: dict, orders: dict, info: dict, tg: dict, head: 
         st = runs["stack"]
         lines += [f"## Budget {bud}", "", f"Chosen split: **{st.extra['chosen']['name']}**.", "", TABLE_HEAD,
                   run_row(st, _verdicts(st, runs)), *(run_row(runs[m]) for m in SINGLES if m in runs), "",
-                  *_candidate_lines(st, b.p.stack.validation_samples), ""]
+                  _feature_line(runs), "", *_candidate_lines(st, b.p.stack.validation_samples), ""]
     if orders:
         first, *rest = orders.values()
         lines += [f"## Which order at budget {head}", "",
                   "The best split of each mixture order (the search over that mixture and the teacher)"
                   + ("" if len(orders) == len(ORDERS) else f"; no split of {set(ORDERS) - set(orders)} reached the budget")
                   + ".", "", TABLE_HEAD, run_row(first, [compare(first, r) for r in rest]), *map(run_row, rest), ""]
+    lines += _criterion_lines(b, grid, criteria or {}, head)
     return "\n".join(lines + ["![PSNR and FID vs MACs](stack.png)"]) + "\n"
 
 
@@ -298,11 +336,15 @@ def main(
             orders[o] = stack_run(b, proj, nets, info, head, progress, only=o, method=f"stack ({o})")
         except ValueError as e:  # no split of this order reached the budget within 2%
             log.warning("order %s at budget %s: %s", o, head, e)
-    publish(b, res, grid, orders, info, head, quick, complete=True)
+    other = next(c for c in FIDELITY if c != b.p.stack.fidelity)
+    criteria = {other: stack_run(b, proj, nets, info, head, progress, by=other, method=f"stack (by {other})")}
+    publish(b, res, grid, orders, info, head, quick, complete=True, criteria=criteria)
 
 
-def publish(b: Bench, res: Path, grid: dict, orders: dict, info: dict, head: float, quick: bool, complete: bool) -> None:
-    """stack.{json,md,png} from the budgets run so far (``complete``: all of them and the orders)."""
+def publish(b: Bench, res: Path, grid: dict, orders: dict, info: dict, head: float, quick: bool, complete: bool,
+            criteria: dict | None = None) -> None:
+    """stack.{json,md,png} from the budgets run so far (``complete``: all of them, the orders and the
+    other criterion's pick)."""
     tg = targets(b, grid)
     doc = {"quick": quick, "complete": complete, "teacher": b.reference()[0], "teacher_training": b.teacher_info,
            "targets": tg,
@@ -310,8 +352,9 @@ def publish(b: Bench, res: Path, grid: dict, orders: dict, info: dict, head: flo
                                                                           "finetune", "dipgo", "intervals", "stack")},
            "budgets": [{"budget": bud, "runs": {m: r.to_json() for m, r in runs.items()},
                         "stack_vs": _verdicts(runs["stack"], runs)} for bud, runs in grid.items()],
-           "orders": {o: r.to_json() for o, r in orders.items()}}
-    md = to_markdown(b, grid, orders, info, tg, head, quick)
+           "orders": {o: r.to_json() for o, r in orders.items()},
+           "criteria": {c: r.to_json() for c, r in (criteria or {}).items()}}
+    md = to_markdown(b, grid, orders, info, tg, head, quick, criteria)
     if not complete:
         md = md.replace("\n", f"\n\n**PARTIAL: budgets {list(grid)} of {list(BUDGETS)} done; the run goes on.**\n", 1)
     write_results(res, "stack", doc, md)

@@ -259,7 +259,12 @@ class StackConfig:
     nets: list[Literal[STACK_NETS]] = Field(["teacher", "diff-pruning", "prune-experts"], min_length=1, max_length=4)
     skip_ratios: list[Fraction] = Field([1.0, 0.5], min_length=1, max_length=8)  # nominal DiP-GO kept fractions (1.0: none)
     min_steps: Int = Field(4, ge=1, le=TIMESTEPS)  # fewest sampling steps a split may use
-    validation_samples: Int = Field(64, ge=1, le=BATCH)  # noises the split is chosen on (their own seed)
+    validation_samples: Int = Field(64, ge=2, le=BATCH)  # noises the split is chosen on (their own seed)
+    # paired fidelity the split is chosen by: `features` (squared distance of a sample's FID features to the
+    # teacher's sample from the same noise, over twice their variance) or `psnr`. Pixel PSNR rewards the blur of
+    # a short DDIM trajectory: in bench-stack's first run (benchmarks/results/stack.md) it picked plain fewer
+    # steps at every budget
+    fidelity: Literal["features", "psnr"] = "features"
     model_name: Name = "diffprune-stack"
 
 

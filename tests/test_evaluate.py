@@ -1,5 +1,6 @@
 """The evaluation protocol's comparisons against the teacher: paired latency, ratios, machine record."""
 
+import copy
 import time
 
 import pytest
@@ -150,3 +151,32 @@ def test_report_rows_with_every_column_keep_the_display_columns_first(tmp_path):
     (row,) = table_rows(tmp_path, every=True)
     assert list(row)[: len(COLUMNS)] == list(COLUMNS)
     assert row["kid"] == 0.01235 and row["latency_batch"] == 64 and "fid_per_seed" not in row
+
+
+def test_evaluate_reports_the_paired_feature_distance_zero_against_itself(tiny_unet, tiny_scheduler):
+    import numpy as np
+    import torch
+
+    from diffprune.config import EvaluateConfig
+    from diffprune.metrics.evaluate import evaluate
+    from diffprune.metrics.fid import Extractor
+    from diffprune.models.unet import sampling_scheduler
+    from diffprune.sampling import ModelDenoiser
+
+    protocol = EvaluateConfig(steps=3, num_samples=12, batch_size=12, seeds=[0], latency_batch=2, latency_repeats=1)
+    flat = Extractor("flat pixels", lambda x: x.flatten(1).double().numpy())
+    sched, shape = sampling_scheduler(dict(tiny_scheduler.config), "ddim"), (1, 8, 8)
+    train_feats = np.random.default_rng(0).normal(size=(12, 64))
+    args = (sched, [tiny_unet], protocol, flat, train_feats)
+    m, ref = evaluate(ModelDenoiser(tiny_unet), *args, sample_shape=shape, progress=False)
+    assert "feature_distance_vs_teacher" not in m  # the teacher itself: nothing to pair with
+    same, _ = evaluate(ModelDenoiser(tiny_unet), *args, sample_shape=shape, reference=ref, progress=False)
+    assert same["feature_distance_vs_teacher"] == 0.0
+    other = copy.deepcopy(tiny_unet)
+    with torch.no_grad():
+        for prm in other.parameters():
+            prm.add_(0.05 * torch.randn(prm.shape, generator=torch.Generator().manual_seed(1)))
+    far, _ = evaluate(ModelDenoiser(other), sched, [other], protocol, flat, train_feats, sample_shape=shape,
+                      reference=ref, progress=False)
+    lo, hi = far["feature_distance_vs_teacher_ci95"]
+    assert 0 < lo < far["feature_distance_vs_teacher"] < hi and far["psnr_vs_teacher"] < same["psnr_vs_teacher"]

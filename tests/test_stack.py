@@ -17,6 +17,7 @@ import torch
 from diffprune.config import STACK_NETS, ConfigError, DipgoConfig, TaylorConfig, load_params
 from diffprune.metrics.cost import unet_macs
 from diffprune.metrics.evaluate import trajectory_macs
+from diffprune.metrics.image import feature_distance
 from diffprune.models.unet import sampling_scheduler
 from diffprune.pruning.dipgo import Schedule, SkipScheduleDenoiser, block_costs, schedule_from_scores, train_pruner
 from diffprune.pruning.dipgo.graph import block_graph
@@ -63,14 +64,49 @@ def test_every_candidate_split_lands_on_the_budget(budget):
     assert len({(s.net, s.steps, s.skip_ratio < 1) for s in splits}) == len(splits)
 
 
-def test_the_best_validation_psnr_is_chosen_and_an_empty_search_says_what_to_widen():
-    a, b = Split("teacher", 1.0, 1.0, 10, 50), Split("pruned", 0.5, 1.0, 20, 50)
-    best, rows = choose([(a, 0.2, 30.0), (b, 0.2, 31.5), (Split("x", 1.0, 0.5, 20, 50), 0.2, float("nan"))])
-    assert best == b and [r["validation_psnr"] for r in rows][:2] == [31.5, 30.0] and rows[0]["name"] == b.name
+def _scores(psnr: float, dist: float) -> dict[str, float]:
+    return {"validation_psnr": psnr, "validation_feature_distance": dist}
+
+
+def test_the_best_by_the_chosen_fidelity_wins_and_an_empty_search_says_what_to_widen():
+    a, b, c = Split("teacher", 1.0, 1.0, 10, 50), Split("pruned", 0.5, 1.0, 20, 50), Split("x", 1.0, 0.5, 20, 50)
+    scored = [(a, 0.2, _scores(33.0, 0.30)), (b, 0.2, _scores(31.5, 0.10)), (c, 0.2, _scores(float("nan"), 0.05))]
+    best, rows = choose(scored, by="psnr")  # higher PSNR is better; a NaN score ranks last
+    assert best == a and [r["name"] for r in rows] == [a.name, b.name, c.name] and rows[0]["chosen_by"] == "psnr"
+    best, rows = choose(scored, by="features")  # a smaller distance is better
+    assert best == c and [r["validation_feature_distance"] for r in rows] == [0.05, 0.10, 0.30]
+    with pytest.raises(ConfigError, match="stack.fidelity = 'lpips'"):
+        choose(scored, by="lpips")
     with pytest.raises(ConfigError, match="stack.skip_ratios"):
         choose([])
     with pytest.raises(ConfigError, match="stack.budget = 1.5"):
         candidate_splits(1.5, {"teacher": 1.0}, [1.0], 50)
+    with pytest.raises(ConfigError, match="stack.fidelity"):
+        load_params(None, {"stack": {"fidelity": "lpips"}})
+
+
+def test_the_search_result_reranks_by_the_other_criterion():
+    from diffprune.stages.stack import Searched
+
+    a, b = Split("teacher", 1.0, 1.0, 10, 50), Split("pruned", 0.5, 1.0, 20, 50)
+    best, rows = choose([(a, 0.2, _scores(33.0, 0.30)), (b, 0.2, _scores(31.5, 0.10))], by="features")
+    found = Searched(best, None, rows, {a.name: a, b.name: b}, {a.name: None, b.name: None}, {})
+    assert found.best == b
+    split, schedule, by_psnr = found.best_by("psnr")
+    assert split == a and schedule is None and [r["name"] for r in by_psnr] == [a.name, b.name]
+    assert {r["chosen_by"] for r in by_psnr} == {"psnr"}
+
+
+def test_feature_distance_is_zero_for_the_same_features_and_near_one_for_unrelated_draws():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(4000, 6, generator=g) * torch.tensor([3.0, 1.0, 1.0, 0.5, 0.5, 0.1])
+    assert torch.equal(feature_distance(ref, ref), torch.zeros(4000, dtype=torch.float64))
+    unrelated = ref[torch.randperm(4000, generator=g)]
+    assert float(feature_distance(unrelated, ref).mean()) == pytest.approx(1.0, abs=0.05)
+    near = ref + 0.1 * torch.randn(ref.shape, generator=g)
+    assert float(feature_distance(near, ref).mean()) < 0.01  # a small perturbation is near
+    with pytest.raises(ValueError, match=r"\(4000, 6\) and \(4000, 5\)"):
+        feature_distance(ref, ref[:, :5])
 
 
 def test_switch_steps_are_where_the_serving_expert_changes():
@@ -166,7 +202,10 @@ def test_the_stack_stage_chooses_a_split_its_model_costs_it_and_round_trips_the_
     doc = read_json(root / "models/stack/stack.json")
     rows = doc["candidates"]
     assert out["chosen"] == rows[0]["name"] == doc["chosen"]["name"]
-    assert rows[0]["validation_psnr"] == max(r["validation_psnr"] for r in rows)
+    # chosen by the default fidelity, the paired feature distance; every candidate has both scores
+    assert p.stack.fidelity == "features" and out["chosen_by"] == rows[0]["chosen_by"] == "features"
+    assert rows[0]["validation_feature_distance"] == min(r["validation_feature_distance"] for r in rows)
+    assert all(r["validation_feature_distance"] >= 0 and np.isfinite(r["validation_psnr"]) for r in rows)
     assert {r["net"] for r in rows} <= set(STACK_NETS) and len(rows) >= 3 and any("experts" in r["net"] for r in rows)
     assert all(abs(r["macs_ratio"] - 0.5) <= 0.02 * 0.5 for r in rows)  # every candidate at equal cost
     run_evaluate(p, root, "teacher", progress=False)

@@ -144,3 +144,26 @@ def test_ema_state_round_trips_through_train_state(tmp_path, tiny_unet):
     smaller = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="EMA state does not match the model"):
         TrainState(tmp_path, {"ema": EMA(smaller, 0.9)}).restore()
+
+
+def test_distilling_leaves_the_teacher_prunable_as_before(tmp_path, tiny_unet, tiny_scheduler):
+    """Regression: distillation used to switch the caller's teacher to requires_grad=False, after which
+    torch-pruning traced no dependencies and the Taylor pass took no gradients, so a benchmark that
+    pruned its teacher again after a distilled fine-tune got other nets (0.446 instead of 0.560 MACs)."""
+    from diffprune.config import TaylorConfig
+    from diffprune.pruning.taylor import prune_unet
+
+    images = _images(16)
+    cfg = TaylorConfig(importance="diff-pruning", ratio=0.5, threshold=0.0, batch_size=8, max_timesteps=4)
+    before, rep_before = prune_unet(tiny_unet, tiny_scheduler, images, cfg)
+    teacher = tiny_unet
+    train_denoiser(copy.deepcopy(before).train(), images, tiny_scheduler,
+                   TrainSpec(steps=2, batch_size=4, lr=1e-3, ema_decay=0.9, checkpoint_every=1, distill=1.0),
+                   tmp_path / "w", progress=False, teacher=teacher)
+    assert all(p.requires_grad for p in teacher.parameters())
+    frozen = copy.deepcopy(tiny_unet).requires_grad_(False)  # a frozen model prunes like a trainable one
+    for model in (teacher, frozen):
+        after, rep = prune_unet(model, tiny_scheduler, images, cfg)
+        assert rep["macs_after"] == rep_before["macs_after"] < rep["macs_before"]
+        assert rep["losses"] == rep_before["losses"]
+        assert all(torch.equal(a, b) for a, b in zip(after.state_dict().values(), before.state_dict().values()))

@@ -19,7 +19,7 @@ from ..io import atomic_path
 from ..sampling import Denoiser, sample
 from .cost import MacCounter, measure_latency, num_parameters, timed
 from .fid import Extractor, fid
-from .image import psnr, ssim
+from .image import feature_distance, psnr, ssim
 from .stats import kid, mean_ci
 
 
@@ -75,12 +75,13 @@ def evaluate(
         modules: the networks the denoiser runs (for parameter and MAC counts; experts: all of them).
         train_feats: ``(N, D)`` features of the training images (FID reference set).
         reference: the teacher's samples for ``protocol.seeds[0]`` ``(num_samples, C, H, W)``, for
-            fidelity; None for the teacher itself.
+            paired fidelity (PSNR, SSIM, and the feature distance in the extractor's space:
+            :func:`~diffprune.metrics.image.feature_distance`); None for the teacher itself.
 
     Returns:
         (metrics, samples of the first seed ``(num_samples, C, H, W)``).
     """
-    fids, kids, first = [], [], None
+    fids, kids, first, first_feats = [], [], None, None
     for seed in protocol.seeds:
         x = sample(denoiser, scheduler, num_images=protocol.num_samples, sample_shape=sample_shape,
                    steps=protocol.steps, seed=seed, batch_size=protocol.batch_size, device=device, progress=progress)
@@ -88,7 +89,7 @@ def evaluate(
         fids.append(fid(feats, train_feats))
         kids.append(kid(feats, train_feats, seed=seed)[0])
         if first is None:
-            first = x
+            first, first_feats = x, feats
     assert first is not None
     traj = trajectory_macs(denoiser, scheduler, modules, sample_shape=sample_shape, steps=protocol.steps, device=device)
     lat = measure_latency(latency_probe(denoiser, scheduler, protocol, sample_shape, device),
@@ -111,6 +112,9 @@ def evaluate(
     }
     if reference is not None:
         metrics |= fidelity(first, reference)
+        per = feature_distance(first_feats, extractor.fn(reference)).numpy()
+        ci = mean_ci(per)
+        metrics |= {"feature_distance_vs_teacher": ci.mean, "feature_distance_vs_teacher_ci95": [ci.lo, ci.hi]}
     return metrics, first
 
 

@@ -60,3 +60,17 @@ def psnr(a: torch.Tensor, b: torch.Tensor, reduce: bool = True) -> torch.Tensor:
     per = peak_signal_noise_ratio(a, b, data_range=2.0, reduction="none", dim=(1, 2, 3))  # (B,)
     per = per.clamp_max(10 * math.log10(4.0 / _MIN_MSE))
     return per.mean() if reduce else per
+
+
+def feature_distance(a, b) -> torch.Tensor:
+    """Paired perceptual distance: ``(N,)`` squared distance between the features ``a[i]`` and ``b[i]``
+    (``(N, D)``, tensors or arrays: e.g. the FID extractor's features of a sample and of the teacher's
+    sample from the same noise), over twice the total variance of ``b``. 0: identical features; about
+    1: as far apart as two unrelated draws of ``b``'s distribution. Unlike PSNR it does not reward the
+    blur of a short trajectory (a blurred digit is far from a sharp one in a feature net's space)."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    if a.shape != b.shape or a.ndim != 2 or a.shape[0] < 2:
+        raise ValueError(f"feature_distance: expected two (N >= 2, D) arrays of one shape, got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    spread = 2 * b.var(dim=0, unbiased=True).sum().clamp_min(1e-12)
+    return ((a - b) ** 2).sum(dim=1) / spread

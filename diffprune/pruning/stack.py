@@ -24,22 +24,22 @@ The trajectory MACs of a stacked model are the product of three factors::
 
 :func:`candidate_splits` lists, for a budget, every (base network, skip ratio) of a grid with the
 steps that bring the product to the budget; the stage (or benchmark) trains each candidate's
-schedule and :func:`choose` picks the candidate with the best mean paired PSNR against the
-teacher on a validation set of noises (a seed the evaluation never uses). The chosen split and its
-runner-ups are reported.
+schedule and :func:`choose` picks the candidate with the best mean paired fidelity to the
+teacher on a validation set of noises (a seed the evaluation never uses): by default the paired
+feature distance (:data:`FIDELITY`), or pixel PSNR. The chosen split and its runner-ups are reported.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..metrics.image import psnr
+from ..metrics.image import feature_distance, psnr
 from ..sampling import Denoiser, ModelDenoiser, sample
 from .dipgo import Schedule, SkipScheduleDenoiser
 from .experts.prune import ExpertMixtureModel
@@ -125,21 +125,48 @@ def stacked_denoiser(net: nn.Module, schedule: Optional[Schedule]) -> Denoiser:
     return net.denoiser() if isinstance(net, ExpertMixtureModel) else ModelDenoiser(net)
 
 
-def validation_psnr(denoiser: Denoiser, scheduler, reference: torch.Tensor, steps: int, *, batch_size: int = 64,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
-    """``(N,)`` PSNR of each validation sample (seed :data:`VALIDATION_SEED`, ``steps`` steps)
-    against ``reference``, the teacher's samples from the same noises."""
+FIDELITY = {"features": ("validation_feature_distance", False), "psnr": ("validation_psnr", True)}
+"""The paired-fidelity criteria a split may be chosen by: the row key of each candidate's mean
+validation score and whether higher is better. ``features``: :func:`~diffprune.metrics.image.feature_distance`
+in the FID extractor's space (a perceptual distance: it does not reward the blur of a short DDIM
+trajectory, which pixel PSNR does); ``psnr``: mean pixel PSNR."""
+
+
+def validation_scores(denoiser: Denoiser, scheduler, reference: torch.Tensor, steps: int, *,
+                      features: Optional[Callable[[torch.Tensor], Any]] = None, reference_features: Any = None,
+                      batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Per validation sample (seed :data:`VALIDATION_SEED`, ``steps`` steps) against ``reference``, the
+    teacher's samples from the same noises: ``psnr`` ``(N,)`` and, given the extractor ``features``
+    (images -> ``(N, D)``) and the reference's features, ``feature_distance`` ``(N,)``."""
     x = sample(denoiser, scheduler, num_images=reference.shape[0], sample_shape=tuple(reference.shape[1:]),
                steps=steps, seed=VALIDATION_SEED, batch_size=batch_size, device=device)
-    return psnr(x, reference, reduce=False)
+    out = {"psnr": psnr(x, reference, reduce=False)}
+    if features is not None:
+        out["feature_distance"] = feature_distance(features(x), reference_features)
+    return out
 
 
-def choose(scored: Sequence[tuple[Split, float, float]]) -> tuple[Split, list[dict]]:
-    """The split with the highest validation PSNR among ``(split, achieved MACs ratio, PSNR)``, and
-    every candidate's record, best first (the runner-ups)."""
+def rank_key(by: str) -> Callable[[dict], tuple[float, str]]:
+    """Sort key of a candidate's row (its mean validation scores by :data:`FIDELITY` key, and its
+    ``name``) for the criterion ``by``: best first, a missing or NaN score last, ties by name."""
+    if by not in FIDELITY:
+        raise ConfigError(f"stack.fidelity = {by!r}: expected one of {', '.join(FIDELITY)}")
+    key, higher = FIDELITY[by]
+
+    def rank(row: dict) -> tuple[float, str]:
+        v = float(row.get(key, math.nan))
+        return (-v if higher else v) if math.isfinite(v) else math.inf, row["name"]
+
+    return rank
+
+
+def choose(scored: Sequence[tuple[Split, float, dict[str, float]]], by: str = "psnr") -> tuple[Split, list[dict]]:
+    """The split with the best mean validation score ``by`` (:data:`FIDELITY`) among ``(split, achieved
+    MACs ratio, {row key: mean score})``, and every candidate's record, best first (the runner-ups)."""
+    rank = rank_key(by)
     if not scored:
         raise ConfigError("stack.budget: no candidate split reaches it within 2% (widen stack.skip_ratios, add "
                           "stack.nets or lower stack.min_steps)")
-    ranked = sorted(scored, key=lambda c: (-c[2] if math.isfinite(c[2]) else math.inf, c[0].name))
-    rows = [{**s.to_json(), "macs_ratio": r, "validation_psnr": v} for s, r, v in ranked]
-    return ranked[0][0], rows
+    rows = sorted(({**s.to_json(), "macs_ratio": r, **v, "chosen_by": by} for s, r, v in scored), key=rank)
+    best = next(s for s, _, _ in scored if s.name == rows[0]["name"])
+    return best, rows

@@ -5,8 +5,9 @@ fine-tuned (``models/finetune``) nets, the intervals (``models/intervals``). It 
 mixtures (``prune-experts``: the pruned net copied per interval; ``experts-prune``: the teacher
 pruned per interval), each expert fine-tuned on its interval for ``1 / K`` of Diff-Pruning's
 fine-tuning steps (equal training), then for ``stack.budget`` trains a DiP-GO schedule for every
-candidate split that needs one and keeps the split with the best paired PSNR to the teacher on
-``stack.validation_samples`` noises. Writes ``models/stack/`` (``model/``, ``schedule.json`` when
+candidate split that needs one and keeps the split with the best paired fidelity to the teacher on
+``stack.validation_samples`` noises (``stack.fidelity``: the paired distance in the FID extractor's
+space, or pixel PSNR). Writes ``models/stack/`` (``model/``, ``schedule.json`` when
 the split skips blocks, ``stack.json``: the chosen split and every candidate). Every training run
 is resumable and keyed by its inputs, so a rerun retrains nothing that did not change.
 """
@@ -34,13 +35,14 @@ from ..models.checkpoint import load_model, load_scheduler_config, read_config, 
 from ..models.unet import sampling_scheduler
 from ..pruning.dipgo import Schedule, save_heatmap, train_pruner
 from ..pruning.dipgo.routed import switch_steps
-from ..pruning.stack import (MACS_TOLERANCE, ORDERS, VALIDATION_SEED, Split, candidate_splits, choose, interval_ranges, mixture_of, stacked_denoiser,
-                             validation_psnr)
+from ..metrics.fid import get_extractor
+from ..pruning.stack import (MACS_TOLERANCE, ORDERS, VALIDATION_SEED, Split, candidate_splits, choose,
+                             interval_ranges, mixture_of, rank_key, stacked_denoiser, validation_scores)
 from ..pruning.taylor import finetune_spec, prune_unet
 from ..sampling import ModelDenoiser, sample
 from . import safe_subpath, stage
 from .experts import _read_intervals as read_intervals  # one reader of models/intervals
-from .core import DATASET, TEACHER, ProgressFn, data_shape, train_or_resume, work_dir
+from .core import DATASET, FEATURES, TEACHER, ProgressFn, data_shape, train_or_resume, work_dir
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,9 @@ def _load(root: Path, rel: str, what: str, device) -> nn.Module:
 
 
 def _train_experts(p: Params, root: Path, name: str, experts: list[nn.Module], boundaries: list[int],
-                   images: torch.Tensor, scheduler, device, progress: bool) -> nn.Module:
-    """Each expert fine-tuned on its interval for ``1 / K`` of the fine-tuning steps; the mixture."""
+                   images: torch.Tensor, scheduler, device, progress: bool, teacher: nn.Module) -> nn.Module:
+    """Each expert fine-tuned on its interval for ``1 / K`` of the fine-tuning steps (distilled from
+    ``teacher`` by ``finetune.distill``); the mixture."""
     spec = finetune_spec(p.finetune, p.teacher.steps)
     ranges = interval_ranges(boundaries, scheduler.config.num_train_timesteps)
     per = dataclasses.replace(spec, steps=max(1, math.ceil(spec.steps / len(ranges))))
@@ -67,7 +70,8 @@ def _train_experts(p: Params, root: Path, name: str, experts: list[nn.Module], b
         ks = dataclasses.replace(per, t_min=lo, t_max=hi)
         work = work_dir(root, f"stack-{name}-{k}", p.finetune, ks, weights_key(expert))  # keyed by its start
         tuned.append(train_or_resume(expert.train(), images, scheduler, ks, work, device=device, progress=progress,
-                                     desc=f"stack {name} expert {k} [{lo}, {hi})"))
+                                     desc=f"stack {name} expert {k} [{lo}, {hi})",
+                                     teacher=teacher if ks.distill else None))
     return mixture_of(tuned, boundaries)
 
 
@@ -89,7 +93,7 @@ def make_mixture(p: Params, root: Path, order: str, teacher: nn.Module, pruned: 
                    for r in interval_ranges(boundaries, scheduler.config.num_train_timesteps)]
     else:
         raise ConfigError(f"stack order {order!r}: expected one of {', '.join(ORDERS)}")
-    return _train_experts(p, root, order, experts, boundaries, images, scheduler, device, progress)
+    return _train_experts(p, root, order, experts, boundaries, images, scheduler, device, progress, teacher)
 
 
 def build_nets(p: Params, root: Path, device, progress: bool = True) -> dict[str, nn.Module]:
@@ -161,11 +165,17 @@ class Searched:
             raise ValueError(f"no candidate split uses a net named {prefix}*")
         return self.splits[rows[0]["name"]], self.schedules[rows[0]["name"]], rows
 
+    def best_by(self, fidelity: str) -> tuple[Split, Optional[Schedule], list[dict]]:
+        """The best split by another criterion of ``stack.fidelity``, its schedule, the rows re-ranked."""
+        rows = [{**r, "chosen_by": fidelity} for r in sorted(self.rows, key=rank_key(fidelity))]
+        return self.splits[rows[0]["name"]], self.schedules[rows[0]["name"]], rows
+
 
 def search(p: Params, root: Path, nets: dict[str, nn.Module], device, progress: bool = True,
            on_progress: Optional[ProgressFn] = None) -> Searched:
-    """Every candidate split of ``stack.budget``, scored on the validation noises (``on_progress``:
-    called ``(done, total)`` after each); the best one."""
+    """Every candidate split of ``stack.budget``, scored on the validation noises by PSNR and by the
+    paired distance in the FID extractor's space (``on_progress``: called ``(done, total)`` after each);
+    the best one by ``stack.fidelity``."""
     teacher = nets.get("teacher") or _load(root, TEACHER, "teacher", device)
     scheduler_config = load_scheduler_config(safe_subpath(root, TEACHER))
     shape, T = data_shape(p), p.evaluate.steps
@@ -174,6 +184,8 @@ def search(p: Params, root: Path, nets: dict[str, nn.Module], device, progress: 
     sched = sampling_scheduler(scheduler_config, p.evaluate.sampler)
     reference = sample(ModelDenoiser(teacher), sched, num_images=p.stack.validation_samples, sample_shape=shape,
                        steps=T, seed=VALIDATION_SEED, batch_size=p.evaluate.batch_size, device=device)
+    extractor = get_extractor(safe_subpath(root, FEATURES), p.evaluate.inception_weights, device)
+    ref_feats = extractor.fn(reference)
     scored, schedules = [], {}
     splits = candidate_splits(p.stack.budget, ratios, p.stack.skip_ratios, T, min_steps=p.stack.min_steps,
                               tolerance=MACS_TOLERANCE)
@@ -188,12 +200,16 @@ def search(p: Params, root: Path, nets: dict[str, nn.Module], device, progress: 
                 log.warning("stack: %s dropped: %s", split.name, e)
                 continue
         achieved = split.net_ratio * (schedule.macs_ratio if schedule is not None else 1.0) * split.steps / T
-        v = validation_psnr(stacked_denoiser(nets[split.net], schedule), sched, reference, split.steps,
-                            batch_size=p.evaluate.batch_size, device=device)
-        scored.append((split, achieved, float(v.mean())))
+        v = validation_scores(stacked_denoiser(nets[split.net], schedule), sched, reference, split.steps,
+                              features=extractor.fn, reference_features=ref_feats,
+                              batch_size=p.evaluate.batch_size, device=device)
+        means = {"validation_psnr": float(v["psnr"].mean()),
+                 "validation_feature_distance": float(v["feature_distance"].mean())}
+        scored.append((split, achieved, means))
         schedules[split.name] = schedule
-        log.info("stack: %s at %.3f of the teacher's MACs: validation PSNR %.2f dB", split.name, achieved, scored[-1][2])
-    best, rows = choose(scored)
+        log.info("stack: %s at %.3f of the teacher's MACs: validation PSNR %.2f dB, feature distance %.4f",
+                 split.name, achieved, means["validation_psnr"], means["validation_feature_distance"])
+    best, rows = choose(scored, by=p.stack.fidelity)
     return Searched(best, schedules[best.name], rows, {c.name: c for c, _, _ in scored}, schedules, ratios)
 
 
@@ -219,5 +235,6 @@ def run_stack(p: Params, root: Path, progress: bool = True, on_progress: Optiona
             save_heatmap(schedule, tmp / "heatmap.png", title=f"stack: {best.name}")
         write_json(tmp / "stack.json", doc)
     return {"stack": str(out), "chosen": best.name, "macs_ratio": rows[0]["macs_ratio"],
-            "validation_psnr": rows[0]["validation_psnr"]}
+            "chosen_by": p.stack.fidelity, "validation_psnr": rows[0]["validation_psnr"],
+            "validation_feature_distance": rows[0]["validation_feature_distance"]}
 
