@@ -260,12 +260,21 @@ class StackConfig:
     skip_ratios: list[Fraction] = Field([1.0, 0.5], min_length=1, max_length=8)  # nominal DiP-GO kept fractions (1.0: none)
     min_steps: Int = Field(4, ge=1, le=TIMESTEPS)  # fewest sampling steps a split may use
     validation_samples: Int = Field(64, ge=2, le=BATCH)  # noises the split is chosen on (their own seed)
-    # paired fidelity the split is chosen by: `features` (squared distance of a sample's FID features to the
-    # teacher's sample from the same noise, over twice their variance) or `psnr`. Pixel PSNR rewards the blur of
-    # a short DDIM trajectory: in bench-stack's first run (benchmarks/results/stack.md) it picked plain fewer
-    # steps at every budget
-    fidelity: Literal["features", "psnr"] = "features"
+    # what the split is chosen by: paired fidelity to the teacher on those noises, `psnr` (pixels) or `features`
+    # (squared distance of a sample's FID features to the teacher's sample from the same noise, over twice their
+    # variance), or `fid`: FID of validation_fid_samples samples of the validation seed (not paired: the best
+    # quality, however far from the teacher's images). On bench-stack at 0.2x both paired criteria rank the
+    # candidates nearly against their FID (benchmarks/results/stack.md, "Which criterion")
+    fidelity: Literal["psnr", "features", "fid"] = "psnr"
+    validation_fid_samples: Int = Field(0, ge=0, le=BATCH)  # > 1: each candidate's validation FID too (`fid` needs it)
     model_name: Name = "diffprune-stack"
+
+    @model_validator(mode="after")
+    def _fid_needs_samples(self) -> "StackConfig":
+        if self.fidelity == "fid" and self.validation_fid_samples < 2:
+            raise ConfigError(f"stack.fidelity = 'fid' needs stack.validation_fid_samples >= 2, got "
+                              f"{self.validation_fid_samples!r}")
+        return self
 
 
 @_section("")

@@ -23,7 +23,8 @@ from diffprune.pruning.dipgo import Schedule, SkipScheduleDenoiser, block_costs,
 from diffprune.pruning.dipgo.graph import block_graph
 from diffprune.pruning.dipgo.routed import RoutedGraph, switch_steps
 from diffprune.pruning.experts import ExpertMixtureModel
-from diffprune.pruning.stack import Split, candidate_splits, choose, interval_ranges, mixture_of, stacked_denoiser
+from diffprune.pruning.stack import (Split, candidate_splits, choose, interval_ranges, mixture_of, rank_key,
+                                     stacked_denoiser)
 from diffprune.pruning.taylor import prune_unet
 from diffprune.sampling import ModelDenoiser, sample
 
@@ -83,6 +84,10 @@ def test_the_best_by_the_chosen_fidelity_wins_and_an_empty_search_says_what_to_w
         candidate_splits(1.5, {"teacher": 1.0}, [1.0], 50)
     with pytest.raises(ConfigError, match="stack.fidelity"):
         load_params(None, {"stack": {"fidelity": "lpips"}})
+    with pytest.raises(ConfigError, match="stack.validation_fid_samples >= 2, got 0"):
+        load_params(None, {"stack": {"fidelity": "fid"}})
+    fid_rows = [{"name": "a", "validation_fid": 0.9}, {"name": "b", "validation_fid": 0.4}, {"name": "c"}]
+    assert [r["name"] for r in sorted(fid_rows, key=rank_key("fid"))] == ["b", "a", "c"]  # lower FID first
 
 
 def test_the_search_result_reranks_by_the_other_criterion():
@@ -95,6 +100,25 @@ def test_the_search_result_reranks_by_the_other_criterion():
     split, schedule, by_psnr = found.best_by("psnr")
     assert split == a and schedule is None and [r["name"] for r in by_psnr] == [a.name, b.name]
     assert {r["chosen_by"] for r in by_psnr} == {"psnr"}
+
+
+def test_validation_scores_pair_the_first_noises_and_take_fid_over_more(tiny_unet, tiny_scheduler):
+    from diffprune.metrics.fid import fid
+    from diffprune.pruning.stack import VALIDATION_SEED, validation_scores
+
+    sched, flat = sampling_scheduler(dict(tiny_scheduler.config), "ddim"), lambda x: x.flatten(1).double().numpy()
+    ref = sample(ModelDenoiser(tiny_unet), sched, num_images=6, sample_shape=SHAPE, steps=3, seed=VALIDATION_SEED)
+    train = flat(_images(40))
+    v = validation_scores(ModelDenoiser(tiny_unet), sched, ref, 3, features=flat, reference_features=flat(ref),
+                          train_features=train, fid_samples=20, batch_size=20)
+    # the first 6 of the 20 are the paired noises (equal up to float rounding of the larger batch)
+    assert v["psnr"].shape == (6,) and float(v["psnr"].min()) > 90
+    assert v["feature_distance"].shape == (6,) and float(v["feature_distance"].max()) < 1e-10
+    x = sample(ModelDenoiser(tiny_unet), sched, num_images=20, sample_shape=SHAPE, steps=3, seed=VALIDATION_SEED,
+               batch_size=20)
+    assert v["fid"] == pytest.approx(fid(flat(x), train))
+    assert "fid" not in validation_scores(ModelDenoiser(tiny_unet), sched, ref, 3, features=flat,
+                                          reference_features=flat(ref))
 
 
 def test_feature_distance_is_zero_for_the_same_features_and_near_one_for_unrelated_draws():
@@ -191,6 +215,7 @@ def test_the_stack_stage_chooses_a_split_its_model_costs_it_and_round_trips_the_
     root = make_project(tmp_path / "proj", {"evaluate": {"steps": 8},
                                             "dipgo": {"tolerance": 0.02},
                                             "stack": {"budget": 0.5, "min_steps": 2, "validation_samples": 8,
+                                                      "validation_fid_samples": 12,
                                                       "nets": list(STACK_NETS), "skip_ratios": [1.0, 0.5]}},
                         stages=False)
     p = load_params(root / "params.yaml")
@@ -202,10 +227,10 @@ def test_the_stack_stage_chooses_a_split_its_model_costs_it_and_round_trips_the_
     doc = read_json(root / "models/stack/stack.json")
     rows = doc["candidates"]
     assert out["chosen"] == rows[0]["name"] == doc["chosen"]["name"]
-    # chosen by the default fidelity, the paired feature distance; every candidate has both scores
-    assert p.stack.fidelity == "features" and out["chosen_by"] == rows[0]["chosen_by"] == "features"
-    assert rows[0]["validation_feature_distance"] == min(r["validation_feature_distance"] for r in rows)
-    assert all(r["validation_feature_distance"] >= 0 and np.isfinite(r["validation_psnr"]) for r in rows)
+    # chosen by paired PSNR (the default), every candidate scored by the feature distance and FID too
+    assert p.stack.fidelity == "psnr" and out["chosen_by"] == rows[0]["chosen_by"] == "psnr"
+    assert rows[0]["validation_psnr"] == max(r["validation_psnr"] for r in rows)
+    assert all(r["validation_feature_distance"] >= 0 and r["validation_fid"] >= 0 for r in rows)
     assert {r["net"] for r in rows} <= set(STACK_NETS) and len(rows) >= 3 and any("experts" in r["net"] for r in rows)
     assert all(abs(r["macs_ratio"] - 0.5) <= 0.02 * 0.5 for r in rows)  # every candidate at equal cost
     run_evaluate(p, root, "teacher", progress=False)

@@ -1,5 +1,5 @@
 """Stacking the three methods: one MACs budget split between Diff-Pruning, timestep experts,
-DiP-GO and fewer sampling steps, the split searched on paired fidelity to the teacher.
+DiP-GO and fewer sampling steps, the split searched on validation noises of its own seed.
 
 The trajectory MACs of a stacked model are the product of three factors::
 
@@ -24,9 +24,10 @@ The trajectory MACs of a stacked model are the product of three factors::
 
 :func:`candidate_splits` lists, for a budget, every (base network, skip ratio) of a grid with the
 steps that bring the product to the budget; the stage (or benchmark) trains each candidate's
-schedule and :func:`choose` picks the candidate with the best mean paired fidelity to the
-teacher on a validation set of noises (a seed the evaluation never uses): by default the paired
-feature distance (:data:`FIDELITY`), or pixel PSNR. The chosen split and its runner-ups are reported.
+schedule and :func:`choose` picks the candidate with the best score on a validation set of noises
+(a seed the evaluation never uses): by default the mean paired PSNR against the teacher, or the paired
+distance in the FID extractor's space, or the validation FID (:data:`FIDELITY`). The chosen split and
+its runner-ups are reported.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..metrics.fid import fid
 from ..metrics.image import feature_distance, psnr
 from ..sampling import Denoiser, ModelDenoiser, sample
 from .dipgo import Schedule, SkipScheduleDenoiser
@@ -125,24 +127,35 @@ def stacked_denoiser(net: nn.Module, schedule: Optional[Schedule]) -> Denoiser:
     return net.denoiser() if isinstance(net, ExpertMixtureModel) else ModelDenoiser(net)
 
 
-FIDELITY = {"features": ("validation_feature_distance", False), "psnr": ("validation_psnr", True)}
-"""The paired-fidelity criteria a split may be chosen by: the row key of each candidate's mean
-validation score and whether higher is better. ``features``: :func:`~diffprune.metrics.image.feature_distance`
-in the FID extractor's space (a perceptual distance: it does not reward the blur of a short DDIM
-trajectory, which pixel PSNR does); ``psnr``: mean pixel PSNR."""
+FIDELITY = {"psnr": ("validation_psnr", True), "features": ("validation_feature_distance", False),
+            "fid": ("validation_fid", False)}
+"""The criteria a split may be chosen by: the row key of each candidate's validation score and whether
+higher is better. Paired fidelity to the teacher on the validation noises: ``psnr`` (mean pixel PSNR)
+and ``features`` (mean :func:`~diffprune.metrics.image.feature_distance` in the FID extractor's
+space); not paired: ``fid`` (FID of the validation samples against the training images)."""
 
 
 def validation_scores(denoiser: Denoiser, scheduler, reference: torch.Tensor, steps: int, *,
                       features: Optional[Callable[[torch.Tensor], Any]] = None, reference_features: Any = None,
-                      batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Per validation sample (seed :data:`VALIDATION_SEED`, ``steps`` steps) against ``reference``, the
-    teacher's samples from the same noises: ``psnr`` ``(N,)`` and, given the extractor ``features``
-    (images -> ``(N, D)``) and the reference's features, ``feature_distance`` ``(N,)``."""
-    x = sample(denoiser, scheduler, num_images=reference.shape[0], sample_shape=tuple(reference.shape[1:]),
+                      train_features: Any = None, fid_samples: int = 0, batch_size: int = 64,
+                      device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Scores of ``denoiser`` on the validation seed :data:`VALIDATION_SEED` (``steps`` steps).
+
+    Against ``reference``, the teacher's samples from the first ``N = len(reference)`` noises:
+    ``psnr`` ``(N,)`` and, given the extractor ``features`` (images -> ``(N, D)``) and the reference's
+    features, ``feature_distance`` ``(N,)``. With ``fid_samples > 1`` and ``train_features`` also
+    ``fid``: the FID of the first ``max(N, fid_samples)`` samples of the seed.
+    """
+    n = reference.shape[0]
+    total = max(n, fid_samples) if train_features is not None else n
+    x = sample(denoiser, scheduler, num_images=total, sample_shape=tuple(reference.shape[1:]),
                steps=steps, seed=VALIDATION_SEED, batch_size=batch_size, device=device)
-    out = {"psnr": psnr(x, reference, reduce=False)}
-    if features is not None:
-        out["feature_distance"] = feature_distance(features(x), reference_features)
+    out: dict[str, Any] = {"psnr": psnr(x[:n], reference, reduce=False)}
+    feats = features(x) if features is not None else None
+    if feats is not None:
+        out["feature_distance"] = feature_distance(feats[:n], reference_features)
+        if train_features is not None and fid_samples > 1:
+            out["fid"] = fid(feats[:fid_samples], train_features)
     return out
 
 

@@ -6,8 +6,8 @@ mixtures (``prune-experts``: the pruned net copied per interval; ``experts-prune
 pruned per interval), each expert fine-tuned on its interval for ``1 / K`` of Diff-Pruning's
 fine-tuning steps (equal training), then for ``stack.budget`` trains a DiP-GO schedule for every
 candidate split that needs one and keeps the split with the best paired fidelity to the teacher on
-``stack.validation_samples`` noises (``stack.fidelity``: the paired distance in the FID extractor's
-space, or pixel PSNR). Writes ``models/stack/`` (``model/``, ``schedule.json`` when
+``stack.validation_samples`` noises (``stack.fidelity``: pixel PSNR or the paired distance in the
+FID extractor's space; or, not paired, the validation FID). Writes ``models/stack/`` (``model/``, ``schedule.json`` when
 the split skips blocks, ``stack.json``: the chosen split and every candidate). Every training run
 is resumable and keyed by its inputs, so a rerun retrains nothing that did not change.
 """
@@ -174,8 +174,8 @@ class Searched:
 def search(p: Params, root: Path, nets: dict[str, nn.Module], device, progress: bool = True,
            on_progress: Optional[ProgressFn] = None) -> Searched:
     """Every candidate split of ``stack.budget``, scored on the validation noises by PSNR and by the
-    paired distance in the FID extractor's space (``on_progress``: called ``(done, total)`` after each);
-    the best one by ``stack.fidelity``."""
+    paired distance in the FID extractor's space, and by FID when ``stack.validation_fid_samples > 1``
+    (``on_progress``: called ``(done, total)`` after each); the best one by ``stack.fidelity``."""
     teacher = nets.get("teacher") or _load(root, TEACHER, "teacher", device)
     scheduler_config = load_scheduler_config(safe_subpath(root, TEACHER))
     shape, T = data_shape(p), p.evaluate.steps
@@ -186,6 +186,8 @@ def search(p: Params, root: Path, nets: dict[str, nn.Module], device, progress: 
                        steps=T, seed=VALIDATION_SEED, batch_size=p.evaluate.batch_size, device=device)
     extractor = get_extractor(safe_subpath(root, FEATURES), p.evaluate.inception_weights, device)
     ref_feats = extractor.fn(reference)
+    fid_n = p.stack.validation_fid_samples
+    train_feats = extractor.fn(load_split(safe_subpath(root, DATASET), "train")[0]) if fid_n > 1 else None
     scored, schedules = [], {}
     splits = candidate_splits(p.stack.budget, ratios, p.stack.skip_ratios, T, min_steps=p.stack.min_steps,
                               tolerance=MACS_TOLERANCE)
@@ -201,14 +203,15 @@ def search(p: Params, root: Path, nets: dict[str, nn.Module], device, progress: 
                 continue
         achieved = split.net_ratio * (schedule.macs_ratio if schedule is not None else 1.0) * split.steps / T
         v = validation_scores(stacked_denoiser(nets[split.net], schedule), sched, reference, split.steps,
-                              features=extractor.fn, reference_features=ref_feats,
-                              batch_size=p.evaluate.batch_size, device=device)
+                              features=extractor.fn, reference_features=ref_feats, train_features=train_feats,
+                              fid_samples=fid_n, batch_size=p.evaluate.batch_size, device=device)
         means = {"validation_psnr": float(v["psnr"].mean()),
-                 "validation_feature_distance": float(v["feature_distance"].mean())}
+                 "validation_feature_distance": float(v["feature_distance"].mean()),
+                 **({"validation_fid": float(v["fid"])} if "fid" in v else {})}
         scored.append((split, achieved, means))
         schedules[split.name] = schedule
-        log.info("stack: %s at %.3f of the teacher's MACs: validation PSNR %.2f dB, feature distance %.4f",
-                 split.name, achieved, means["validation_psnr"], means["validation_feature_distance"])
+        log.info("stack: %s at %.3f of the teacher's MACs: validation %s", split.name, achieved,
+                 ", ".join(f"{k.removeprefix('validation_')} {v:.4g}" for k, v in means.items()))
     best, rows = choose(scored, by=p.stack.fidelity)
     return Searched(best, schedules[best.name], rows, {c.name: c for c, _, _ in scored}, schedules, ratios)
 
@@ -235,6 +238,6 @@ def run_stack(p: Params, root: Path, progress: bool = True, on_progress: Optiona
             save_heatmap(schedule, tmp / "heatmap.png", title=f"stack: {best.name}")
         write_json(tmp / "stack.json", doc)
     return {"stack": str(out), "chosen": best.name, "macs_ratio": rows[0]["macs_ratio"],
-            "chosen_by": p.stack.fidelity, "validation_psnr": rows[0]["validation_psnr"],
-            "validation_feature_distance": rows[0]["validation_feature_distance"]}
+            "chosen_by": p.stack.fidelity,
+            **{k: v for k, v in rows[0].items() if k.startswith("validation_")}}
 
