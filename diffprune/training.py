@@ -159,8 +159,7 @@ def train_denoiser(
     _check_inputs(spec, teacher, images, conditions, call)
     acc = make_accelerator(device, mixed_precision, find_unused_parameters=before_step is not None)
     device = run_device(acc, device)
-    # the teacher's predictions run under no_grad; its requires_grad is the caller's (a bench prunes it later)
-    teacher = teacher.to(device).eval() if teacher is not None else None
+    teacher = teacher.to(device).eval() if teacher is not None else None  # no_grad; requires_grad: the caller's
     run = _Run.begin(acc, model.to(device).train(), images.to(device), spec, work_dir, desc,
                      None if conditions is None else conditions.to(device))
     t_max = spec.t_max if spec.t_max is not None else scheduler.config.num_train_timesteps

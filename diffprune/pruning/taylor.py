@@ -310,8 +310,7 @@ def prune_unet(
         raise ValueError(f"images: expected a non-empty (N, C, H, W) batch, got shape {tuple(images.shape)}")
     device = torch.device(device)
     sample_shape = tuple(int(s) for s in images.shape[1:])  # (C, H, W)
-    # a frozen model (a distillation teacher: requires_grad off) still traces and takes gradients
-    student = copy.deepcopy(model).to(device).eval().requires_grad_(True)
+    student = copy.deepcopy(model).to(device).eval().requires_grad_(True)  # a frozen model traces too
     student.zero_grad(set_to_none=True)
     check_pruned(student, sample_shape, what="network to prune")  # fails here, not inside torch-pruning
     params_before, macs_before = num_parameters(student), unet_macs(student, sample_shape)
