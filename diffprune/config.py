@@ -253,9 +253,9 @@ STACK_NETS = ("teacher", "diff-pruning", "prune-experts", "experts-prune")
 @_section("stack")
 class StackConfig:
     budget: Fraction = 0.2                      # trajectory MACs of the stacked model / the teacher's
-    # base networks tried. experts-prune (one Diff-Pruning selection per interval) is off by default: on
-    # bench-stack's validation noises it trailed prune-experts at 0.3x (23.22 vs 24.10 dB without a schedule,
-    # 23.04 vs 23.58 with one), and its per-interval Taylor passes are the stage's dearest step
+    # base networks tried. experts-prune (one Diff-Pruning selection per interval) is off by default: with the
+    # plain fine-tune it trailed prune-experts on bench-stack's validation noises at 0.3x (23.22 vs 24.10 dB), and
+    # its per-interval Taylor passes are the stage's dearest step; with finetune.distill = 1 it led (25.46 vs 25.28)
     nets: list[Literal[STACK_NETS]] = Field(["teacher", "diff-pruning", "prune-experts"], min_length=1, max_length=4)
     skip_ratios: list[Fraction] = Field([1.0, 0.5], min_length=1, max_length=8)  # nominal DiP-GO kept fractions (1.0: none)
     min_steps: Int = Field(4, ge=1, le=TIMESTEPS)  # fewest sampling steps a split may use

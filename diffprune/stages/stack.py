@@ -5,10 +5,11 @@ fine-tuned (``models/finetune``) nets, the intervals (``models/intervals``). It 
 mixtures (``prune-experts``: the pruned net copied per interval; ``experts-prune``: the teacher
 pruned per interval), each expert fine-tuned on its interval for ``1 / K`` of Diff-Pruning's
 fine-tuning steps (equal training), then for ``stack.budget`` trains a DiP-GO schedule for every
-candidate split that needs one and keeps the split with the best paired fidelity to the teacher on
-``stack.validation_samples`` noises (``stack.fidelity``: pixel PSNR or the paired distance in the
-FID extractor's space; or, not paired, the validation FID). Writes ``models/stack/`` (``model/``, ``schedule.json`` when
-the split skips blocks, ``stack.json``: the chosen split and every candidate). Every training run
+candidate split that needs one and keeps the split with the best score on
+``stack.validation_samples`` noises (``stack.fidelity``: paired PSNR to the teacher, or the paired
+distance in the FID extractor's space; or, not paired, the validation FID). Writes
+``models/stack/`` (``model/``, ``schedule.json`` when the split skips blocks, ``stack.json``: the
+chosen split and every candidate). Every training run
 is resumable and keyed by its inputs, so a rerun retrains nothing that did not change.
 """
 
