@@ -144,7 +144,7 @@ def validation_scores(denoiser: Denoiser, scheduler, reference: torch.Tensor, st
     Against ``reference``, the teacher's samples from the first ``N = len(reference)`` noises:
     ``psnr`` ``(N,)`` and, given the extractor ``features`` (images -> ``(N, D)``) and the reference's
     features, ``feature_distance`` ``(N,)``. With ``fid_samples > 1`` and ``train_features`` also
-    ``fid``: the FID of the first ``max(N, fid_samples)`` samples of the seed.
+    ``fid``: the FID of the seed's first ``fid_samples`` samples (the paired ones among them).
     """
     n = reference.shape[0]
     total = max(n, fid_samples) if train_features is not None else n
