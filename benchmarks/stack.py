@@ -9,9 +9,9 @@ On the benchmark teacher (50 DDIM steps):
    benchmark's intervals, each fine-tuned for half of Diff-Pruning's steps: equal training).
 2. For each budget, the ``stack`` stage's own search (:func:`diffprune.stages.stack.search`): every
    split of the budget on the grid nets x :data:`SKIPS`, a DiP-GO schedule trained where a split
-   skips blocks, the best by paired fidelity on 64 validation noises (seed 9999, never evaluated):
-   ``stack.fidelity``, the paired distance in the FID extractor's space by default. At the headline
-   budget the split the other criterion (pixel PSNR) picks is evaluated too.
+   skips blocks, the best by paired PSNR on 64 validation noises (seed 9999, never evaluated). Every
+   candidate is also scored by the paired feature distance and by the FID of 500 validation samples;
+   the split each of those criteria picks (:data:`ALT_CRITERIA`) is evaluated beside the stack.
 3. The chosen stack and each single method at the same MACs (within 2%): fewer steps, DiP-GO on the
    50-step trajectory, one Diff-Pruning model (channel ratio searched; fine-tuned as above), all
    through the harness (FID over 3 seeds, paired PSNR, speedup timed against the teacher). At the

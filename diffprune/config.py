@@ -264,7 +264,7 @@ class StackConfig:
     # (squared distance of a sample's FID features to the teacher's sample from the same noise, over twice their
     # variance), or `fid`: FID of validation_fid_samples samples of the validation seed (not paired: the best
     # quality, however far from the teacher's images). On bench-stack at 0.2x both paired criteria rank the
-    # candidates nearly against their FID (benchmarks/results/stack.md, "Which criterion")
+    # candidates nearly against their FID (benchmarks/results/stack.md, each budget's candidates table)
     fidelity: Literal["psnr", "features", "fid"] = "psnr"
     validation_fid_samples: Int = Field(0, ge=0, le=BATCH)  # > 1: each candidate's validation FID too (`fid` needs it)
     model_name: Name = "diffprune-stack"

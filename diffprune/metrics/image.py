@@ -66,8 +66,7 @@ def feature_distance(a, b) -> torch.Tensor:
     """Paired perceptual distance: ``(N,)`` squared distance between the features ``a[i]`` and ``b[i]``
     (``(N, D)``, tensors or arrays: e.g. the FID extractor's features of a sample and of the teacher's
     sample from the same noise), over twice the total variance of ``b``. 0: identical features; about
-    1: as far apart as two unrelated draws of ``b``'s distribution. Unlike PSNR it does not reward the
-    blur of a short trajectory (a blurred digit is far from a sharp one in a feature net's space)."""
+    1: as far apart as two unrelated draws of ``b``'s distribution."""
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     if a.shape != b.shape or a.ndim != 2 or a.shape[0] < 2:
         raise ValueError(f"feature_distance: expected two (N >= 2, D) arrays of one shape, got {tuple(a.shape)} "
